@@ -1,0 +1,396 @@
+"""Hook points: named identity modules where user functions can read or replace activations.
+
+Semantics follow TransformerLens 3.9 (`fn(activation, hook)`; a returned tensor replaces the activation, `None`
+keeps it; temporary hooks vanish at the end of `run_with_hooks` / `hooks()` even when something raises), with
+three differences that only remove surprises:
+
+* a HookPoint with no hooks costs one attribute check (no `nn.Module.__call__` machinery);
+* a hook that returns a tensor of the wrong shape raises an error naming the hook and the expected shape;
+* an unknown hook name raises with the closest valid names instead of silently doing nothing.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+HookFunction = Callable[..., Optional[Tensor]]
+NamesFilter = Optional[Union[str, Sequence[str], Callable[[str], bool]]]
+Direction = Literal["fwd", "bwd"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LensHandle:
+    """A hook function registered on a HookPoint, with TL's bookkeeping (permanence and context level)."""
+
+    hook: HookFunction
+    is_permanent: bool = False
+    context_level: Optional[int] = None
+
+    def _matches(self, including_permanent: bool, level: Optional[int]) -> bool:
+        if self.is_permanent and not including_permanent:
+            return False
+        return level is None or self.context_level == level
+
+
+class HookPoint(nn.Module):
+    """An identity module that gives an activation a name and lets hooks read or replace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: Optional[str] = None
+        self.ctx: Dict[Any, Any] = {}
+        self.fwd_hooks: List[LensHandle] = []
+        self.bwd_hooks: List[LensHandle] = []
+
+    def __repr__(self) -> str:
+        return f"HookPoint(name={self.name!r}, fwd_hooks={len(self.fwd_hooks)}, bwd_hooks={len(self.bwd_hooks)})"
+
+    # -- registration -------------------------------------------------------------------------------------------
+    def add_hook(
+        self,
+        hook: HookFunction,
+        dir: Direction = "fwd",
+        is_permanent: bool = False,
+        level: Optional[int] = None,
+        prepend: bool = False,
+    ) -> None:
+        """Register `hook(activation, hook=self)`; `dir="bwd"` receives the gradient of the activation."""
+        if not callable(hook):
+            raise TypeError(f"Hook for {self.name!r} must be callable as fn(activation, hook), got {type(hook).__name__}.")
+        handles = self._handles(dir)
+        handle = LensHandle(hook, is_permanent, level)
+        if prepend:
+            handles.insert(0, handle)
+        else:
+            handles.append(handle)
+
+    def add_perma_hook(self, hook: HookFunction, dir: Direction = "fwd") -> None:
+        self.add_hook(hook, dir=dir, is_permanent=True)
+
+    def remove_hooks(
+        self, dir: Literal["fwd", "bwd", "both"] = "fwd", including_permanent: bool = False, level: Optional[int] = None
+    ) -> None:
+        for d in ("fwd", "bwd") if dir == "both" else (dir,):
+            kept = [h for h in self._handles(d) if not h._matches(including_permanent, level)]
+            self._handles(d)[:] = kept
+
+    def has_hooks(
+        self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = True, level: Optional[int] = None
+    ) -> bool:
+        dirs = ("fwd", "bwd") if dir == "both" else (dir,)
+        return any(h._matches(including_permanent, level) for d in dirs for h in self._handles(d))
+
+    def clear_context(self) -> None:
+        self.ctx = {}
+
+    def layer(self) -> int:
+        """Layer index parsed from the hook name (`blocks.5.attn.hook_z` -> 5)."""
+        if self.name is None:
+            raise ValueError("This HookPoint has no name; it must belong to a HookedRootModule that called setup().")
+        parts = self.name.split(".")
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ValueError(f"Hook {self.name!r} is not inside a block, so it has no layer.")
+        return int(parts[1])
+
+    def _handles(self, dir: str) -> List[LensHandle]:
+        if dir == "fwd":
+            return self.fwd_hooks
+        if dir == "bwd":
+            return self.bwd_hooks
+        raise ValueError(f"Hook direction must be 'fwd' or 'bwd', got {dir!r}.")
+
+    # -- running ------------------------------------------------------------------------------------------------
+    def __call__(self, x: Tensor) -> Tensor:  # bypasses nn.Module.__call__: a hook point without hooks is free
+        if not self.fwd_hooks and not self.bwd_hooks:
+            return x
+        return self.forward(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for handle in list(self.fwd_hooks):
+            result = handle.hook(x, hook=self)
+            if result is not None:
+                x = self._checked_replacement(result, x, handle.hook, "activation")
+        if self.bwd_hooks and x.requires_grad:
+            x.register_hook(self._run_bwd_hooks)
+        return x
+
+    def _run_bwd_hooks(self, grad: Tensor) -> Tensor:
+        for handle in list(self.bwd_hooks):
+            result = handle.hook(grad, hook=self)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 1:
+                    result = result[0]
+                grad = self._checked_replacement(result, grad, handle.hook, "gradient")
+        return grad
+
+    def _checked_replacement(self, result: Any, original: Tensor, fn: HookFunction, what: str) -> Tensor:
+        if not isinstance(result, Tensor):
+            raise TypeError(
+                f"Hook {_fn_name(fn)} on {self.name!r} returned {type(result).__name__}; a hook must return None "
+                f"(keep the {what}) or a tensor of shape {tuple(original.shape)}."
+            )
+        if result.shape != original.shape:
+            raise ValueError(
+                f"Hook {_fn_name(fn)} on {self.name!r} returned a tensor of shape {tuple(result.shape)}, but the "
+                f"{what} there has shape {tuple(original.shape)}; return a tensor of exactly that shape (or None)."
+            )
+        return result
+
+
+def _fn_name(fn: Callable) -> str:
+    if isinstance(fn, partial):
+        fn = fn.func
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _apply_pos_slice(tensor: Tensor, pos_slice: Any, dim: int) -> Tensor:
+    """TL's `Slice` semantics: int selects one position (dropping the dim), tuple -> slice(*t), list/tensor -> index."""
+    if pos_slice is None:
+        return tensor
+    if isinstance(pos_slice, tuple):
+        pos_slice = slice(*pos_slice)
+    index: List[Any] = [slice(None)] * tensor.dim()
+    index[dim] = torch.as_tensor(pos_slice, device=tensor.device) if isinstance(pos_slice, list) else pos_slice
+    return tensor[tuple(index)]
+
+
+class HookedRootModule(nn.Module):
+    """Base class for models with HookPoints. Call `self.setup()` at the end of `__init__` to name the hooks."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__()
+        self.is_caching = False
+        self.context_level = 0
+        self.mod_dict: Dict[str, nn.Module] = {}
+        self.hook_dict: Dict[str, HookPoint] = {}
+
+    def setup(self) -> None:
+        """Index every submodule and name every HookPoint by its attribute path."""
+        self.mod_dict = {}
+        self.hook_dict = {}
+        for name, module in self.named_modules():
+            if name == "":
+                continue
+            module.name = name  # type: ignore[assignment]  # TL sets .name on every submodule
+            self.mod_dict[name] = module
+            if isinstance(module, HookPoint):
+                self.hook_dict[name] = module
+
+    def hook_points(self) -> Iterable[HookPoint]:
+        return self.hook_dict.values()
+
+    # -- registration -------------------------------------------------------------------------------------------
+    def check_hooks_to_add(
+        self, hook_point: HookPoint, hook_point_name: str, hook: HookFunction, dir: Direction = "fwd",
+        is_permanent: bool = False, prepend: bool = False,
+    ) -> None:
+        """Override to refuse hooks on disabled hook points."""
+
+    def _resolve_hook_name(self, name: str) -> HookPoint:
+        hook_point = self.hook_dict.get(name)
+        if hook_point is None:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
+            hint = f" Closest valid names: {close}." if close else ""
+            raise KeyError(
+                f"Unknown hook name {name!r}.{hint} See model.hook_dict.keys() for all {len(self.hook_dict)} hook "
+                "points (utils.get_act_name builds names such as get_act_name('pattern', 0))."
+            )
+        return hook_point
+
+    def check_and_add_hook(
+        self, hook_point: HookPoint, hook_point_name: str, hook: HookFunction, dir: Direction = "fwd",
+        is_permanent: bool = False, level: Optional[int] = None, prepend: bool = False,
+    ) -> None:
+        self.check_hooks_to_add(hook_point, hook_point_name, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+        hook_point.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def add_hook(
+        self,
+        name: Union[str, Callable[[str], bool]],
+        hook: HookFunction,
+        dir: Direction = "fwd",
+        is_permanent: bool = False,
+        level: Optional[int] = None,
+        prepend: bool = False,
+    ) -> None:
+        """Add `hook` to the hook point `name`, or to every hook point whose name passes the filter `name`."""
+        if isinstance(name, str):
+            hook_point = self._resolve_hook_name(name)
+            self.check_and_add_hook(hook_point, name, hook, dir, is_permanent, level, prepend)
+        elif callable(name):
+            for hook_name, hook_point in self.hook_dict.items():
+                if name(hook_name):
+                    self.check_and_add_hook(hook_point, hook_name, hook, dir, is_permanent, level, prepend)
+        else:
+            raise TypeError(f"Hook name must be a string or a filter function of the name, got {type(name).__name__}.")
+
+    def add_perma_hook(self, name: Union[str, Callable[[str], bool]], hook: HookFunction, dir: Direction = "fwd") -> None:
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def remove_all_hook_fns(
+        self, direction: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False,
+        level: Optional[int] = None,
+    ) -> None:
+        for hook_point in self.hook_dict.values():
+            hook_point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def clear_contexts(self) -> None:
+        for hook_point in self.hook_dict.values():
+            hook_point.clear_context()
+
+    def reset_hooks(
+        self, clear_contexts: bool = True, direction: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = False, level: Optional[int] = None,
+    ) -> None:
+        """Remove hooks (permanent ones only with `including_permanent=True`)."""
+        if clear_contexts:
+            self.clear_contexts()
+        self.remove_all_hook_fns(direction, including_permanent, level=level)
+        self.is_caching = False
+
+    # -- running ------------------------------------------------------------------------------------------------
+    @contextmanager
+    def hooks(
+        self,
+        fwd_hooks: Sequence[Tuple[Union[str, Callable], HookFunction]] = (),
+        bwd_hooks: Sequence[Tuple[Union[str, Callable], HookFunction]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator["HookedRootModule"]:
+        """Context manager: the hooks are attached inside the block and removed on exit, even on error."""
+        self.context_level += 1
+        level = self.context_level
+        try:
+            for name, fn in fwd_hooks:
+                self.add_hook(name, fn, dir="fwd", level=level)
+            for name, fn in bwd_hooks:
+                self.add_hook(name, fn, dir="bwd", level=level)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self.reset_hooks(clear_contexts, including_permanent=False, level=level)
+            self.context_level -= 1
+
+    def run_with_hooks(
+        self,
+        *model_args: Any,
+        fwd_hooks: Sequence[Tuple[Union[str, Callable], HookFunction]] = (),
+        bwd_hooks: Sequence[Tuple[Union[str, Callable], HookFunction]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **model_kwargs: Any,
+    ) -> Any:
+        """Run the model with temporary hooks. `fwd_hooks` is a list of `(name_or_filter, fn)` pairs."""
+        if len(bwd_hooks) > 0 and reset_hooks_end:
+            logger.warning(
+                "run_with_hooks removes backward hooks before you can call backward(); pass reset_hooks_end=False "
+                "or use `with model.hooks(bwd_hooks=...)` and call backward inside the block."
+            )
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self(*model_args, **model_kwargs)
+
+    def get_caching_hooks(
+        self,
+        names_filter: NamesFilter = None,
+        incl_bwd: bool = False,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        cache: Optional[dict] = None,
+        pos_slice: Any = None,
+    ) -> Tuple[dict, list, list]:
+        """Hooks that store `activation.detach()` (and `<name>_grad` with `incl_bwd`) into `cache`."""
+        cache = {} if cache is None else cache
+        name_filter_fn = self._names_filter_fn(names_filter)
+
+        def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool = False) -> None:
+            key = hook.name + "_grad" if is_backward else hook.name
+            stored = tensor.detach()
+            if device is not None:
+                stored = stored.to(device)
+            if remove_batch_dim:
+                if stored.shape[0] != 1:
+                    raise ValueError(
+                        f"remove_batch_dim=True needs a batch of 1, but {hook.name!r} has batch {stored.shape[0]}; "
+                        "run one prompt at a time or keep the batch dimension."
+                    )
+                stored = stored[0]
+            if pos_slice is not None:
+                pos_dim = -3 if hook.name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")) else -2
+                if stored.dim() >= -pos_dim:
+                    stored = _apply_pos_slice(stored, pos_slice, pos_dim)
+            cache[key] = stored
+
+        fwd_hooks, bwd_hooks = [], []
+        for name in self.hook_dict:
+            if name_filter_fn(name):
+                fwd_hooks.append((name, partial(save_hook, is_backward=False)))
+                if incl_bwd:
+                    bwd_hooks.append((name, partial(save_hook, is_backward=True)))
+        return cache, fwd_hooks, bwd_hooks
+
+    def _names_filter_fn(self, names_filter: NamesFilter) -> Callable[[str], bool]:
+        if names_filter is None:
+            return lambda name: True
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, (list, tuple, set)):
+            for name in names_filter:
+                self._resolve_hook_name(name)  # unknown names raise with suggestions
+            wanted = set(names_filter)
+            return lambda name: name in wanted
+        if callable(names_filter):
+            return names_filter
+        raise TypeError("names_filter must be None, a hook name, a list of hook names, or a function name -> bool.")
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: NamesFilter = None,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Any = None,
+        **model_kwargs: Any,
+    ) -> Tuple[Any, dict]:
+        """Run the model and return `(output, {hook_name: activation})`."""
+        cache, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
+        )
+        self.is_caching = True
+        try:
+            with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+                model_out = self(*model_args, **model_kwargs)
+                if incl_bwd:
+                    if not isinstance(model_out, Tensor) or model_out.numel() != 1:
+                        raise ValueError("incl_bwd=True calls backward() on the output, which must be a scalar "
+                                         "(use return_type='loss').")
+                    model_out.backward()
+        finally:
+            self.is_caching = False
+        return model_out, cache
+
+    def cache_all(self, cache: dict, incl_bwd: bool = False, device: Any = None, remove_batch_dim: bool = False) -> None:
+        """Permanently-until-reset attach caching hooks for every hook point, writing into `cache`."""
+        self.cache_some(cache, lambda name: True, incl_bwd, device, remove_batch_dim)
+
+    def cache_some(
+        self, cache: dict, names: Callable[[str], bool], incl_bwd: bool = False, device: Any = None,
+        remove_batch_dim: bool = False,
+    ) -> None:
+        _, fwd, bwd = self.get_caching_hooks(names, incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache)
+        for name, fn in fwd:
+            self.add_hook(name, fn, dir="fwd")
+        for name, fn in bwd:
+            self.add_hook(name, fn, dir="bwd")
