@@ -4,6 +4,7 @@ Public names only; importing hooklens has no side effects (no kernels compiled, 
 """
 from hooklens.config import HookedTransformerConfig
 from hooklens.hook_points import HookedRootModule, HookPoint
+from hooklens.model import HookedTransformer
 
-__all__ = ["HookedTransformerConfig", "HookPoint", "HookedRootModule"]
+__all__ = ["HookedTransformer", "HookedTransformerConfig", "HookPoint", "HookedRootModule"]
 __version__ = "0.1.0"

@@ -229,8 +229,8 @@ class HookedRootModule(nn.Module):
             self.check_and_add_hook(hook_point, name, hook, dir, is_permanent, level, prepend)
         elif callable(name):
             for hook_name, hook_point in self.hook_dict.items():
-                if name(hook_name):
-                    self.check_and_add_hook(hook_point, hook_name, hook, dir, is_permanent, level, prepend)
+                if name(hook_name):  # no flag check: a filter may match points that are switched off
+                    hook_point.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
         else:
             raise TypeError(f"Hook name must be a string or a filter function of the name, got {type(name).__name__}.")
 
@@ -266,15 +266,18 @@ class HookedRootModule(nn.Module):
         bwd_hooks: Sequence[Tuple[Union[str, Callable], HookFunction]] = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
+        _check: bool = True,
     ) -> Iterator["HookedRootModule"]:
         """Context manager: the hooks are attached inside the block and removed on exit, even on error."""
         self.context_level += 1
         level = self.context_level
         try:
-            for name, fn in fwd_hooks:
-                self.add_hook(name, fn, dir="fwd", level=level)
-            for name, fn in bwd_hooks:
-                self.add_hook(name, fn, dir="bwd", level=level)
+            for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for name, fn in pairs:
+                    if _check:
+                        self.add_hook(name, fn, dir=direction, level=level)
+                    else:  # caching hooks go on every selected point, including ones a cfg flag switches off
+                        self._resolve_hook_name(name).add_hook(fn, dir=direction, level=level)
             yield self
         finally:
             if reset_hooks_end:
@@ -370,7 +373,7 @@ class HookedRootModule(nn.Module):
         )
         self.is_caching = True
         try:
-            with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts, _check=False):
                 model_out = self(*model_args, **model_kwargs)
                 if incl_bwd:
                     if not isinstance(model_out, Tensor) or model_out.numel() != 1:
@@ -390,7 +393,6 @@ class HookedRootModule(nn.Module):
         remove_batch_dim: bool = False,
     ) -> None:
         _, fwd, bwd = self.get_caching_hooks(names, incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache)
-        for name, fn in fwd:
-            self.add_hook(name, fn, dir="fwd")
-        for name, fn in bwd:
-            self.add_hook(name, fn, dir="bwd")
+        for direction, pairs in (("fwd", fwd), ("bwd", bwd)):
+            for name, fn in pairs:
+                self.hook_dict[name].add_hook(fn, dir=direction)

@@ -1,0 +1,279 @@
+"""The modules of a hooked GPT-2, with TransformerLens's parameter names, layouts and hook points.
+
+Shapes use b = batch, p = position, h = head, dh = d_head, d = d_model, m = d_mlp, v = d_vocab.
+Numerics follow TransformerLens 3.9 (see ../shared/reference/transformerlens-3.9.md), so activations match
+TL's to float rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from hooklens.attention import attend
+from hooklens.config import HookedTransformerConfig
+from hooklens.hook_points import HookPoint
+
+
+# -- activation functions (TL's exact formulas) ----------------------------------------------------------------
+def gelu_new(x: Tensor) -> Tensor:
+    """GPT-2's tanh GELU, written exactly as TL/HF write it."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gelu_fast(x: Tensor) -> Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def solu(x: Tensor) -> Tensor:
+    return x * F.softmax(x, dim=-1)
+
+
+ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": gelu_new,
+    "gelu_fast": gelu_fast,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "solu_ln": solu,
+}
+
+
+def addmm_last_dim(bias: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    """`x @ weight + bias` over the last dim of x, as one fused addmm (this matches HF's Conv1D bit for bit)."""
+    out_shape = x.shape[:-1] + (weight.shape[-1],)
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(out_shape)
+
+
+# -- embeddings -------------------------------------------------------------------------------------------------
+class Embed(nn.Module):
+    def __init__(self, cfg: HookedTransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
+
+    def forward(self, tokens: Tensor) -> Tensor:  # [b, p] -> [b, p, d]
+        return self.W_E[tokens, :]
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, cfg: HookedTransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))
+
+    def forward(self, tokens: Tensor, past_kv_pos_offset: int = 0, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """[b, p] tokens -> [b, p, d]. With a padding mask, positions count from each row's first real token and
+        pad positions get a zero embedding (TL's convention, so left padding leaves logits unchanged)."""
+        batch, length = tokens.shape
+        if attention_mask is None:
+            pos_embed = self.W_pos[past_kv_pos_offset : past_kv_pos_offset + length]  # [p, d]
+            return pos_embed.unsqueeze(0).expand(batch, -1, -1).clone()  # [b, p, d]
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, past_kv_pos_offset:]  # [b, p]
+        pos_embed = self.W_pos[position_ids]  # [b, p, d]
+        is_pad = ~attention_mask.bool()[:, past_kv_pos_offset : past_kv_pos_offset + length, None]  # [b, p, 1]
+        return torch.where(is_pad, 0, pos_embed)
+
+
+# -- normalization ----------------------------------------------------------------------------------------------
+class LayerNormPre(nn.Module):
+    """LayerNorm without weight and bias (what LN becomes once its w, b are folded into the next layer)."""
+
+    def __init__(self, cfg: HookedTransformerConfig, length: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.eps = cfg.eps
+        self.length = cfg.d_model if length is None else length
+        self.hook_scale = HookPoint()  # [b, p, 1]
+        self.hook_normalized = HookPoint()  # [b, p, length]
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if self.cfg.dtype not in (torch.float32, torch.float64):
+            x = x.to(torch.float32)  # TL normalizes low-precision activations in float32
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale).to(self.cfg.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._normalize(x)
+
+
+class LayerNorm(LayerNormPre):
+    """LayerNorm with weight `w` and bias `b`; note TL's `hook_normalized` fires before `w`, `b` are applied."""
+
+    def __init__(self, cfg: HookedTransformerConfig, length: Optional[int] = None):
+        super().__init__(cfg, length)
+        self.w = nn.Parameter(torch.ones(self.length, dtype=cfg.dtype))
+        self.b = nn.Parameter(torch.zeros(self.length, dtype=cfg.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._normalize(x) * self.w + self.b
+
+
+def make_norm(cfg: HookedTransformerConfig, length: Optional[int] = None) -> nn.Module:
+    if cfg.normalization_type == "LN":
+        return LayerNorm(cfg, length)
+    if cfg.normalization_type == "LNPre":
+        return LayerNormPre(cfg, length)
+    return nn.Identity()
+
+
+# -- attention --------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: HookedTransformerConfig, layer_id: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
+        self.W_K = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
+        self.W_V = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
+        self.W_O = nn.Parameter(torch.empty(h, dh, d, dtype=cfg.dtype))
+        self.b_Q = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
+        self.b_K = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
+        self.b_V = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
+        self.b_O = nn.Parameter(torch.zeros(d, dtype=cfg.dtype))
+        self.attn_scale = cfg.attn_scale
+        self.hook_k = HookPoint()  # [b, p, h, dh]
+        self.hook_q = HookPoint()  # [b, p, h, dh]
+        self.hook_v = HookPoint()  # [b, p, h, dh]
+        self.hook_z = HookPoint()  # [b, p, h, dh]
+        self.hook_attn_scores = HookPoint()  # [b, h, q, k]
+        self.hook_pattern = HookPoint()  # [b, h, q, k]
+        self.hook_result = HookPoint()  # [b, p, h, d]
+
+    @staticmethod
+    def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        """[b, p, d] (shared input) or [b, p, h, d] (per-head input) -> [b, p, h, dh]."""
+        h, d, dh = W.shape
+        if x.dim() == 4:
+            return torch.einsum("bphd,hde->bphe", x, W) + b
+        W_flat = W.permute(0, 2, 1).reshape(h * dh, d)  # [h*dh, d], TL's F.linear layout
+        return F.linear(x, W_flat, b.reshape(h * dh)).view(x.shape[0], x.shape[1], h, dh)
+
+    def forward(
+        self,
+        query_input: Tensor,
+        key_input: Tensor,
+        value_input: Tensor,
+        past_kv_cache_entry=None,
+        attention_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        q = self.hook_q(self._project(query_input, self.W_Q, self.b_Q))  # [b, p, h, dh]
+        k = self.hook_k(self._project(key_input, self.W_K, self.b_K))  # [b, p, h, dh]
+        v = self.hook_v(self._project(value_input, self.W_V, self.b_V))  # [b, p, h, dh]
+        pos_offset = 0
+        if past_kv_cache_entry is not None:
+            pos_offset = past_kv_cache_entry.past_keys.shape[1]
+            k, v = past_kv_cache_entry.append(k, v)  # [b, past + p, h, dh]
+        z = self.hook_z(attend(self, q, k, v, pos_offset, attention_mask))  # [b, p, h, dh]
+        batch, pos, h, dh = z.shape
+        if not self.cfg.use_attn_result:
+            z_flat = z.reshape(batch * pos, h * dh)  # [b*p, h*dh]
+            return torch.addmm(self.b_O, z_flat, self.W_O.reshape(h * dh, -1)).view(batch, pos, -1)  # [b, p, d]
+        result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))  # [b, p, h, d], without b_O
+        return result.sum(dim=-2) + self.b_O
+
+    @property
+    def OV(self):
+        from hooklens.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self):
+        from hooklens.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+
+# -- MLP --------------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, cfg: HookedTransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.act_fn = ACTIVATIONS[cfg.act_fn]
+        self.hook_pre = HookPoint()  # [b, p, m]
+        self.hook_post = HookPoint()  # [b, p, m]
+        if cfg.act_fn == "solu_ln":
+            self.hook_mid = HookPoint()  # [b, p, m]
+            self.ln = make_norm(cfg, cfg.d_mlp)
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, p, d] -> [b, p, d]
+        pre = self.hook_pre(addmm_last_dim(self.b_in, self.W_in, x))  # [b, p, m]
+        if self.cfg.act_fn == "solu_ln":
+            post = self.hook_post(self.ln(self.hook_mid(self.act_fn(pre))))
+        else:
+            post = self.hook_post(self.act_fn(pre))
+        return addmm_last_dim(self.b_out, self.W_out, post)
+
+
+# -- block ------------------------------------------------------------------------------------------------------
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: HookedTransformerConfig, block_index: int):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = make_norm(cfg)
+        self.attn = Attention(cfg, block_index)
+        if not cfg.attn_only:
+            self.ln2 = make_norm(cfg)
+            self.mlp = MLP(cfg)
+        self.hook_attn_in = HookPoint()  # [b, p, h, d]
+        self.hook_q_input = HookPoint()  # [b, p, h, d]
+        self.hook_k_input = HookPoint()  # [b, p, h, d]
+        self.hook_v_input = HookPoint()  # [b, p, h, d]
+        self.hook_mlp_in = HookPoint()  # [b, p, d]
+        self.hook_attn_out = HookPoint()  # [b, p, d]
+        self.hook_mlp_out = HookPoint()  # [b, p, d]
+        self.hook_resid_pre = HookPoint()  # [b, p, d]
+        if not cfg.attn_only:
+            self.hook_resid_mid = HookPoint()  # [b, p, d]
+        self.hook_resid_post = HookPoint()  # [b, p, d]
+
+    def forward(self, resid_pre: Tensor, past_kv_cache_entry=None, attention_mask: Optional[Tensor] = None) -> Tensor:
+        resid_pre = self.hook_resid_pre(resid_pre)  # [b, p, d]
+        attn_out = self.hook_attn_out(self._attention(resid_pre, past_kv_cache_entry, attention_mask))
+        if self.cfg.attn_only:
+            return self.hook_resid_post(resid_pre + attn_out)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)  # [b, p, d]
+        mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))  # [b, p, d]
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+    def _attention(self, resid_pre: Tensor, past_kv_cache_entry, attention_mask: Optional[Tensor]) -> Tensor:
+        if not (self.cfg.use_split_qkv_input or self.cfg.use_attn_in):
+            # One LayerNorm call feeds q, k and v (TL calls ln1 three times on the same input; the values are
+            # identical, so ln1's hooks fire once here instead of three times).
+            x = self.ln1(resid_pre)
+            return self.attn(x, x, x, past_kv_cache_entry, attention_mask)
+        per_head = resid_pre.unsqueeze(2).expand(-1, -1, self.cfg.n_heads, -1)  # [b, p, h, d]
+        if self.cfg.use_split_qkv_input:
+            q_in = self.hook_q_input(per_head.clone())
+            k_in = self.hook_k_input(per_head.clone())
+            v_in = self.hook_v_input(per_head.clone())
+        else:
+            q_in = k_in = v_in = self.hook_attn_in(per_head.clone())
+        return self.attn(self.ln1(q_in), self.ln1(k_in), self.ln1(v_in), past_kv_cache_entry, attention_mask)
+
+
+class Unembed(nn.Module):
+    def __init__(self, cfg: HookedTransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out, dtype=cfg.dtype))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out, dtype=cfg.dtype))
+        self.hook_in = HookPoint()  # [b, p, d]
+        self.hook_out = HookPoint()  # [b, p, v]
+
+    def forward(self, residual: Tensor) -> Tensor:  # [b, p, d] -> [b, p, v]
+        residual = self.hook_in(residual)
+        return self.hook_out(addmm_last_dim(self.b_U, self.W_U, residual))

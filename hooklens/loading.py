@@ -1,0 +1,378 @@
+"""Loading GPT-2 checkpoints: name/path resolution, safe file reading, HF -> TL layout, weight processing.
+
+Files are read with safetensors or `torch.load(weights_only=True)`: pickled code is never executed. Every key
+and shape of a checkpoint is checked before anything is loaded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from hooklens import tokenizer as tok
+from hooklens.config import HookedTransformerConfig, config_from_hf
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hooklens.model import HookedTransformer
+
+logger = logging.getLogger(__name__)
+
+# Names TransformerLens users type, -> Hugging Face repository ids (either spelling may be in the local cache).
+GPT2_NAMES: Dict[str, List[str]] = {
+    "gpt2": ["openai-community/gpt2", "gpt2"],
+    "gpt2-small": ["openai-community/gpt2", "gpt2"],
+    "gpt2-medium": ["openai-community/gpt2-medium", "gpt2-medium"],
+    "gpt2-large": ["openai-community/gpt2-large", "gpt2-large"],
+    "gpt2-xl": ["openai-community/gpt2-xl", "gpt2-xl"],
+    "distilgpt2": ["distilbert/distilgpt2", "distilgpt2"],
+}
+for _name, _repos in list(GPT2_NAMES.items()):
+    for _repo in _repos:
+        GPT2_NAMES.setdefault(_repo, _repos)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, unreadable, unsafe, or not a GPT-2 of the expected shape."""
+
+
+# -- finding the checkpoint -------------------------------------------------------------------------------------
+def _hf_cache_dir() -> Path:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return Path(HF_HUB_CACHE)
+    except Exception:  # pragma: no cover - huggingface_hub always ships with transformers
+        return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def _cached_snapshot(repo_id: str) -> Optional[Path]:
+    """The newest local snapshot directory of `repo_id` that holds config.json and weights, if any."""
+    repo_dir = _hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    candidates = [p for p in snapshots.iterdir() if (p / "config.json").exists() and any((p / f).exists() for f in WEIGHT_FILES)]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def resolve_model_dir(name_or_path: Union[str, os.PathLike]) -> Path:
+    """A local HF-format directory for `name_or_path` (a directory, or a GPT-2 name in the local HF cache)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} is a directory but has no config.json; expected a Hugging Face GPT-2 "
+                                  "directory (config.json + model.safetensors or pytorch_model.bin).")
+        return path
+    name = str(name_or_path)
+    repos = GPT2_NAMES.get(name, GPT2_NAMES.get(name.lower(), [name] if "/" in name else []))
+    looked = []
+    for repo in repos:
+        snapshot = _cached_snapshot(repo)
+        looked.append(str(_hf_cache_dir() / ("models--" + repo.replace("/", "--"))))
+        if snapshot is not None:
+            return snapshot
+    known = ", ".join(sorted(k for k in GPT2_NAMES if "/" not in k))
+    where = "\n  ".join([str(path.resolve()) + " (as a directory)"] + looked)
+    raise CheckpointError(
+        f"Could not find model {name!r}. Looked in:\n  {where}\n"
+        f"hooklens never downloads. To use real weights: on a machine with network run\n"
+        f"  huggingface-cli download {repos[0] if repos else 'openai-community/gpt2'}\n"
+        f"(it fills the HF cache; copy ~/.cache/huggingface to this machine), or pass a local directory holding "
+        f"config.json + model.safetensors. Known names: {known}."
+    )
+
+
+def read_weight_file(model_dir: Path) -> Dict[str, Tensor]:
+    """Read the checkpoint's tensors without executing pickled code."""
+    safetensors_file, bin_file = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
+    if safetensors_file.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(safetensors_file))
+        except Exception as err:
+            raise CheckpointError(
+                f"Could not read {safetensors_file}: {err}. The file is truncated or corrupt; download it again."
+            ) from err
+    if bin_file.exists():
+        try:
+            state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError for unsafe pickles, RuntimeError/EOFError for corrupt files
+            raise CheckpointError(
+                f"Refused or failed to read {bin_file}: {err}\nhooklens loads .bin files with "
+                "torch.load(weights_only=True) and never runs pickled code; if the file is a plain state dict it "
+                "is corrupt, otherwise convert it to model.safetensors in a trusted environment."
+            ) from err
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"{bin_file} does not hold a state dict of tensors.")
+        return state
+    raise CheckpointError(f"{model_dir} has no model.safetensors or pytorch_model.bin.")
+
+
+# -- HF GPT-2 -> TL layout --------------------------------------------------------------------------------------
+def _expected_hf_shapes(cfg: HookedTransformerConfig) -> Dict[str, tuple]:
+    d, m, v = cfg.d_model, cfg.d_mlp, cfg.d_vocab
+    shapes = {"wte.weight": (v, d), "wpe.weight": (cfg.n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for l in range(cfg.n_layers):
+        p = f"h.{l}."
+        shapes.update({
+            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,), p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
+            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+            p + "mlp.c_fc.weight": (d, m), p + "mlp.c_fc.bias": (m,),
+            p + "mlp.c_proj.weight": (m, d), p + "mlp.c_proj.bias": (d,),
+        })
+    return shapes
+
+
+def convert_hf_gpt2_state_dict(hf_state: Dict[str, Tensor], cfg: HookedTransformerConfig) -> Dict[str, Tensor]:
+    """HF `GPT2LMHeadModel`/`GPT2Model` tensors -> TL names and layouts, checking every key and shape."""
+    state = {}
+    for key, value in hf_state.items():
+        key = key[len("transformer."):] if key.startswith("transformer.") else key
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers in older checkpoints, not weights
+        state[key] = value
+    lm_head = state.pop("lm_head.weight", None)
+    expected = _expected_hf_shapes(cfg)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} (expected {expected[k]})" for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if wrong:
+            parts.append("wrong shapes " + "; ".join(wrong[:8]))
+        raise CheckpointError("Checkpoint does not match its config.json as a GPT-2: " + ", ".join(parts) + ".")
+    if lm_head is not None and tuple(lm_head.shape) != (cfg.d_vocab, cfg.d_model):
+        raise CheckpointError(f"lm_head.weight has shape {tuple(lm_head.shape)}, expected {(cfg.d_vocab, cfg.d_model)}.")
+
+    h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+    out = {
+        "embed.W_E": state["wte.weight"],
+        "pos_embed.W_pos": state["wpe.weight"],
+        "ln_final.w": state["ln_f.weight"],
+        "ln_final.b": state["ln_f.bias"],
+        "unembed.W_U": (lm_head if lm_head is not None else state["wte.weight"]).T,  # [d, v]
+        "unembed.b_U": torch.zeros(cfg.d_vocab, dtype=state["wte.weight"].dtype),
+    }
+    for l in range(cfg.n_layers):
+        p, t = f"h.{l}.", f"blocks.{l}."
+        W_Q, W_K, W_V = state[p + "attn.c_attn.weight"].split(d, dim=1)  # 3 x [d, h*dh]
+        b_Q, b_K, b_V = state[p + "attn.c_attn.bias"].split(d)  # 3 x [h*dh]
+        out.update({
+            t + "ln1.w": state[p + "ln_1.weight"], t + "ln1.b": state[p + "ln_1.bias"],
+            t + "ln2.w": state[p + "ln_2.weight"], t + "ln2.b": state[p + "ln_2.bias"],
+            t + "attn.W_Q": W_Q.reshape(d, h, dh).permute(1, 0, 2),  # [d, h*dh] -> [h, d, dh]
+            t + "attn.W_K": W_K.reshape(d, h, dh).permute(1, 0, 2),
+            t + "attn.W_V": W_V.reshape(d, h, dh).permute(1, 0, 2),
+            t + "attn.b_Q": b_Q.reshape(h, dh), t + "attn.b_K": b_K.reshape(h, dh), t + "attn.b_V": b_V.reshape(h, dh),
+            t + "attn.W_O": state[p + "attn.c_proj.weight"].reshape(h, dh, d),  # [h*dh, d] -> [h, dh, d]
+            t + "attn.b_O": state[p + "attn.c_proj.bias"],
+            t + "mlp.W_in": state[p + "mlp.c_fc.weight"], t + "mlp.b_in": state[p + "mlp.c_fc.bias"],
+            t + "mlp.W_out": state[p + "mlp.c_proj.weight"], t + "mlp.b_out": state[p + "mlp.c_proj.bias"],
+        })
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# -- weight processing (TL's formulas, in TL's order) -------------------------------------------------------------
+def fold_layer_norm(state: Dict[str, Tensor], cfg: HookedTransformerConfig, fold_biases: bool = True, center_weights: bool = True) -> Dict[str, Tensor]:
+    """Fold each LayerNorm's w (and b) into the weights that read its output; optionally centre those reads."""
+    for l in range(cfg.n_layers):
+        t = f"blocks.{l}."
+        w1, b1 = state.pop(t + "ln1.w"), state.pop(t + "ln1.b")
+        for x in "QKV":
+            W = state[t + f"attn.W_{x}"]  # [h, d, dh]
+            if fold_biases:
+                state[t + f"attn.b_{x}"] = state[t + f"attn.b_{x}"] + (W * b1[None, :, None]).sum(-2)
+            W = W * w1[None, :, None]
+            if center_weights:
+                W = W - W.mean(-2, keepdim=True)
+            state[t + f"attn.W_{x}"] = W
+        if not cfg.attn_only:
+            w2, b2 = state.pop(t + "ln2.w"), state.pop(t + "ln2.b")
+            W_in = state[t + "mlp.W_in"]  # [d, m]
+            if fold_biases:
+                state[t + "mlp.b_in"] = state[t + "mlp.b_in"] + (W_in * b2[:, None]).sum(-2)
+            W_in = W_in * w2[:, None]
+            if center_weights:
+                W_in = W_in - W_in.mean(-2, keepdim=True)
+            state[t + "mlp.W_in"] = W_in
+    wf, bf = state.pop("ln_final.w"), state.pop("ln_final.b")
+    W_U = state["unembed.W_U"]  # [d, v]
+    if fold_biases:
+        state["unembed.b_U"] = state["unembed.b_U"] + (W_U * bf[:, None]).sum(-2)
+    W_U = W_U * wf[:, None]
+    if center_weights:
+        W_U = W_U - W_U.mean(-2, keepdim=True)
+    state["unembed.W_U"] = W_U
+    return state
+
+
+def center_writing_weights(state: Dict[str, Tensor], cfg: HookedTransformerConfig) -> Dict[str, Tensor]:
+    """Remove the d_model mean of everything written to the residual stream (LayerNorm ignores it)."""
+    state["embed.W_E"] = state["embed.W_E"] - state["embed.W_E"].mean(-1, keepdim=True)
+    state["pos_embed.W_pos"] = state["pos_embed.W_pos"] - state["pos_embed.W_pos"].mean(-1, keepdim=True)
+    for l in range(cfg.n_layers):
+        t = f"blocks.{l}."
+        state[t + "attn.W_O"] = state[t + "attn.W_O"] - state[t + "attn.W_O"].mean(-1, keepdim=True)
+        state[t + "attn.b_O"] = state[t + "attn.b_O"] - state[t + "attn.b_O"].mean()
+        if not cfg.attn_only:
+            state[t + "mlp.W_out"] = state[t + "mlp.W_out"] - state[t + "mlp.W_out"].mean(-1, keepdim=True)
+            state[t + "mlp.b_out"] = state[t + "mlp.b_out"] - state[t + "mlp.b_out"].mean()
+    return state
+
+
+def center_unembed(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Remove the vocab mean of W_U and b_U: logits shift by a per-position constant, log-probs are unchanged."""
+    state["unembed.W_U"] = state["unembed.W_U"] - state["unembed.W_U"].mean(-1, keepdim=True)
+    state["unembed.b_U"] = state["unembed.b_U"] - state["unembed.b_U"].mean()
+    return state
+
+
+def fold_value_biases(state: Dict[str, Tensor], cfg: HookedTransformerConfig) -> Dict[str, Tensor]:
+    """b_O += sum over heads of b_V @ W_O, then b_V = 0 (patterns sum to 1, so the effect is identical)."""
+    for l in range(cfg.n_layers):
+        t = f"blocks.{l}."
+        b_V, W_O = state[t + "attn.b_V"], state[t + "attn.W_O"]  # [h, dh], [h, dh, d]
+        state[t + "attn.b_O"] = state[t + "attn.b_O"] + (b_V[:, :, None] * W_O).sum([0, 1])
+        state[t + "attn.b_V"] = torch.zeros_like(b_V)
+    return state
+
+
+def _make_even(A: Tensor, B: Tensor):
+    """Refactor A @ B (A: [..., m, k], B: [..., k, n]) as U√S, √S Vh so both factors have equal singular values."""
+    U, S, Vh = torch.linalg.svd(A @ B, full_matrices=False)
+    k = A.shape[-1]
+    U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
+    sqrt_S = S.sqrt()
+    return U * sqrt_S[..., None, :], sqrt_S[..., :, None] * Vh
+
+
+def refactor_factored_attn_matrices(state: Dict[str, Tensor], cfg: HookedTransformerConfig) -> Dict[str, Tensor]:
+    """TL's experimental refactor: W_Q/W_K and W_V/W_O re-factored by SVD so each pair is "even"."""
+    for l in range(cfg.n_layers):
+        t = f"blocks.{l}."
+        W_Q = torch.cat([state[t + "attn.W_Q"], state[t + "attn.b_Q"][:, None, :]], dim=1)  # [h, d+1, dh]
+        W_K = torch.cat([state[t + "attn.W_K"], state[t + "attn.b_K"][:, None, :]], dim=1)  # [h, d+1, dh]
+        Q_even, K_even_T = _make_even(W_Q, W_K.transpose(-1, -2))
+        K_even = K_even_T.transpose(-1, -2)
+        state[t + "attn.W_Q"], state[t + "attn.b_Q"] = Q_even[:, :-1, :], Q_even[:, -1, :]
+        state[t + "attn.W_K"], state[t + "attn.b_K"] = K_even[:, :-1, :], K_even[:, -1, :]
+        W_V, W_O, b_V = state[t + "attn.W_V"], state[t + "attn.W_O"], state[t + "attn.b_V"]
+        state[t + "attn.b_O"] = state[t + "attn.b_O"] + (b_V[:, :, None] * W_O).sum([0, 1])
+        state[t + "attn.b_V"] = torch.zeros_like(b_V)
+        V_even, O_even = _make_even(W_V, W_O)
+        state[t + "attn.W_V"], state[t + "attn.W_O"] = V_even, O_even
+    return state
+
+
+def process_weights(
+    state: Dict[str, Tensor], cfg: HookedTransformerConfig, fold_ln: bool = True, center_writing_weights_: bool = True,
+    center_unembed_: bool = True, fold_value_biases_: bool = True, refactor_factored_attn_matrices_: bool = False,
+) -> Dict[str, Tensor]:
+    """Apply TL's processing steps, in TL's order, to a TL-format state dict (returns a new dict)."""
+    state = dict(state)
+    has_ln = "ln_final.w" in state
+    if fold_ln and has_ln:
+        state = fold_layer_norm(state, cfg)
+    if center_writing_weights_ and (fold_ln or cfg.normalization_type in ("LN", "LNPre")):
+        state = center_writing_weights(state, cfg)
+    if center_unembed_:
+        state = center_unembed(state)
+    if fold_value_biases_:
+        state = fold_value_biases(state, cfg)
+    if refactor_factored_attn_matrices_:
+        state = refactor_factored_attn_matrices(state, cfg)
+    return state
+
+
+def load_and_process_state_dict(
+    model: "HookedTransformer", state_dict: Dict[str, Tensor], fold_ln: bool = True, center_writing_weights: bool = True,
+    center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+) -> None:
+    """Process a TL-format state dict and load it, turning LN into LNPre when its weights were folded."""
+    from hooklens.components import LayerNormPre
+
+    cfg = model.cfg
+    if cfg.dtype not in (torch.float32, torch.float64) and fold_ln:
+        logger.warning("Processing weights in reduced precision loses accuracy; consider from_pretrained_no_processing.")
+    fold_ln = fold_ln and cfg.normalization_type == "LN" and "ln_final.w" in state_dict
+    if refactor_factored_attn_matrices and not fold_ln and cfg.normalization_type != "LNPre":
+        raise ValueError("refactor_factored_attn_matrices needs folded LayerNorm (fold_ln=True).")
+    processed = process_weights(
+        state_dict, cfg, fold_ln, center_writing_weights, center_unembed, fold_value_biases, refactor_factored_attn_matrices
+    )
+    if fold_ln:
+        cfg.normalization_type = "LNPre"
+        model.ln_final = LayerNormPre(cfg)
+        for block in model.blocks:
+            block.ln1 = LayerNormPre(cfg)
+            if not cfg.attn_only:
+                block.ln2 = LayerNormPre(cfg)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(processed))
+    unexpected = sorted(set(processed) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"State dict does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}.")
+    for key, value in processed.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}.")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in processed.items()}, strict=True)
+    model.setup()
+
+
+def load_pretrained(
+    cls, model_name: Any, *, hf_model: Any = None, tokenizer: Any = None, device: Any = None,
+    dtype: Union[torch.dtype, str] = torch.float32, fold_ln: bool = True, center_writing_weights: bool = True,
+    center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+    default_prepend_bos: bool = True, default_padding_side: str = "right", **config_overrides: Any,
+) -> "HookedTransformer":
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model_dir: Optional[Path] = None
+    if hf_model is not None:
+        hf_config, hf_state = hf_model.config, {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
+        name = str(model_name)
+    else:
+        from transformers import GPT2Config
+
+        model_dir = resolve_model_dir(model_name)
+        try:
+            hf_config = GPT2Config.from_dict(json.loads((model_dir / "config.json").read_text()))
+        except Exception as err:
+            raise CheckpointError(f"Could not read {model_dir / 'config.json'}: {err}") from err
+        hf_state = read_weight_file(model_dir)
+        name = Path(str(model_name)).name if Path(str(model_name)).is_dir() else str(model_name)
+    cfg = config_from_hf(hf_config, dtype=dtype, model_name=name)
+    cfg.default_prepend_bos = default_prepend_bos
+    cfg.device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    for key, value in config_overrides.items():
+        if not hasattr(cfg, key):
+            raise TypeError(f"from_pretrained got an unknown argument {key!r}.")
+        setattr(cfg, key, value)
+    tl_state = convert_hf_gpt2_state_dict(hf_state, cfg)
+    if tokenizer is None:
+        tokenizer = tok.load_tokenizer(str(model_dir) if model_dir is not None else None)
+    cfg.tokenizer_name = None
+    cfg.init_weights = False
+    model = cls(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=default_padding_side)
+    # Process in float32 (or float64) like TL, then cast to the requested dtype.
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tl_state = {k: v.to(work_dtype) for k, v in tl_state.items()}
+    load_and_process_state_dict(
+        model, tl_state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+        refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+    )
+    return model.to(cfg.device).eval()
