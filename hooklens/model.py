@@ -55,7 +55,8 @@ class HookedTransformer(HookedRootModule):
         self.hook_embed = HookPoint()  # [b, p, d]
         self.pos_embed = PosEmbed(cfg)
         self.hook_pos_embed = HookPoint()  # [b, p, d]
-        self.hook_tokens = HookPoint()  # [b, p]
+        if cfg.use_hook_tokens:
+            self.hook_tokens = HookPoint()  # [b, p]
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
         if cfg.normalization_type is not None:
             self.ln_final = make_norm(cfg)
@@ -318,7 +319,6 @@ class HookedTransformer(HookedRootModule):
             ("hook_v_input", "use_split_qkv_input", "set_use_split_qkv_input"),
             ("hook_mlp_in", "use_hook_mlp_in", "set_use_hook_mlp_in"),
             ("hook_attn_in", "use_attn_in", "set_use_attn_in"),
-            ("hook_tokens", "use_hook_tokens", "set_use_hook_tokens"),
         )
         for suffix, flag, setter in flags:
             if hook_point_name.endswith(suffix) and not getattr(self.cfg, flag):
@@ -343,7 +343,13 @@ class HookedTransformer(HookedRootModule):
         self.cfg.use_attn_in = use_attn_in
 
     def set_use_hook_tokens(self, use_hook_tokens: bool) -> None:
+        """Add (or remove) the `hook_tokens` hook point [b, p] on the input token ids."""
         self.cfg.use_hook_tokens = use_hook_tokens
+        if use_hook_tokens and not hasattr(self, "hook_tokens"):
+            self.hook_tokens = HookPoint()
+        elif not use_hook_tokens and hasattr(self, "hook_tokens"):
+            del self.hook_tokens
+        self.setup()
 
     # -- weights, stacked like TL -------------------------------------------------------------------------------
     def _stack(self, getter) -> Tensor:

@@ -1,0 +1,455 @@
+"""ActivationCache: the activations of one forward pass, plus TransformerLens 3.9's analysis helpers.
+
+Same semantics, shapes, labels and defaults as `transformer_lens.ActivationCache` for GPT-2-style models.
+Keys are TL hook names (`hook_embed`, `blocks.3.hook_resid_pre`, `blocks.0.attn.hook_z`, `ln_final.hook_scale`,
+...). Shorthand lookups (`cache["pattern", 0]`, `cache["resid_pre", -1]`) go through `get_act_name`.
+
+Shape conventions (as in TL): most activations are `[batch, pos, ...]`; after `remove_batch_dim()` the batch
+dim is gone, and an integer `pos_slice` drops the pos dim too. "*batch_and_pos" below stands for whichever of
+those dims remain. Stacks put their component axis first: `[num_components, *batch_and_pos, d_model]`.
+
+The helpers only use these model attributes: `cfg` (n_layers, n_heads, d_mlp, normalization_type, attn_only,
+device), `blocks[l].attn.W_O`, `blocks[l].mlp.W_out`, `ln_final`, `tokens_to_residual_directions`,
+`to_single_token` and `accumulated_bias`.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import torch
+
+from hooklens.utils import Slice, SliceInput, get_act_name
+
+
+def _to_slice(slice_input: Any) -> Slice:
+    """A Slice for `slice_input`; anything already Slice-like (hooklens's or TL's) is passed through."""
+    if isinstance(slice_input, Slice) or (hasattr(slice_input, "apply") and hasattr(slice_input, "mode")):
+        return slice_input
+    return Slice(slice_input)
+
+
+class ActivationCache:
+    """Cached activations of a forward pass (`cache_dict`: hook name -> tensor) plus analysis helpers."""
+
+    def __init__(self, cache_dict: Dict[str, torch.Tensor], model: Any, has_batch_dim: bool = True):
+        self.cache_dict = cache_dict
+        self.model = model
+        self.has_batch_dim = has_batch_dim
+        self.has_embed = "hook_embed" in cache_dict
+        self.has_pos_embed = "hook_pos_embed" in cache_dict
+
+    # ------------------------------------------------------------------ dict-like access
+
+    def __getitem__(self, key: Union[str, tuple]) -> torch.Tensor:
+        """The activation at `key`: a hook name, a shorthand (`"embed"`, `"pre5"`) or a tuple
+        `(name, layer[, layer_type])` passed to `get_act_name` (negative layers count from the end)."""
+        if key in self.cache_dict:
+            return self.cache_dict[key]
+        if isinstance(key, str):
+            return self.cache_dict[get_act_name(key)]
+        if len(key) > 1 and key[1] is not None and key[1] < 0:
+            key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+        return self.cache_dict[get_act_name(*key)]
+
+    def __len__(self) -> int:
+        return len(self.cache_dict)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache_dict)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.cache_dict
+
+    def __repr__(self) -> str:
+        return f"ActivationCache with keys {list(self.cache_dict.keys())}"
+
+    def keys(self):
+        return self.cache_dict.keys()
+
+    def values(self):
+        return self.cache_dict.values()
+
+    def items(self):
+        return self.cache_dict.items()
+
+    # ------------------------------------------------------------------ batch / device
+
+    def _batch_size(self) -> int:
+        """The most common leading dim across entries (TL's rule)."""
+        counts = Counter(v.size(0) for v in self.cache_dict.values() if v.ndim > 0)
+        return counts.most_common(1)[0][0] if counts else 1
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        """Drop the batch dim in place (batch size must be 1); returns self."""
+        if not self.has_batch_dim:
+            logging.warning("Tried removing batch dimension after already having removed it.")
+            return self
+        batch_size = self._batch_size()
+        assert batch_size == 1, f"Cannot remove batch dimension from cache with batch size {batch_size}"
+        for key, value in self.cache_dict.items():
+            if value.ndim > 0 and value.size(0) == 1:
+                self.cache_dict[key] = value[0]
+        self.has_batch_dim = False
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice: Union[Slice, SliceInput]) -> "ActivationCache":
+        """A new cache with `batch_slice` applied to every batched entry (an int slice drops the batch dim)."""
+        batch_slice = _to_slice(batch_slice)
+        assert self.has_batch_dim, "Cannot index into a cache without a batch dim"
+        still_has_batch_dim = batch_slice.mode != "int" and self.has_batch_dim
+        batch_size = self._batch_size()
+        new_cache_dict = {
+            name: batch_slice.apply(value, dim=0) if value.ndim > 0 and value.size(0) == batch_size else value
+            for name, value in self.cache_dict.items()
+        }
+        return ActivationCache(new_cache_dict, self.model, has_batch_dim=still_has_batch_dim)
+
+    def to(self, device: Union[str, torch.device], move_model: bool = False) -> "ActivationCache":
+        """Move every cached tensor (and the model too if `move_model`) to `device`; returns self."""
+        self.cache_dict = {key: value.to(device) for key, value in self.cache_dict.items()}
+        if move_model:
+            self.model.to(device)
+        return self
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """Set torch's *global* grad mode (`torch.set_grad_enabled(mode)`)."""
+        logging.warning("Changed the global state, set autodiff to %s", mode)
+        torch.set_grad_enabled(mode)
+
+    # ------------------------------------------------------------------ residual stream views
+
+    def accumulated_resid(
+        self,
+        layer: Optional[int] = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice: Union[Slice, SliceInput] = None,
+        mlp_input: bool = False,
+        return_labels: bool = False,
+    ):
+        """Residual stream at the input to each layer up to `layer` (None/-1/n_layers: also the final stream).
+
+        Returns `[num_components, *batch_and_pos, d_model]` with labels `"{l}_pre"`, `"{l}_mid"` (incl_mid, or
+        mlp_input for layer `layer`) and `"final_post"`. `apply_ln` applies the final LN with statistics
+        recomputed per component when `layer` is the unembed (logit lens), else the cached LN scale of `layer`.
+        """
+        pos_slice = _to_slice(pos_slice)
+        n_layers = self.model.cfg.n_layers
+        if layer is None or layer == -1:
+            layer = n_layers
+        components, labels = [], []
+        for l in range(layer + 1):
+            if l == n_layers:
+                components.append(self[("resid_post", n_layers - 1)])
+                labels.append("final_post")
+                continue
+            components.append(self[("resid_pre", l)])
+            labels.append(f"{l}_pre")
+            if (incl_mid and l < layer) or (mlp_input and l == layer):
+                components.append(self[("resid_mid", l)])
+                labels.append(f"{l}_mid")
+        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(
+                stack,
+                layer,
+                pos_slice=pos_slice,
+                mlp_input=mlp_input,
+                has_batch_dim=self.has_batch_dim,
+                recompute_ln=layer == n_layers,
+            )
+        return (stack, labels) if return_labels else stack
+
+    def decompose_resid(
+        self,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice: Union[Slice, SliceInput] = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ):
+        """The residual stream input to `layer` split into embed, pos_embed and each layer's attn/mlp output.
+
+        Returns `[num_components, *batch_and_pos, d_model]`, labels `"embed"`, `"pos_embed"`, `"{l}_attn_out"`,
+        `"{l}_mlp_out"`. `mode` is "all", "attn" or "mlp"; `mlp_input` adds `layer`'s own attn_out.
+        """
+        pos_slice = _to_slice(pos_slice)
+        if layer is None or layer == -1:
+            layer = self.model.cfg.n_layers
+        incl_attn = mode != "mlp"
+        incl_mlp = mode != "attn" and not self.model.cfg.attn_only
+        components, labels = [], []
+        if incl_embeds:
+            if self.has_embed:
+                components.append(self["hook_embed"])
+                labels.append("embed")
+            if self.has_pos_embed:
+                components.append(self["hook_pos_embed"])
+                labels.append("pos_embed")
+        for l in range(layer):
+            if incl_attn:
+                components.append(self[("attn_out", l)])
+                labels.append(f"{l}_attn_out")
+            if incl_mlp:
+                components.append(self[("mlp_out", l)])
+                labels.append(f"{l}_mlp_out")
+        if mlp_input and incl_attn:
+            components.append(self[("attn_out", layer)])
+            labels.append(f"{layer}_attn_out")
+        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (stack, labels) if return_labels else stack
+
+    # ------------------------------------------------------------------ attention heads
+
+    def compute_head_results(self) -> None:
+        """Add `blocks.{l}.attn.hook_result` (`[*batch, pos, n_heads, d_model]`, z @ W_O per head, no b_O)
+        for every layer, unless already cached."""
+        if "blocks.0.attn.hook_result" in self.cache_dict:
+            logging.warning("Tried to compute head results when they were already cached")
+            return
+        self._ensure_head_results()
+
+    def _ensure_head_results(self) -> None:
+        """`compute_head_results` without TL's warning when they already exist."""
+        if "blocks.0.attn.hook_result" in self.cache_dict:
+            return
+        for l in range(self.model.cfg.n_layers):
+            z = self[("z", l, "attn")]  # [*batch, pos, head, d_head]
+            W_O = self.model.blocks[l].attn.W_O  # [head, d_head, d_model]
+            self.cache_dict[f"blocks.{l}.attn.hook_result"] = (z[..., None] * W_O).sum(dim=-2)
+
+    def stack_head_results(
+        self,
+        layer: int = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: Union[Slice, SliceInput] = None,
+        apply_ln: bool = False,
+    ):
+        """Every head's residual contribution in layers `< layer`: `[layer * n_heads (+1), *batch_and_pos, d_model]`.
+
+        Labels `"L{l}H{h}"`; `incl_remainder` appends resid_post[layer-1] minus the heads' sum ("remainder").
+        """
+        pos_slice = _to_slice(pos_slice)
+        if layer is None or layer == -1:
+            layer = self.model.cfg.n_layers
+        self._ensure_head_results()
+
+        labels: List[str] = []
+        per_layer = []
+        for l in range(layer):
+            per_layer.append(pos_slice.apply(self[("result", l, "attn")], dim=-3))  # [..., head, d_model]
+            labels.extend(f"L{l}H{h}" for h in range(self.model.cfg.n_heads))
+        stack = self._stack_per_layer(per_layer, layer, pos_slice, incl_remainder)
+        if incl_remainder:
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def _stack_per_layer(
+        self, per_layer: List[torch.Tensor], layer: int, pos_slice: Slice, incl_remainder: bool
+    ) -> torch.Tensor:
+        """Per-layer `[*batch_and_pos, n, d_model]` results -> `[total_n (+1), *batch_and_pos, d_model]`, with
+        the remainder (resid_post[layer-1] minus their sum) last if asked. No layers: an empty stack shaped like
+        the (pos-sliced) embedding, as TL does."""
+        if per_layer:
+            stack = torch.cat(per_layer, dim=-2).movedim(-2, 0)
+        else:
+            shape = pos_slice.apply(self["hook_embed"], dim=-2).shape
+            stack = torch.zeros(0, *shape, device=self.model.cfg.device)
+        if not incl_remainder:
+            return stack
+        resid = pos_slice.apply(self[("resid_post", layer - 1)], dim=-2)
+        if not per_layer:
+            return resid[None].clone()
+        return torch.cat([stack, (resid - stack.sum(dim=0))[None]], dim=0)
+
+    def stack_activation(
+        self, activation_name: str, layer: int = -1, sublayer_type: Optional[str] = None
+    ) -> torch.Tensor:
+        """`activation_name` for every layer `< layer` (default all), stacked: `[layer, *activation_shape]`."""
+        if layer is None or layer == -1:
+            layer = self.model.cfg.n_layers
+        return torch.stack([self[(activation_name, l, sublayer_type)] for l in range(layer)], dim=0)
+
+    # ------------------------------------------------------------------ MLP neurons
+
+    def get_neuron_results(
+        self,
+        layer: int,
+        neuron_slice: Union[Slice, SliceInput] = None,
+        pos_slice: Union[Slice, SliceInput] = None,
+    ) -> torch.Tensor:
+        """Each neuron's residual contribution in `layer` (post-activation x W_out row):
+        `[*batch_and_pos, n_neurons, d_model]` (not cached)."""
+        neuron_slice = _to_slice(neuron_slice)
+        pos_slice = _to_slice(pos_slice)
+        # pos first: an int pos slice drops a dim, and the neuron dim stays last either way.
+        neuron_acts = neuron_slice.apply(pos_slice.apply(self[("post", layer, "mlp")], dim=-2), dim=-1)
+        W_out = neuron_slice.apply(self.model.blocks[layer].mlp.W_out, dim=0)
+        return neuron_acts[..., None] * W_out
+
+    def stack_neuron_results(
+        self,
+        layer: int,
+        pos_slice: Union[Slice, SliceInput] = None,
+        neuron_slice: Union[Slice, SliceInput] = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+    ):
+        """Every neuron's residual contribution in layers `< layer`:
+        `[layer * n_neurons (+1), *batch_and_pos, d_model]`.
+
+        Labels `"L{l}N{n}"`; `incl_remainder` appends resid_post[layer-1] minus the neurons' sum ("remainder").
+        """
+        if layer is None or layer == -1:
+            layer = self.model.cfg.n_layers
+        neuron_slice = _to_slice(neuron_slice)
+        pos_slice = _to_slice(pos_slice)
+        neuron_ids = neuron_slice.apply(torch.arange(self.model.cfg.d_mlp), dim=0)
+        labels = [f"L{l}N{n}" for l in range(layer) for n in neuron_ids]
+
+        per_layer = [
+            self.get_neuron_results(l, pos_slice=pos_slice, neuron_slice=neuron_slice) for l in range(layer)
+        ]
+        stack = self._stack_per_layer(per_layer, layer, pos_slice, incl_remainder)
+        if incl_remainder:
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    # ------------------------------------------------------------------ layer norm
+
+    def apply_ln_to_stack(
+        self,
+        residual_stack: torch.Tensor,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        pos_slice: Union[Slice, SliceInput] = None,
+        batch_slice: Union[Slice, SliceInput] = None,
+        has_batch_dim: bool = True,
+        recompute_ln: bool = False,
+    ) -> torch.Tensor:
+        """Treat each component of `residual_stack` (`[num_components, *batch_and_pos, d_model]`) as input to
+        `layer`'s ln1 (ln2 if `mlp_input`; None/-1/n_layers: ln_final) and apply it with the *cached* scale:
+        centre (LN/LNPre only), divide by scale. Same shape out (batch_slice applied to dim 1 if has_batch_dim).
+
+        `pos_slice` must already have been applied to the stack; it is applied to the cached scale here.
+        `recompute_ln` (final layer only) runs `model.ln_final` on each component with its own statistics.
+        Models without LN/RMS normalization get the stack back unchanged.
+        """
+        normalization = self.model.cfg.normalization_type
+        if normalization not in ("LN", "LNPre", "RMS", "RMSPre"):
+            return residual_stack
+        pos_slice = _to_slice(pos_slice)
+        batch_slice = _to_slice(batch_slice)
+        n_layers = self.model.cfg.n_layers
+        if layer is None or layer == -1:
+            layer = n_layers
+        if has_batch_dim:
+            residual_stack = batch_slice.apply(residual_stack, dim=1)
+
+        if recompute_ln and layer == n_layers and hasattr(self.model, "ln_final"):
+            d_model = residual_stack.shape[-1]
+            # ln_final wants [batch, pos, d_model]; LN acts per vector, so flatten the rest into batch.
+            return torch.stack(
+                [self.model.ln_final(x.reshape(-1, 1, d_model)).reshape(x.shape) for x in residual_stack], dim=0
+            )
+
+        if normalization in ("LN", "LNPre"):
+            residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
+        key = "ln_final.hook_scale" if layer == n_layers else f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
+        scale = pos_slice.apply(self[key], dim=-2)  # [*batch_and_pos, 1]
+        if self.has_batch_dim:
+            scale = batch_slice.apply(scale, dim=0)
+        return residual_stack / scale
+
+    # ------------------------------------------------------------------ logit attribution
+
+    def _token_shape(self, tokens: Any) -> torch.Size:
+        if isinstance(tokens, str):
+            tokens = self.model.to_single_token(tokens)
+        return torch.as_tensor(tokens).shape
+
+    def logit_attrs(
+        self,
+        residual_stack: torch.Tensor,
+        tokens: Union[str, int, torch.Tensor],
+        incorrect_tokens: Union[str, int, torch.Tensor, None] = None,
+        pos_slice: Union[Slice, SliceInput] = None,
+        batch_slice: Union[Slice, SliceInput] = None,
+        has_batch_dim: bool = True,
+    ) -> torch.Tensor:
+        """Each component's direct contribution to the logit of `tokens` (minus `incorrect_tokens`' if given),
+        through the final LN's cached scale: `[num_components, *batch_and_pos]`."""
+        directions = self.model.tokens_to_residual_directions(tokens)
+        if incorrect_tokens is not None:
+            if self._token_shape(tokens) != self._token_shape(incorrect_tokens):
+                raise ValueError(
+                    "tokens and incorrect_tokens must have the same shape! "
+                    f"(tokens.shape={self._token_shape(tokens)}, "
+                    f"incorrect_tokens.shape={self._token_shape(incorrect_tokens)})"
+                )
+            directions = directions - self.model.tokens_to_residual_directions(incorrect_tokens)
+        scaled = self.apply_ln_to_stack(
+            residual_stack, layer=-1, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+        )
+        return (scaled * directions).sum(dim=-1)
+
+    # ------------------------------------------------------------------ full decomposition
+
+    def get_full_resid_decomposition(
+        self,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice: Union[Slice, SliceInput] = None,
+        return_labels: bool = False,
+    ):
+        """The residual stream input to `layer` split into every head, every neuron (or MLP layer if not
+        `expand_neurons`), embed, pos_embed and the accumulated biases: `[num_components, *batch_and_pos, d_model]`.
+
+        Labels in order: `"L{l}H{h}"`, `"L{l}N{n}"` (or `"{l}_mlp_out"`), `"embed"`, `"pos_embed"`, `"bias"`.
+        """
+        if layer is None or layer == -1:
+            layer = self.model.cfg.n_layers
+        pos_slice = _to_slice(pos_slice)
+
+        head_stack, labels = self.stack_head_results(
+            layer + (1 if mlp_input else 0), pos_slice=pos_slice, return_labels=True
+        )
+        components = [head_stack]
+        if not self.model.cfg.attn_only and layer > 0:
+            if expand_neurons:
+                mlp_stack, mlp_labels = self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True)
+            else:
+                mlp_stack, mlp_labels = self.decompose_resid(
+                    layer, mlp_input=mlp_input, pos_slice=pos_slice, incl_embeds=False, mode="mlp", return_labels=True
+                )
+            components.append(mlp_stack)
+            labels.extend(mlp_labels)
+        if self.has_embed:
+            components.append(pos_slice.apply(self["embed"], dim=-2)[None])
+            labels.append("embed")
+        if self.has_pos_embed:
+            components.append(pos_slice.apply(self["pos_embed"], dim=-2)[None])
+            labels.append("pos_embed")
+        # Without expanded neurons the MLP biases are already inside the MLP outputs.
+        bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
+        components.append(bias.expand((1,) + head_stack.shape[1:]))
+        labels.append("bias")
+
+        stack = torch.cat(components, dim=0)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (stack, labels) if return_labels else stack

@@ -1,0 +1,490 @@
+"""TransformerLens-compatible helper functions.
+
+Names, signatures and semantics follow ``transformer_lens.utils`` (TransformerLens 3.9).
+Much of this module is ported from TransformerLens (MIT License,
+Copyright (c) 2022 TransformerLensOrg); see https://github.com/TransformerLensOrg/TransformerLens.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "get_act_name",
+    "to_numpy",
+    "get_device",
+    "get_corner",
+    "remove_batch_dim",
+    "transpose",
+    "is_square",
+    "is_lower_triangular",
+    "get_offset_position_ids",
+    "get_cumsum_along_dim",
+    "lm_cross_entropy_loss",
+    "lm_accuracy",
+    "gelu_new",
+    "gelu_fast",
+    "solu",
+    "get_input_with_manually_prepended_bos",
+    "get_tokens_with_bos_removed",
+    "get_attention_mask",
+    "override_or_use_default_value",
+    "USE_DEFAULT_VALUE",
+    "SliceInput",
+    "Slice",
+    "test_prompt",
+]
+
+USE_DEFAULT_VALUE = None
+
+
+# ---------------------------------------------------------------------------
+# Activation names
+# ---------------------------------------------------------------------------
+
+_LAYER_TYPE_ALIAS = {
+    "a": "attn",
+    "m": "mlp",
+    "b": "",
+    "block": "",
+    "blocks": "",
+    "attention": "attn",
+}
+
+_ACT_NAME_ALIAS = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_mid": "mid",
+    "mlp_post": "post",
+}
+
+_ATTN_ACTS = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
+_MLP_ACTS = ("pre", "post", "mid", "pre_linear")
+_LAYER_NORM_NAMES = ("scale", "normalized")
+
+
+def get_act_name(
+    name: str,
+    layer: Optional[Union[int, str]] = None,
+    layer_type: Optional[str] = None,
+) -> str:
+    """Convert shorthand to a full hook name, exactly like TransformerLens.
+
+    Examples: ``get_act_name('k', 6, 'a') == 'blocks.6.attn.hook_k'``,
+    ``get_act_name('k6') == 'blocks.6.attn.hook_k'``,
+    ``get_act_name('scale4ln1') == 'blocks.4.ln1.hook_scale'``,
+    ``get_act_name('embed') == 'hook_embed'``, ``get_act_name('scale') == 'ln_final.hook_scale'``.
+    The first run of digits in ``name`` (if any) is the layer, anything after it the layer type.
+    """
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        # Already a full name.
+        return name
+    match = re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
+    if match is not None:
+        name, layer, layer_type = match.groups(0)  # type: ignore[assignment]
+
+    if name in _ACT_NAME_ALIAS:
+        name = _ACT_NAME_ALIAS[name]
+
+    full_act_name = ""
+    if layer is not None:
+        full_act_name += f"blocks.{layer}."
+    if name in _ATTN_ACTS:
+        layer_type = "attn"
+    elif name in _MLP_ACTS:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIAS:
+        layer_type = _LAYER_TYPE_ALIAS[layer_type]
+
+    if layer_type:
+        full_act_name += f"{layer_type}."
+    full_act_name += f"hook_{name}"
+
+    if name in _LAYER_NORM_NAMES and layer is None:
+        full_act_name = f"ln_final.{full_act_name}"
+    return full_act_name
+
+
+# ---------------------------------------------------------------------------
+# Tensor helpers
+# ---------------------------------------------------------------------------
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """Convert a tensor (or list, tuple, scalar, array) to a numpy array."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    elif isinstance(tensor, (list, tuple)):
+        return np.array(tensor)
+    elif isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach().cpu()
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+            tensor = tensor.to(torch.float32)
+        return tensor.numpy()
+    elif isinstance(tensor, (int, float, bool, str)):
+        return np.array(tensor)
+    else:
+        raise ValueError(f"Input to to_numpy has invalid type: {type(tensor)}")
+
+
+def get_device() -> str:
+    """Best available device: "cuda", then "mps" (only if TRANSFORMERLENS_ALLOW_MPS=1), else "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available() and torch.backends.mps.is_built():
+        if os.environ.get("TRANSFORMERLENS_ALLOW_MPS", "") == "1":
+            return "mps"
+        logging.info(
+            "MPS device available but not auto-selected due to known correctness issues "
+            "(PyTorch %s). Set TRANSFORMERLENS_ALLOW_MPS=1 to override.",
+            torch.__version__,
+        )
+    return "cpu"
+
+
+def get_corner(tensor: Any, n: int = 3) -> Any:
+    """Top-left ``n x n x ...`` corner of a tensor."""
+    return tensor[tuple(slice(n) for _ in range(tensor.ndim))]
+
+
+def remove_batch_dim(tensor: torch.Tensor) -> torch.Tensor:
+    """Squeeze the first dimension if it has size 1, else return the tensor unchanged."""
+    if tensor.shape[0] == 1:
+        return tensor.squeeze(0)
+    return tensor
+
+
+def transpose(tensor: torch.Tensor) -> torch.Tensor:
+    """Swap the last two dimensions."""
+    return tensor.transpose(-1, -2)
+
+
+def is_square(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a square matrix."""
+    return x.ndim == 2 and x.shape[0] == x.shape[1]
+
+
+def is_lower_triangular(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a lower-triangular square matrix."""
+    if not is_square(x):
+        return False
+    return x.equal(x.tril())
+
+
+def get_offset_position_ids(past_kv_pos_offset: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted from the first attended token (leading pads get 0)."""
+    shifted_position_ids = attention_mask.cumsum(dim=1) - 1
+    position_ids = shifted_position_ids.masked_fill(shifted_position_ids < 0, 0)
+    return position_ids[:, past_kv_pos_offset:]
+
+
+def get_cumsum_along_dim(tensor: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
+    """Cumulative sum along ``dim`` (from the end if ``reverse``)."""
+    if reverse:
+        tensor = tensor.flip(dims=(dim,))
+    cumsum = tensor.cumsum(dim=dim)
+    if reverse:
+        cumsum = cumsum.flip(dims=(dim,))
+    return cumsum
+
+
+# ---------------------------------------------------------------------------
+# Losses and activation functions
+# ---------------------------------------------------------------------------
+
+
+def lm_cross_entropy_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    per_token: bool = False,
+) -> torch.Tensor:
+    """Next-token cross-entropy loss.
+
+    ``per_token=True`` returns the ``[batch, pos-1]`` negative log probs (masked positions are 0);
+    otherwise the mean over positions where both the token and the next one are attended.
+    """
+    log_probs = F.log_softmax(logits, dim=-1)
+    predicted_log_probs = log_probs[..., :-1, :].gather(dim=-1, index=tokens[..., 1:, None])[..., 0]
+
+    if attention_mask is not None:
+        assert attention_mask.shape == tokens.shape, (
+            "attention_mask must have the same shape as tokens, "
+            f"got {tuple(attention_mask.shape)} and {tuple(tokens.shape)}"
+        )
+        # Ignore positions that are masked out or whose next token is masked out.
+        next_token_mask = torch.logical_and(attention_mask[:, :-1], attention_mask[:, 1:])
+        predicted_log_probs = predicted_log_probs.masked_fill(~next_token_mask, 0.0)
+        n_tokens = next_token_mask.sum().item()
+    else:
+        n_tokens = predicted_log_probs.numel()
+    if per_token:
+        return -predicted_log_probs
+    return -predicted_log_probs.sum() / n_tokens
+
+
+def lm_accuracy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Top-1 next-token accuracy (``[batch, pos-1]`` booleans if ``per_token``)."""
+    top_prediction = logits.argmax(dim=-1)
+    correct_matches = top_prediction[:, :-1] == tokens[:, 1:]
+    if per_token:
+        return correct_matches
+    return correct_matches.sum() / correct_matches.numel()
+
+
+def gelu_new(input: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU (same formula as TransformerLens)."""
+    return (
+        0.5
+        * input
+        * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
+    )
+
+
+def gelu_fast(input: torch.Tensor) -> torch.Tensor:
+    """Fast tanh-approximated GELU (same formula as TransformerLens)."""
+    return 0.5 * input * (1.0 + torch.tanh(input * 0.7978845608 * (1.0 + 0.044715 * input * input)))
+
+
+def solu(input: torch.Tensor) -> torch.Tensor:
+    """SoLU: ``x * softmax(x)`` over the last dimension (the LayerNorm lives in the MLP)."""
+    return input * F.softmax(input, dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# Tokenization helpers
+# ---------------------------------------------------------------------------
+
+
+def get_input_with_manually_prepended_bos(
+    bos_token: Optional[str], input: Union[str, List[str]]
+) -> Union[str, List[str]]:
+    """Prepend ``bos_token`` to a string or each string of a list (no-op if it is None)."""
+    if bos_token is None:
+        return input
+    if isinstance(input, str):
+        return bos_token + input
+    return [bos_token + string for string in input]
+
+
+def get_tokens_with_bos_removed(
+    tokenizer: Any, tokens: torch.Tensor, padding_side: Optional[str] = None
+) -> torch.Tensor:
+    """Remove the BOS token from the start of each (possibly left-padded) sequence."""
+    if tokenizer.bos_token_id is None:
+        return tokens
+    if padding_side is None:
+        padding_side = tokenizer.padding_side
+    if padding_side == "right":
+        return tokens[..., 1:]
+
+    bos_removed_shape = list(tokens.shape)
+    bos_removed_shape[-1] -= 1
+    if tokenizer.bos_token_id == tokenizer.pad_token_id:
+        is_not_pad_token = tokens.ne(tokenizer.pad_token_id)
+        is_leading_pad = get_cumsum_along_dim(is_not_pad_token, -1, reverse=False) == 0
+        real_bos_positions = is_leading_pad.sum(-1) - 1
+    else:
+        real_bos_positions = (tokens == tokenizer.bos_token_id).int().argmax(-1)
+    tokens = tokens.scatter(dim=1, index=real_bos_positions.unsqueeze(-1), value=-100)
+    return tokens[tokens != -100].view(*bos_removed_shape)
+
+
+def get_attention_mask(
+    tokenizer: Any,
+    tokens: torch.Tensor,
+    prepend_bos: bool,
+    padding_side: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention mask (1 = attend) for ``tokens``.
+
+    Only leading pads (left padding) or trailing pads (right padding) count as padding. With left
+    padding and ``prepend_bos``, a BOS that shares the pad id is unmasked.
+    """
+    attention_mask = torch.ones_like(tokens)
+    if tokenizer is None:
+        return attention_mask
+    if padding_side is None:
+        padding_side = tokenizer.padding_side
+    is_not_pad_token = tokens.ne(tokenizer.pad_token_id)
+
+    if padding_side == "right":
+        is_trailing_pad = get_cumsum_along_dim(is_not_pad_token, -1, reverse=True) == 0
+        attention_mask[is_trailing_pad] = 0
+    else:
+        is_leading_pad = get_cumsum_along_dim(is_not_pad_token, -1, reverse=False) == 0
+        attention_mask[is_leading_pad] = 0
+        if prepend_bos and tokenizer.bos_token_id == tokenizer.pad_token_id:
+            pad_bos_positions = is_leading_pad.sum(-1) - 1
+            attention_mask[torch.arange(attention_mask.shape[0]), pad_bos_positions] = 1
+    return attention_mask
+
+
+def override_or_use_default_value(default_flag: Any, override: Optional[Any] = None) -> Any:
+    """``override`` if it is not None, else ``default_flag``."""
+    return override if override is not None else default_flag
+
+
+# ---------------------------------------------------------------------------
+# Slice
+# ---------------------------------------------------------------------------
+
+SliceInput = Optional[
+    Union[int, Tuple[int], Tuple[int, int], Tuple[int, int, int], List[int], torch.Tensor, np.ndarray]
+]
+
+
+class Slice:
+    """A slice along one dimension, TransformerLens-style.
+
+    ``int`` indexes (drops the dim); a tuple ``t`` means ``slice(*t)``; a ``slice`` is used as is;
+    a list / tensor / array selects those indices; ``None`` is the identity.
+    """
+
+    slice: Union[int, slice, np.ndarray]
+
+    def __init__(self, input_slice: SliceInput = None):
+        if isinstance(input_slice, tuple):
+            self.slice = slice(*input_slice)
+            self.mode = "slice"
+        elif isinstance(input_slice, int):
+            self.slice = input_slice
+            self.mode = "int"
+        elif isinstance(input_slice, slice):
+            self.slice = input_slice
+            self.mode = "slice"
+        elif type(input_slice) in [list, torch.Tensor, np.ndarray]:
+            self.slice = to_numpy(input_slice)
+            self.mode = "array"
+        elif input_slice is None:
+            self.slice = slice(None)
+            self.mode = "identity"
+        else:
+            raise ValueError(f"Invalid input_slice {input_slice}")
+
+    def apply(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Apply the slice along ``dim`` (negative dims allowed)."""
+        slices: list = [slice(None)] * tensor.ndim
+        slices[dim] = self.slice
+        return tensor[tuple(slices)]
+
+    def indices(self, max_ctx: Optional[int] = None) -> np.ndarray:
+        """Indices selected on an axis of size ``max_ctx`` (not needed for int slices)."""
+        if self.mode == "int":
+            return np.array([self.slice], dtype=np.int64)
+        if max_ctx is None:
+            raise ValueError("max_ctx must be specified if slice is not an integer")
+        return np.arange(max_ctx, dtype=np.int64)[self.slice]
+
+    def __repr__(self) -> str:
+        return f"Slice: {self.slice} Mode: {self.mode} "
+
+    @classmethod
+    def unwrap(cls, slice_input: Union["Slice", SliceInput]) -> "Slice":
+        """Convert to a Slice; a bare int becomes ``[int]`` so the dimension is kept."""
+        if not isinstance(slice_input, Slice):
+            if isinstance(slice_input, int):
+                slice_input = [slice_input]
+            slice_input = Slice(slice_input)
+        return slice_input
+
+
+# ---------------------------------------------------------------------------
+# Exploratory analysis
+# ---------------------------------------------------------------------------
+
+
+def _rich_print(text: str) -> None:
+    try:
+        from rich import print as rprint
+    except ImportError:  # rich is optional: drop the bold markup
+        print(text.replace("[b]", "").replace("[/b]", ""))
+    else:
+        rprint(text)
+
+
+def test_prompt(
+    prompt: str,
+    answer: Union[str, List[str]],
+    model: Any,
+    prepend_space_to_answer: bool = True,
+    print_details: bool = True,
+    prepend_bos: Optional[bool] = USE_DEFAULT_VALUE,
+    top_k: int = 10,
+) -> None:
+    """Print the model's rank, logit and probability for ``answer`` after ``prompt``, plus the top-k tokens.
+
+    A list of answers compares single next-token completions. Prints, returns None.
+    """
+    answers = [answer] if isinstance(answer, str) else answer
+    n_answers = len(answers)
+    using_multiple_answers = n_answers > 1
+    if prepend_space_to_answer:
+        answers = [a if a.startswith(" ") else " " + a for a in answers]
+    prompt_tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)
+    answer_tokens = model.to_tokens(answers, prepend_bos=False)
+    if using_multiple_answers:  # only a single next token is compared
+        answer_tokens = answer_tokens[:, :1]
+    prompt_tokens = prompt_tokens.repeat(answer_tokens.shape[0], 1)
+    tokens = torch.cat((prompt_tokens, answer_tokens), dim=1)
+    prompt_str_tokens = model.to_str_tokens(prompt, prepend_bos=prepend_bos)
+    answer_str_tokens_list = [model.to_str_tokens(a, prepend_bos=False) for a in answers]
+    prompt_length = len(prompt_str_tokens)
+    answer_length = 1 if using_multiple_answers else len(answer_str_tokens_list[0])
+
+    if print_details:
+        print("Tokenized prompt:", prompt_str_tokens)
+        if using_multiple_answers:
+            print("Tokenized answers:", answer_str_tokens_list)
+        else:
+            print("Tokenized answer:", answer_str_tokens_list[0])
+    logits = model(tokens)
+    probs = logits.softmax(dim=-1)
+    answer_ranks = []
+
+    for index in range(prompt_length, prompt_length + answer_length):
+        answer_tokens = tokens[:, index]
+        answer_str_tokens = [a[index - prompt_length] for a in answer_str_tokens_list]
+        token_probs = probs[:, index - 1]  # models predict the NEXT token
+        sorted_token_probs, sorted_token_positions = token_probs.sort(descending=True)
+        answer_token_ranks = sorted_token_positions.argsort(-1)[
+            range(n_answers), answer_tokens.cpu()
+        ].tolist()
+        answer_ranks.append(list(zip(answer_str_tokens, answer_token_ranks)))
+        if print_details:
+            _rich_print(
+                f"Performance on answer token{'s' if n_answers > 1 else ''}:\n"
+                + "\n".join(
+                    f"[b]Rank: {answer_token_ranks[i]: <8} "
+                    f"Logit: {logits[i, index - 1, answer_tokens[i]].item():5.2f} "
+                    f"Prob: {token_probs[i, answer_tokens[i]].item():6.2%} "
+                    f"Token: |{answer_str_tokens[i]}|[/b]"
+                    for i in range(n_answers)
+                )
+            )
+            for i in range(top_k):
+                print(
+                    f"Top {i}th token. "
+                    f"Logit: {logits[0, index - 1, sorted_token_positions[0, i]].item():5.2f} "
+                    f"Prob: {sorted_token_probs[0, i].item():6.2%} "
+                    f"Token: |{model.to_string(sorted_token_positions[0, i])}|"
+                )
+    if not using_multiple_answers:
+        single_answer_ranks = [r[0] for r in answer_ranks]
+        _rich_print(f"[b]Ranks of the answer tokens:[/b] {single_answer_ranks}")
+    else:
+        _rich_print(f"[b]Ranks of the answer tokens:[/b] {answer_ranks}")
+
+
+# Keep pytest from collecting ``test_prompt`` when this module is imported in a test file.
+test_prompt.__test__ = False  # type: ignore[attr-defined]

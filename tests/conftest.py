@@ -1,0 +1,95 @@
+"""Shared fixtures: random-weight GPT-2 checkpoints saved in HF format, and TransformerLens 3.9 twins of them.
+
+No weights are downloaded: each checkpoint is `GPT2LMHeadModel(GPT2Config(...))` with a fixed seed, saved with
+`save_pretrained` and loaded back through hooklens's real loading code.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+
+# Tolerances per dtype for comparisons against a reference computed in the same dtype.
+TOLERANCES: Dict[torch.dtype, Dict[str, float]] = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+
+# Small configs that still exercise every code path; "gpt2-small-shape" is only used where it matters.
+HF_CONFIGS = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257),
+    "odd": dict(n_layer=3, n_embd=96, n_head=3, n_positions=64, vocab_size=50257, n_inner=200),
+    "gelu": dict(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=50257, activation_function="gelu"),
+}
+
+
+def make_hf_gpt2(seed: int = 0, **config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    hf_config = GPT2Config(**config)
+    hf_config._attn_implementation = "eager"
+    model = GPT2LMHeadModel(hf_config).eval()
+    # Random (not zero) biases and LN parameters, so weight processing is really exercised.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or "ln_f" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def save_hf_gpt2(directory: Path, seed: int = 0, **config) -> Path:
+    model = make_hf_gpt2(seed, **config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory) -> Dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_gpt2")
+    return {name: save_hf_gpt2(root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(HF_CONFIGS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(hf_dirs) -> Path:
+    return hf_dirs["tiny"]
+
+
+def load_hf(directory: Path):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(directory, attn_implementation="eager").eval()
+
+
+def tl_model_from_hf(directory: Path, fold_ln=True, center_writing_weights=True, center_unembed=True,
+                     fold_value_biases=True, **cfg_overrides):
+    """TransformerLens 3.9's HookedTransformer built offline from the same HF checkpoint."""
+    from transformers import GPT2TokenizerFast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    import hooklens.tokenizer as tok
+
+    hf = load_hf(directory)
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn=c.activation_function,
+        normalization_type="LN", original_architecture="GPT2LMHeadModel", device="cpu", **cfg_overrides,
+    )
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(tok.SHIPPED_TOKENIZER_DIR))
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.load_and_process_state_dict(
+        convert_gpt2_weights(hf, cfg), fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+    )
+    return model.eval()
