@@ -130,14 +130,19 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.layer_id = layer_id
         h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        # Registration order is TL's, so a seeded init_weights() draws the same weights as TL does.
         self.W_Q = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
-        self.W_K = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
-        self.W_V = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
         self.W_O = nn.Parameter(torch.empty(h, dh, d, dtype=cfg.dtype))
         self.b_Q = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
+        self.b_O = nn.Parameter(torch.zeros(d, dtype=cfg.dtype))
+        self.W_K = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
+        self.W_V = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
         self.b_K = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
         self.b_V = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
-        self.b_O = nn.Parameter(torch.zeros(d, dtype=cfg.dtype))
+        # TL keeps these two (unused here) buffers in its state dict; holding them too lets state dicts
+        # move between the libraries unchanged.
+        self.register_buffer("mask", torch.empty((0, 0), dtype=torch.bool))
+        self.register_buffer("IGNORE", torch.tensor(-torch.inf))
         self.attn_scale = cfg.attn_scale
         self.hook_k = HookPoint()  # [b, p, h, dh]
         self.hook_q = HookPoint()  # [b, p, h, dh]
@@ -179,17 +184,7 @@ class Attention(nn.Module):
         result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))  # [b, p, h, d], without b_O
         return result.sum(dim=-2) + self.b_O
 
-    @property
-    def OV(self):
-        from hooklens.factored_matrix import FactoredMatrix
 
-        return FactoredMatrix(self.W_V, self.W_O)
-
-    @property
-    def QK(self):
-        from hooklens.factored_matrix import FactoredMatrix
-
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
 
 # -- MLP --------------------------------------------------------------------------------------------------------
@@ -206,7 +201,8 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [b, p, m]
         if cfg.act_fn == "solu_ln":
             self.hook_mid = HookPoint()  # [b, p, m]
-            self.ln = make_norm(cfg, cfg.d_mlp)
+            # As in TL, SoLU's LayerNorm keeps w, b only when the model's norms do ("LN"); otherwise LNPre.
+            self.ln = LayerNorm(cfg, cfg.d_mlp) if cfg.normalization_type == "LN" else LayerNormPre(cfg, cfg.d_mlp)
 
     def forward(self, x: Tensor) -> Tensor:  # [b, p, d] -> [b, p, d]
         pre = self.hook_pre(addmm_last_dim(self.b_in, self.W_in, x))  # [b, p, m]

@@ -50,7 +50,7 @@ class HookedTransformerConfig:
     model_name: str = "custom"
     n_heads: int = -1
     d_mlp: Optional[int] = None
-    act_fn: Optional[str] = None
+    act_fn: Optional[str] = "relu"
     d_vocab: int = -1
     eps: float = 1e-5
     use_attn_result: bool = False
@@ -86,11 +86,10 @@ class HookedTransformerConfig:
             if self.d_model % self.d_head != 0:
                 raise ValueError(f"d_model={self.d_model} is not a multiple of d_head={self.d_head}; set n_heads.")
             self.n_heads = self.d_model // self.d_head
-        if not self.attn_only:
-            if self.d_mlp is None:
-                self.d_mlp = 4 * self.d_model
-            if self.act_fn is None:
-                raise ValueError("act_fn must be set for models with MLPs (e.g. act_fn='gelu_new' for GPT-2).")
+        if self.d_mlp is None:
+            self.d_mlp = 4 * self.d_model
+        if not self.attn_only and self.act_fn is None:
+            raise ValueError("act_fn must be set for models with MLPs (e.g. act_fn='gelu_new' for GPT-2).")
         if self.act_fn is not None and self.act_fn not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"act_fn={self.act_fn!r} is not supported; choose one of {SUPPORTED_ACTIVATIONS}.")
         if self.normalization_type not in SUPPORTED_NORMALIZATION:
@@ -108,7 +107,7 @@ class HookedTransformerConfig:
         if self.n_devices != 1:
             raise NotImplementedError("n_devices > 1 is not supported; move the model with .to(device) instead.")
         if self.initializer_range < 0:
-            self.initializer_range = 0.8 / math.sqrt(self.d_model)
+            self.initializer_range = 0.8 / math.sqrt(self.d_model) if self.init_mode == "gpt2" else 1.0
         if self.d_vocab_out == -1:
             self.d_vocab_out = self.d_vocab
         if self.use_attn_scale and self.attn_scale == -1.0:

@@ -320,7 +320,10 @@ def load_and_process_state_dict(
             block.ln1 = LayerNormPre(cfg)
             if not cfg.attn_only:
                 block.ln2 = LayerNormPre(cfg)
-    own = model.state_dict()
+    buffers = {name for name, _ in model.named_buffers()}
+    # Buffers (TL's unused attention `mask`/`IGNORE`) carry no weights: keep the model's own.
+    processed = {k: v for k, v in processed.items() if k not in buffers}
+    own = {k: v for k, v in model.state_dict().items() if k not in buffers}
     missing = sorted(set(own) - set(processed))
     unexpected = sorted(set(processed) - set(own))
     if missing or unexpected:
@@ -328,7 +331,7 @@ def load_and_process_state_dict(
     for key, value in processed.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise CheckpointError(f"{key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}.")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in processed.items()}, strict=True)
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in processed.items()}, strict=False)
     model.setup()
 
 

@@ -7,6 +7,7 @@ the attention op is chosen per call.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -23,6 +24,15 @@ from hooklens.kv_cache import HookedTransformerKeyValueCache
 logger = logging.getLogger(__name__)
 
 _DEFAULT = object()  # "use the model's default" for prepend_bos / padding_side
+
+
+def _fan_in_and_fan_out(param: Tensor) -> Tuple[int, int]:
+    """TL's convention: [d_in, d_out] matrices, [h, d_model, d_head] attention weights."""
+    if param.dim() == 1:
+        return 1, param.shape[0]
+    if param.dim() == 2:
+        return param.shape[0], param.shape[1]
+    return param.shape[1], param.shape[0] * param.shape[2]
 
 
 class Output(NamedTuple):
@@ -68,13 +78,36 @@ class HookedTransformer(HookedRootModule):
         self.setup()
 
     def init_weights(self) -> None:
-        """GPT-2 initialization (TL's `init_mode="gpt2"`): weights ~ N(0, initializer_range), biases 0."""
-        generator = torch.Generator().manual_seed(self.cfg.seed) if self.cfg.seed is not None else None
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                if name.rsplit(".", 1)[-1].startswith("W_"):
-                    noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                    param.copy_(noise * self.cfg.initializer_range)
+        """Initialize every `W_*` matrix as TL does for `cfg.init_mode` (biases 0, LayerNorm w 1).
+
+        With `cfg.seed` set, the global RNG is seeded first (as TL does), so the weights equal TL's."""
+        if self.cfg.seed is not None:
+            torch.manual_seed(self.cfg.seed)
+        mode, gain = self.cfg.init_mode, self.cfg.initializer_range
+        for name, param in self.named_parameters():
+            if "W_" not in name:
+                continue
+            fan_in, fan_out = _fan_in_and_fan_out(param)
+            if mode == "gpt2":
+                nn.init.normal_(param, std=gain)
+            elif mode == "xavier_uniform":
+                bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+                nn.init.uniform_(param, -bound, bound)
+            elif mode == "xavier_normal":
+                nn.init.normal_(param, std=gain * math.sqrt(2.0 / (fan_in + fan_out)))
+            elif mode in ("kaiming_uniform", "kaiming_normal"):
+                std = gain * nn.init.calculate_gain("relu") / math.sqrt(fan_in)
+                if mode == "kaiming_uniform":
+                    nn.init.uniform_(param, -math.sqrt(3.0) * std, math.sqrt(3.0) * std)
+                else:
+                    nn.init.normal_(param, std=std)
+            elif mode == "muP":
+                # TL checks "embed" before "unembed", so W_U gets scale 1 too; kept so seeded inits agree.
+                scale = 1.0 if "embed" in name else fan_in**-0.5
+                nn.init.normal_(param, std=scale)
+            else:
+                raise ValueError(f"Unknown init_mode {mode!r}; use gpt2, xavier_uniform, xavier_normal, "
+                                 "kaiming_uniform, kaiming_normal or muP.")
 
     # -- tokenizer ----------------------------------------------------------------------------------------------
     def set_tokenizer(self, tokenizer: Any, default_padding_side: Optional[str] = None) -> None:
@@ -423,17 +456,7 @@ class HookedTransformer(HookedRootModule):
     def b_out(self) -> Tensor:  # [l, d]
         return self._stack(lambda b: b.mlp.b_out)
 
-    @property
-    def QK(self):
-        from hooklens.factored_matrix import FactoredMatrix
 
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self):
-        from hooklens.factored_matrix import FactoredMatrix
-
-        return FactoredMatrix(self.W_V, self.W_O)
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """Sum of the biases written to the residual stream before `layer` (plus its attention with mlp_input)."""
