@@ -219,9 +219,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ln1 = make_norm(cfg)
-        self.attn = Attention(cfg, block_index)
         if not cfg.attn_only:
             self.ln2 = make_norm(cfg)
+        self.attn = Attention(cfg, block_index)
+        if not cfg.attn_only:
             self.mlp = MLP(cfg)
         self.hook_attn_in = HookPoint()  # [b, p, h, d]
         self.hook_q_input = HookPoint()  # [b, p, h, d]

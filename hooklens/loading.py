@@ -199,6 +199,17 @@ def fold_layer_norm(state: Dict[str, Tensor], cfg: HookedTransformerConfig, fold
             if center_weights:
                 W = W - W.mean(-2, keepdim=True)
             state[t + f"attn.W_{x}"] = W
+        if not cfg.attn_only and cfg.act_fn == "solu_ln" and t + "mlp.ln.w" in state:
+            # SoLU's LayerNorm over d_mlp folds into W_out the same way; its output has zero mean over d_mlp,
+            # so W_out can be centred along d_mlp.
+            wm, bm = state.pop(t + "mlp.ln.w"), state.pop(t + "mlp.ln.b")
+            W_out = state[t + "mlp.W_out"]  # [m, d]
+            if fold_biases:
+                state[t + "mlp.b_out"] = state[t + "mlp.b_out"] + (W_out * bm[:, None]).sum(-2)
+            W_out = W_out * wm[:, None]
+            if center_weights:
+                W_out = W_out - W_out.mean(0, keepdim=True)
+            state[t + "mlp.W_out"] = W_out
         if not cfg.attn_only:
             w2, b2 = state.pop(t + "ln2.w"), state.pop(t + "ln2.b")
             W_in = state[t + "mlp.W_in"]  # [d, m]
@@ -320,6 +331,8 @@ def load_and_process_state_dict(
             block.ln1 = LayerNormPre(cfg)
             if not cfg.attn_only:
                 block.ln2 = LayerNormPre(cfg)
+                if cfg.act_fn == "solu_ln":
+                    block.mlp.ln = LayerNormPre(cfg, cfg.d_mlp)
     buffers = {name for name, _ in model.named_buffers()}
     # Buffers (TL's unused attention `mask`/`IGNORE`) carry no weights: keep the model's own.
     processed = {k: v for k, v in processed.items() if k not in buffers}

@@ -531,6 +531,43 @@ class HookedTransformer(HookedRootModule):
             refactor_factored_attn_matrices=refactor_factored_attn_matrices,
         )
 
+    def process_weights_(
+        self, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+    ) -> None:
+        """Process this model's own weights in place (a no-op for steps already applied, e.g. fold_ln twice)."""
+        self.load_and_process_state_dict(
+            {k: v.detach().clone() for k, v in self.state_dict().items()}, fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
+
+    # The individual processing steps, on TL-format state dicts (each returns the processed dict).
+    def fold_layer_norm(self, state_dict: Dict[str, Tensor], fold_biases: bool = True, center_weights: bool = True) -> Dict[str, Tensor]:
+        from hooklens import loading
+
+        return loading.fold_layer_norm(dict(state_dict), self.cfg, fold_biases, center_weights)
+
+    def center_writing_weights(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        from hooklens import loading
+
+        return loading.center_writing_weights(dict(state_dict), self.cfg)
+
+    def center_unembed(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        from hooklens import loading
+
+        return loading.center_unembed(dict(state_dict))
+
+    def fold_value_biases(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        from hooklens import loading
+
+        return loading.fold_value_biases(dict(state_dict), self.cfg)
+
+    def refactor_factored_attn_matrices(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        from hooklens import loading
+
+        return loading.refactor_factored_attn_matrices(dict(state_dict), self.cfg)
+
     # -- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
