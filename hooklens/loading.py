@@ -92,6 +92,12 @@ def resolve_model_dir(name_or_path: Union[str, os.PathLike]) -> Path:
 def read_weight_file(model_dir: Path) -> Dict[str, Tensor]:
     """Read the checkpoint's tensors without executing pickled code."""
     safetensors_file, bin_file = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
+    if not safetensors_file.exists() and not bin_file.exists():
+        pth_files = sorted(model_dir.glob("*.pth")) + sorted(model_dir.glob("*.pt"))  # TL's toy models: model_final.pth
+        if len(pth_files) > 1:
+            raise CheckpointError(f"{model_dir} holds several checkpoints {[p.name for p in pth_files]}; keep one.")
+        if pth_files:
+            bin_file = pth_files[0]
     if safetensors_file.exists():
         from safetensors.torch import load_file
 
@@ -113,7 +119,7 @@ def read_weight_file(model_dir: Path) -> Dict[str, Tensor]:
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise CheckpointError(f"{bin_file} does not hold a state dict of tensors.")
         return state
-    raise CheckpointError(f"{model_dir} has no model.safetensors or pytorch_model.bin.")
+    raise CheckpointError(f"{model_dir} has no model.safetensors, pytorch_model.bin or *.pth checkpoint.")
 
 
 # -- HF GPT-2 -> TL layout --------------------------------------------------------------------------------------
@@ -348,6 +354,17 @@ def load_and_process_state_dict(
     model.setup()
 
 
+def _tokenizer_for(model_dir: Optional[Path], cfg: HookedTransformerConfig) -> Any:
+    """The directory's own tokenizer, else the shipped GPT-2 one when the vocabulary is GPT-2's, else none."""
+    if model_dir is not None and tok.has_tokenizer_files(model_dir):
+        return tok.load_tokenizer(str(model_dir))
+    if cfg.d_vocab == 50257:
+        return tok.load_tokenizer(None)
+    logger.warning("No tokenizer files in %s and d_vocab=%d is not GPT-2's: the model takes token ids only "
+                   "(model.set_tokenizer(...) adds one).", model_dir, cfg.d_vocab)
+    return None
+
+
 def load_pretrained(
     cls, model_name: Any, *, hf_model: Any = None, tokenizer: Any = None, device: Any = None,
     dtype: Union[torch.dtype, str] = torch.float32, fold_ln: bool = True, center_writing_weights: bool = True,
@@ -357,6 +374,7 @@ def load_pretrained(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model_dir: Optional[Path] = None
+    tl_format = False
     if hf_model is not None:
         hf_config, hf_state = hf_model.config, {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
         name = str(model_name)
@@ -365,21 +383,28 @@ def load_pretrained(
 
         model_dir = resolve_model_dir(model_name)
         try:
-            hf_config = GPT2Config.from_dict(json.loads((model_dir / "config.json").read_text()))
+            raw_config = json.loads((model_dir / "config.json").read_text())
         except Exception as err:
             raise CheckpointError(f"Could not read {model_dir / 'config.json'}: {err}") from err
+        # A TransformerLens-format directory (as TL's toy models are published) has TL field names.
+        tl_format = "model_type" not in raw_config and "n_layers" in raw_config and "d_model" in raw_config
+        hf_config = None if tl_format else GPT2Config.from_dict(raw_config)
         hf_state = read_weight_file(model_dir)
         name = Path(str(model_name)).name if Path(str(model_name)).is_dir() else str(model_name)
-    cfg = config_from_hf(hf_config, dtype=dtype, model_name=name)
+    if tl_format:
+        cfg = HookedTransformerConfig.from_dict({**raw_config, "dtype": dtype, "device": "cpu", "init_weights": False})
+        cfg.model_name = raw_config.get("model_name", name)
+    else:
+        cfg = config_from_hf(hf_config, dtype=dtype, model_name=name)
     cfg.default_prepend_bos = default_prepend_bos
     cfg.device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     for key, value in config_overrides.items():
         if not hasattr(cfg, key):
             raise TypeError(f"from_pretrained got an unknown argument {key!r}.")
         setattr(cfg, key, value)
-    tl_state = convert_hf_gpt2_state_dict(hf_state, cfg)
+    tl_state = dict(hf_state) if tl_format else convert_hf_gpt2_state_dict(hf_state, cfg)
     if tokenizer is None:
-        tokenizer = tok.load_tokenizer(str(model_dir) if model_dir is not None else None)
+        tokenizer = _tokenizer_for(model_dir, cfg)
     cfg.tokenizer_name = None
     cfg.init_weights = False
     model = cls(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=default_padding_side)

@@ -203,3 +203,35 @@ def test_model_without_tokenizer_and_cfg_dict():
     with pytest.raises(ValueError, match="tokenizer"):
         model.to_tokens("hi")
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 97)
+
+
+@pytest.mark.parametrize("weights_file", ["model_final.pth", "model.safetensors"])
+def test_transformerlens_format_directory_loads(tmp_path, weights_file):
+    """A TL-format checkpoint (config.json of TL fields + a TL state dict) loads with TL's processing."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tl, _ = build_pair("solu_ln")
+    tl.load_state_dict(randomize(tl.state_dict()))
+    config = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in tl.cfg.to_dict().items()}
+    config.update(lr=1e-3, batch_size_per_device=32)  # training fields, as published toy configs carry
+    (tmp_path / "config.json").write_text(json.dumps(config, default=str))
+    state = {k: v.contiguous() for k, v in tl.state_dict().items()}
+    if weights_file.endswith(".pth"):
+        torch.save(state, tmp_path / weights_file)
+    else:
+        save_file(state, str(tmp_path / weights_file))
+    ours = HookedTransformer.from_pretrained(tmp_path, device="cpu")
+    assert ours.tokenizer is None and ours.cfg.act_fn == "solu_ln" and ours.cfg.normalization_type == "LNPre"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl.process_weights_()
+    tokens = tokens_for(ours.cfg)
+    _, tl_cache = tl.run_with_cache(tokens)
+    _, cache = ours.run_with_cache(tokens)
+    for key in tl_cache.keys():
+        assert_close(cache[key], tl_cache[key], what=key)
+    raw = HookedTransformer.from_pretrained_no_processing(tmp_path, device="cpu")
+    assert raw.cfg.normalization_type == "LN"
+    assert_close(raw(tokens).log_softmax(-1), ours(tokens).log_softmax(-1), atol=1e-4)
