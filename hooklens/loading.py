@@ -354,11 +354,12 @@ def load_and_process_state_dict(
     model.setup()
 
 
-def _tokenizer_for(model_dir: Optional[Path], cfg: HookedTransformerConfig) -> Any:
-    """The directory's own tokenizer, else the shipped GPT-2 one when the vocabulary is GPT-2's, else none."""
+def _tokenizer_for(model_dir: Optional[Path], cfg: HookedTransformerConfig, tl_format: bool) -> Any:
+    """The directory's own tokenizer, else the shipped GPT-2 one (for TL-format checkpoints only when the
+    vocabulary is GPT-2's: TL's toy models use other tokenizers), else none."""
     if model_dir is not None and tok.has_tokenizer_files(model_dir):
         return tok.load_tokenizer(str(model_dir))
-    if cfg.d_vocab == 50257:
+    if not tl_format or cfg.d_vocab == 50257:
         return tok.load_tokenizer(None)
     logger.warning("No tokenizer files in %s and d_vocab=%d is not GPT-2's: the model takes token ids only "
                    "(model.set_tokenizer(...) adds one).", model_dir, cfg.d_vocab)
@@ -404,7 +405,7 @@ def load_pretrained(
         setattr(cfg, key, value)
     tl_state = dict(hf_state) if tl_format else convert_hf_gpt2_state_dict(hf_state, cfg)
     if tokenizer is None:
-        tokenizer = _tokenizer_for(model_dir, cfg)
+        tokenizer = _tokenizer_for(model_dir, cfg, tl_format)
     cfg.tokenizer_name = None
     cfg.init_weights = False
     model = cls(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=default_padding_side)
