@@ -187,6 +187,21 @@ class Attention(nn.Module):
 
 
 
+    @property
+    def OV(self):
+        """`FactoredMatrix` W_V @ W_O, `[n_heads, d_model, d_model]`."""
+        from hooklens.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self):
+        """`FactoredMatrix` W_Q @ W_K^T, `[n_heads, d_model, d_model]`."""
+        from hooklens.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+
 # -- MLP --------------------------------------------------------------------------------------------------------
 class MLP(nn.Module):
     def __init__(self, cfg: HookedTransformerConfig):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,14 +80,31 @@ def generate(
             attention_mask = get_attention_mask(model.tokenizer, tokens, model._prepend_bos(prepend_bos), padding_side="left")
     else:
         tokens = input if input.dim() == 2 else input[None]
+        if model.tokenizer is not None and model._padding_side(padding_side) == "left":
+            # Left-padded token prompts (TL: padding_side="left" or a left-padding tokenizer): mask the leading pads.
+            from hooklens.utils import get_attention_mask
+
+            attention_mask = get_attention_mask(model.tokenizer, tokens, model._prepend_bos(prepend_bos), padding_side="left")
     tokens = tokens.to(model.cfg.device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(tokens.device)
     if return_type == "input":
         return_type = "str" if is_text else "tokens"
     if stop_at_eos and eos_token_id is None:
         if model.tokenizer is None or model.tokenizer.eos_token_id is None:
             raise ValueError("stop_at_eos needs eos_token_id (this model has no tokenizer that defines one).")
         eos_token_id = model.tokenizer.eos_token_id
-    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=tokens.device)
+    if isinstance(eos_token_id, Tensor):
+        eos_token_id = eos_token_id.tolist()
+    stop_ids = [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(t) for t in (eos_token_id or [])]
+    if stop_at_eos and not stop_ids:
+        raise ValueError("stop_at_eos needs at least one eos_token_id.")
+    eos_ids = torch.tensor(stop_ids, dtype=torch.long, device=tokens.device)
+    # Finished rows are padded like TL: with eos_token_id itself when it is one id, with the tokenizer's EOS when a
+    # list of stop ids is given (falling back to the first stop id when there is no tokenizer EOS).
+    pad_id = stop_ids[0] if stop_ids else 0
+    if not isinstance(eos_token_id, (int, np.integer)) and model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
+        pad_id = int(model.tokenizer.eos_token_id)
     if max_new_tokens + tokens.shape[1] > model.cfg.n_ctx:
         raise ValueError(f"Prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds n_ctx={model.cfg.n_ctx}.")
 
@@ -108,7 +126,7 @@ def generate(
         else:
             next_tokens = final_logits.argmax(dim=-1)
         if stop_at_eos:
-            next_tokens = torch.where(finished, eos_ids[0], next_tokens)
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
             finished = finished | torch.isin(next_tokens, eos_ids)
         all_tokens = torch.cat([all_tokens, next_tokens[:, None]], dim=1)
         step_input = next_tokens[:, None]
@@ -119,5 +137,7 @@ def generate(
             break
     if return_type == "tokens":
         return all_tokens
-    decoded = model.to_string(all_tokens)
-    return decoded[0] if isinstance(input, str) else decoded
+    # As TL: each row decoded without special tokens (BOS, left pads, EOS padding); one row gives a str.
+    tokenizer = model._require_tokenizer("generate(return_type='str')")
+    decoded = [tokenizer.decode(row, skip_special_tokens=True) for row in all_tokens.tolist()]
+    return decoded[0] if len(decoded) == 1 else decoded

@@ -267,17 +267,26 @@ def fold_value_biases(state: Dict[str, Tensor], cfg: HookedTransformerConfig) ->
     return state
 
 
-def _make_even(A: Tensor, B: Tensor):
-    """Refactor A @ B (A: [..., m, k], B: [..., k, n]) as U√S, √S Vh so both factors have equal singular values."""
+def _svd_of_product(A: Tensor, B: Tensor):
+    """SVD of A @ B (A: [..., m, k], B: [..., k, n]) truncated to its k components: U [.., m, k], S [.., k], Vh [.., k, n]."""
     U, S, Vh = torch.linalg.svd(A @ B, full_matrices=False)
     k = A.shape[-1]
-    U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
+    return U[..., :k], S[..., :k], Vh[..., :k, :]
+
+
+def _make_even(A: Tensor, B: Tensor):
+    """Refactor A @ B (A: [..., m, k], B: [..., k, n]) as U√S, √S Vh so both factors have equal singular values."""
+    U, S, Vh = _svd_of_product(A, B)
     sqrt_S = S.sqrt()
     return U * sqrt_S[..., None, :], sqrt_S[..., :, None] * Vh
 
 
 def refactor_factored_attn_matrices(state: Dict[str, Tensor], cfg: HookedTransformerConfig) -> Dict[str, Tensor]:
-    """TL's experimental refactor: W_Q/W_K and W_V/W_O re-factored by SVD so each pair is "even"."""
+    """TL's experimental refactor, by SVD of each head's W_QK and W_OV.
+
+    W_Q/W_K (with their biases as an extra input row) become the "even" pair U√S, (√S Vh)^T. W_OV is refactored as
+    TL does, W_V = U S and W_O = Vh (orthonormal rows: W_O is a rotation), after folding b_V into b_O.
+    """
     for l in range(cfg.n_layers):
         t = f"blocks.{l}."
         W_Q = torch.cat([state[t + "attn.W_Q"], state[t + "attn.b_Q"][:, None, :]], dim=1)  # [h, d+1, dh]
@@ -289,8 +298,8 @@ def refactor_factored_attn_matrices(state: Dict[str, Tensor], cfg: HookedTransfo
         W_V, W_O, b_V = state[t + "attn.W_V"], state[t + "attn.W_O"], state[t + "attn.b_V"]
         state[t + "attn.b_O"] = state[t + "attn.b_O"] + (b_V[:, :, None] * W_O).sum([0, 1])
         state[t + "attn.b_V"] = torch.zeros_like(b_V)
-        V_even, O_even = _make_even(W_V, W_O)
-        state[t + "attn.W_V"], state[t + "attn.W_O"] = V_even, O_even
+        U, S, Vh = _svd_of_product(W_V, W_O)  # [h, d, dh], [h, dh], [h, dh, d]
+        state[t + "attn.W_V"], state[t + "attn.W_O"] = U * S[..., None, :], Vh
     return state
 
 
@@ -324,9 +333,16 @@ def load_and_process_state_dict(
     cfg = model.cfg
     if cfg.dtype not in (torch.float32, torch.float64) and fold_ln:
         logger.warning("Processing weights in reduced precision loses accuracy; consider from_pretrained_no_processing.")
+    # Like TL's fill_missing_keys, a bias the state dict leaves out is zero: TL's own GPT-2 converter
+    # (`convert_gpt2_weights`) emits no `unembed.b_U`, since GPT-2 has no unembedding bias.
+    own_before = model.state_dict()
+    missing_biases = [k for k in own_before if k not in state_dict and k.rsplit(".", 1)[-1].startswith("b_")]
+    if missing_biases:
+        logger.info("State dict has no %s; filling with zeros.", missing_biases)
+        like = next((v for v in state_dict.values() if v.is_floating_point()), own_before[missing_biases[0]])
+        zeros = {k: torch.zeros(own_before[k].shape, dtype=like.dtype, device=like.device) for k in missing_biases}
+        state_dict = {**state_dict, **zeros}
     fold_ln = fold_ln and cfg.normalization_type == "LN" and "ln_final.w" in state_dict
-    if refactor_factored_attn_matrices and not fold_ln and cfg.normalization_type != "LNPre":
-        raise ValueError("refactor_factored_attn_matrices needs folded LayerNorm (fold_ln=True).")
     processed = process_weights(
         state_dict, cfg, fold_ln, center_writing_weights, center_unembed, fold_value_biases, refactor_factored_attn_matrices
     )

@@ -109,6 +109,33 @@ class HookedTransformer(HookedRootModule):
                 raise ValueError(f"Unknown init_mode {mode!r}; use gpt2, xavier_uniform, xavier_normal, "
                                  "kaiming_uniform, kaiming_normal or muP.")
 
+    def to(self, *args: Any, **kwargs: Any) -> "HookedTransformer":
+        """`nn.Module.to` that keeps `cfg.device` and `cfg.dtype` in sync (LayerNorm casts to `cfg.dtype`)."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            self.cfg.device = str(device)
+        if dtype is not None:
+            self.cfg.dtype = dtype
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: Any = None) -> "HookedTransformer":
+        return self.to(f"cuda:{device}" if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self) -> "HookedTransformer":
+        return self.to("cpu")
+
+    def float(self) -> "HookedTransformer":
+        return self.to(torch.float32)
+
+    def double(self) -> "HookedTransformer":
+        return self.to(torch.float64)
+
+    def half(self) -> "HookedTransformer":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "HookedTransformer":
+        return self.to(torch.bfloat16)
+
     # -- tokenizer ----------------------------------------------------------------------------------------------
     def set_tokenizer(self, tokenizer: Any, default_padding_side: Optional[str] = None) -> None:
         """Use a Hugging Face tokenizer; missing EOS/PAD/BOS default to GPT-2's `<|endoftext|>`."""
@@ -457,6 +484,33 @@ class HookedTransformer(HookedRootModule):
         return self._stack(lambda b: b.mlp.b_out)
 
 
+
+    @property
+    def QK(self):
+        """`FactoredMatrix` W_Q @ W_K^T per head: `[n_layers, n_heads, d_model, d_model]`, hidden d_head."""
+        from hooklens.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        """`FactoredMatrix` W_V @ W_O per head: `[n_layers, n_heads, d_model, d_model]`, hidden d_head."""
+        from hooklens.factored_matrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def all_composition_scores(self, mode: str) -> Tensor:
+        """Q-, K- or V-composition scores of every head pair `[l1, h1, l2, h2]`, zero unless l1 < l2."""
+        from hooklens.utils import composition_scores
+
+        left = self.OV
+        rights = {"Q": lambda: self.QK, "K": lambda: self.QK.T, "V": lambda: self.OV}
+        if mode not in rights:
+            raise ValueError(f"mode must be one of ['Q', 'K', 'V'] not {mode!r}")
+        scores = composition_scores(left, rights[mode](), broadcast_dims=True)
+        layers = torch.arange(self.cfg.n_layers, device=scores.device)
+        mask = layers[:, None, None, None] < layers[None, None, :, None]
+        return torch.where(mask, scores, torch.zeros_like(scores))
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """Sum of the biases written to the residual stream before `layer` (plus its attention with mlp_input)."""

@@ -488,3 +488,38 @@ def test_prompt(
 
 # Keep pytest from collecting ``test_prompt`` when this module is imported in a test file.
 test_prompt.__test__ = False  # type: ignore[attr-defined]
+
+
+def composition_scores(left: Any, right: Any, broadcast_dims: bool = True) -> torch.Tensor:
+    """Composition scores ||L R||_F / (||L||_F ||R||_F) of two FactoredMatrix (Elhage et al. 2021).
+
+    With `broadcast_dims`, every leading index of `left` is paired with every leading index of `right`
+    (output shape `left.batch + right.batch`); otherwise the leading dims are matched elementwise.
+    The SVD-collapsed factors are used as in TransformerLens; the pairwise norms come from one GEMM of
+    flattened Gram matrices when that is cheaper than forming every product.
+    """
+    if left.rdim != right.ldim:
+        raise ValueError(f"Composition scores need left.rdim == right.ldim, shapes were left: {tuple(left.shape)}, "
+                         f"right: {tuple(right.shape)}")
+    new_left = left.collapse_l()  # [*L, m1, n]
+    new_right = right.collapse_r()  # [*R, n, m2]
+    l_norms = left.S.pow(2).sum(-1).sqrt()  # ||S Vh||_F = ||S||
+    r_norms = right.S.pow(2).sum(-1).sqrt()
+    n, m1, m2 = new_left.shape[-1], new_left.shape[-2], new_right.shape[-1]
+    if not broadcast_dims:
+        comp = (new_left @ new_right).norm(dim=(-2, -1))
+        return comp / r_norms / l_norms
+    l_batch, r_batch = new_left.shape[:-2], new_right.shape[:-2]
+    if n <= m1 * m2:
+        # ||P Q||_F^2 = <P^T P, Q Q^T>: one [#L, n*n] @ [n*n, #R] GEMM instead of #L * #R products.
+        gram_l = (new_left.transpose(-2, -1) @ new_left).reshape(-1, n * n)  # [#L, n*n]
+        gram_r = (new_right @ new_right.transpose(-2, -1)).reshape(-1, n * n)  # [#R, n*n]
+        comp = (gram_l @ gram_r.T).clamp(min=0).sqrt()  # [#L, #R]
+    else:
+        flat_l = new_left.reshape(-1, n)  # [#L*m1, n]
+        flat_r = new_right.transpose(-2, -1).reshape(-1, n)  # [#R*m2, n]
+        products = (flat_l @ flat_r.T).view(-1, m1, flat_r.shape[0] // m2, m2)  # [#L, m1, #R, m2]
+        comp = products.pow(2).sum(dim=(1, 3)).sqrt()
+    comp = comp.view(l_batch + r_batch)
+    l_norms = l_norms.view(l_batch + (1,) * len(r_batch))
+    return comp / r_norms / l_norms
