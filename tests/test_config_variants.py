@@ -10,7 +10,13 @@ import torch
 import hooklens
 from hooklens import HookedTransformer, HookedTransformerConfig
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (scoped per test, so other modules keep autograd)."""
+    with torch.no_grad():
+        yield
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -17,7 +17,13 @@ with warnings.catch_warnings():
     from transformer_lens.utilities.exploratory_utils import test_prompt as tl_test_prompt
 
 tl_test_prompt.__test__ = False  # a library function, not a test
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (scoped per test, so other modules keep autograd)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -21,7 +21,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from transformer_lens.utilities.logits_utils import sample_logits as tl_sample_logits
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (scoped per test, so other modules keep autograd)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(autouse=True, scope="module")

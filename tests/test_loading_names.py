@@ -18,7 +18,13 @@ from hooklens import HookedTransformer
 from hooklens import loading
 from hooklens.loading import CheckpointError
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (scoped per test, so other modules keep autograd)."""
+    with torch.no_grad():
+        yield
 
 TOKENS = torch.randint(0, 50000, (2, 12), generator=torch.Generator().manual_seed(0))
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"

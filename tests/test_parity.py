@@ -7,7 +7,13 @@ import torch
 from hooklens import HookedTransformer
 from conftest import load_hf, tl_model_from_hf
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (scoped per test, so other modules keep autograd)."""
+    with torch.no_grad():
+        yield
 
 CONFIG_NAMES = ["tiny", "odd", "gelu"]
 

@@ -17,7 +17,13 @@ with warnings.catch_warnings():
     from transformer_lens import HookedTransformer as TLHookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (scoped per test, so other modules keep autograd)."""
+    with torch.no_grad():
+        yield
 
 FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 NO_PROCESSING = dict.fromkeys(FLAGS, False)

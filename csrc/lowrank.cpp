@@ -1,0 +1,517 @@
+// Low-rank linear algebra on factored matrices M = A @ B, A: [..., m, k], B: [..., k, n], without forming M.
+//
+// The operators live in the `hooklens` namespace of the PyTorch dispatcher (torch.ops.hooklens.*). Python
+// wrappers, fake (meta) kernels and autograd registrations are in hooklens/ops/lowrank.py.
+//
+//   lowrank_eigvals(A, B)  -> complex [..., k]   eigenvalues of B @ A (the nonzero ones of A @ B), |.| descending
+//   lowrank_svd(A, B)      -> U [..., m, r], S [..., r], Vh [..., r, n]   thin SVD of A @ B, r = min(m, k, n)
+//   lowrank_fro_norm(A, B) -> [...]                  ||A @ B||_F
+//   lowrank_trace(A, B)    -> [...]                  trace(A @ B)
+//
+// Leading (batch) dimensions broadcast like torch.matmul. float32 and float64 are supported. A matrix with a
+// NaN or inf entry gets all-NaN eigenvalues.
+//
+// CPU: lowrank_eigvals has its own solver for k <= 128 (balancing + Hessenberg reduction by stabilised
+// elementary similarity transforms + Francis double-shift QR, eigenvalues only: EISPACK balanc/elmhes/hqr),
+// run in double precision and in parallel over the batch. Everything else (and eigvals for k > 128, or a
+// matrix on which the QR iteration does not converge) goes through ATen, so the same kernels serve CUDA.
+//
+// The ops are forward-only in C++; hooklens/ops/lowrank.py registers the (trivial) backward formulas of
+// lowrank_trace and lowrank_fro_norm.
+
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <complex>
+#include <numeric>
+#include <string>
+#include <tuple>
+#include <vector>
+
+extern "C" {
+/* `import hooklens._C` loads this shared library, which runs the TORCH_LIBRARY static initialisers below.
+   The module itself is empty; it only uses the stable (limited) Python API. */
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",                                            /* name of module */
+      "hooklens C++ operators (torch.ops.hooklens)", /* module documentation */
+      -1,                                              /* size of per-interpreter state */
+      NULL,                                            /* methods */
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace hooklens {
+
+using at::Tensor;
+
+namespace {
+
+constexpr int64_t kSmallEigK = 128;  // largest k handled by the hand-written eigenvalue solver
+constexpr int kMaxQRIterations = 60;  // per eigenvalue, before falling back to LAPACK for that matrix
+
+// ----------------------------------------------------------------------------------------------------
+// Input validation
+// ----------------------------------------------------------------------------------------------------
+
+// Checks A: [..., m, k] and B: [..., k, n] and returns the broadcast batch shape.
+std::vector<int64_t> check_factors(const char* op, const Tensor& A, const Tensor& B, bool square) {
+  TORCH_CHECK(A.defined() && B.defined(), op, ": A and B must be defined tensors");
+  TORCH_CHECK(A.dim() >= 2, op, ": A must have shape [..., m, k] (at least 2 dimensions), got shape ",
+              A.sizes());
+  TORCH_CHECK(B.dim() >= 2, op, ": B must have shape [..., k, n] (at least 2 dimensions), got shape ",
+              B.sizes());
+  TORCH_CHECK(A.device() == B.device(), op, ": A and B must be on the same device, got A on ", A.device(),
+              " and B on ", B.device());
+  TORCH_CHECK(A.scalar_type() == B.scalar_type(), op, ": A and B must have the same dtype, got A ",
+              A.scalar_type(), " and B ", B.scalar_type());
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, op,
+              ": only float32 and float64 are supported, got ", A.scalar_type());
+  TORCH_CHECK(A.layout() == at::kStrided && B.layout() == at::kStrided, op,
+              ": only dense (strided) tensors are supported");
+  TORCH_CHECK(A.size(-1) == B.size(-2), op, ": inner dimensions must match: A is [..., m, k] with shape ",
+              A.sizes(), " and B is [..., k, n] with shape ", B.sizes(), " (k = ", A.size(-1), " vs ",
+              B.size(-2), ")");
+  if (square) {
+    TORCH_CHECK(A.size(-2) == B.size(-1), op, ": A @ B must be square (m == n): A has shape ", A.sizes(),
+                " and B has shape ", B.sizes(), " (m = ", A.size(-2), ", n = ", B.size(-1), ")");
+  }
+  // Broadcast the batch dimensions like torch.matmul, with an error that names the operands.
+  const int64_t da = A.dim() - 2, db = B.dim() - 2, nd = std::max(da, db);
+  std::vector<int64_t> batch(nd);
+  for (int64_t i = 0; i < nd; ++i) {
+    const int64_t ia = i - (nd - da), ib = i - (nd - db);
+    const int64_t sa = ia >= 0 ? A.size(ia) : 1, sb = ib >= 0 ? B.size(ib) : 1;
+    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, op,
+                ": the batch (leading) dimensions of A and B do not broadcast: A has shape ", A.sizes(),
+                " and B has shape ", B.sizes());
+    batch[i] = sa == 1 ? sb : sa;
+  }
+  return batch;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Small dense real eigenvalue solver (double precision, row-major n x n matrix, destroyed on output)
+// ----------------------------------------------------------------------------------------------------
+
+// Diagonal similarity scaling by powers of 2 so that rows and columns have comparable norms (EISPACK
+// balanc without the permutation step). Exact in floating point; improves the accuracy of what follows.
+void balance(double* a, int n) {
+  constexpr double radix = 2.0, sqrdx = radix * radix;
+  bool done = false;
+  for (int sweep = 0; !done && sweep < 100; ++sweep) {
+    done = true;
+    for (int i = 0; i < n; ++i) {
+      double r = 0.0, c = 0.0;
+      for (int j = 0; j < n; ++j) {
+        if (j != i) {
+          c += std::fabs(a[j * n + i]);
+          r += std::fabs(a[i * n + j]);
+        }
+      }
+      if (c == 0.0 || r == 0.0) continue;
+      double g = r / radix, f = 1.0;
+      const double s = c + r;
+      while (c < g) {
+        f *= radix;
+        c *= sqrdx;
+      }
+      g = r * radix;
+      while (c > g) {
+        f /= radix;
+        c /= sqrdx;
+      }
+      if ((c + r) / f < 0.95 * s) {
+        done = false;
+        const double ginv = 1.0 / f;
+        for (int j = 0; j < n; ++j) a[i * n + j] *= ginv;
+        for (int j = 0; j < n; ++j) a[j * n + i] *= f;
+      }
+    }
+  }
+}
+
+// Reduction to upper Hessenberg form by Gaussian elimination with partial pivoting (EISPACK elmhes):
+// half the flops of the Householder reduction, and adequate for eigenvalues. `y` is scratch of size n.
+// Entries below the subdiagonal are set to zero.
+void hessenberg(double* a, int n, double* y) {
+  for (int m = 1; m < n - 1; ++m) {
+    // Pivot: the largest entry of column m-1 at or below row m.
+    double x = 0.0;
+    int piv = m;
+    for (int j = m; j < n; ++j) {
+      if (std::fabs(a[j * n + m - 1]) > std::fabs(x)) {
+        x = a[j * n + m - 1];
+        piv = j;
+      }
+    }
+    if (piv != m) {  // similarity permutation: swap rows and columns piv and m
+      for (int j = m - 1; j < n; ++j) std::swap(a[piv * n + j], a[m * n + j]);
+      for (int j = 0; j < n; ++j) std::swap(a[j * n + piv], a[j * n + m]);
+    }
+    if (x == 0.0) continue;
+    // Row operations: row_i -= y_i * row_m for i > m (eliminates column m-1 below the subdiagonal)...
+    bool any = false;
+    const double* rowm = a + m * n;
+    for (int i = m + 1; i < n; ++i) {
+      double* rowi = a + i * n;
+      const double yi = rowi[m - 1] / x;
+      y[i] = yi;
+      rowi[m - 1] = 0.0;
+      if (yi != 0.0) {
+        any = true;
+        for (int j = m; j < n; ++j) rowi[j] -= yi * rowm[j];
+      }
+    }
+    if (!any) continue;
+    // ...then the inverse transform on the right: col_m += sum_i y_i * col_i, as a dot product per row.
+    for (int j = 0; j < n; ++j) {
+      const double* rowj = a + j * n;
+      double acc0 = 0.0, acc1 = 0.0, acc2 = 0.0, acc3 = 0.0;  // 4 chains: no -ffast-math needed to pipeline
+      int i = m + 1;
+      for (; i + 3 < n; i += 4) {
+        acc0 += y[i] * rowj[i];
+        acc1 += y[i + 1] * rowj[i + 1];
+        acc2 += y[i + 2] * rowj[i + 2];
+        acc3 += y[i + 3] * rowj[i + 3];
+      }
+      for (; i < n; ++i) acc0 += y[i] * rowj[i];
+      a[j * n + m] += (acc0 + acc1) + (acc2 + acc3);
+    }
+  }
+}
+
+// Eigenvalues of an upper Hessenberg matrix by the Francis double-shift QR algorithm (EISPACK hqr, which
+// only updates the active block since no Schur vectors are wanted). Returns false if it did not converge.
+bool hqr(double* a, int n, double* wr, double* wi) {
+  auto A = [a, n](int i, int j) -> double& { return a[i * n + j]; };
+  double anorm = 0.0;
+  for (int i = 0; i < n; ++i)
+    for (int j = std::max(i - 1, 0); j < n; ++j) anorm += std::fabs(A(i, j));
+
+  int nn = n - 1;
+  int its = 0;
+  double t = 0.0;  // accumulated exceptional shifts
+  while (nn >= 0) {
+    // Look for a single small subdiagonal element.
+    int l;
+    for (l = nn; l >= 1; --l) {
+      double s = std::fabs(A(l - 1, l - 1)) + std::fabs(A(l, l));
+      if (s == 0.0) s = anorm;
+      if (std::fabs(A(l, l - 1)) + s == s) {
+        A(l, l - 1) = 0.0;
+        break;
+      }
+    }
+    double x = A(nn, nn);
+    if (l == nn) {  // one real root
+      wr[nn] = x + t;
+      wi[nn] = 0.0;
+      --nn;
+      its = 0;
+      continue;
+    }
+    double y = A(nn - 1, nn - 1);
+    double w = A(nn, nn - 1) * A(nn - 1, nn);
+    if (l == nn - 1) {  // a 2x2 block: two roots
+      const double p = 0.5 * (y - x);
+      const double q = p * p + w;
+      double z = std::sqrt(std::fabs(q));
+      x += t;
+      if (q >= 0.0) {  // real pair
+        z = p + std::copysign(z, p);
+        wr[nn - 1] = wr[nn] = x + z;
+        if (z != 0.0) wr[nn] = x - w / z;
+        wi[nn - 1] = wi[nn] = 0.0;
+      } else {  // complex conjugate pair
+        wr[nn - 1] = wr[nn] = x + p;
+        wi[nn - 1] = z;
+        wi[nn] = -z;
+      }
+      nn -= 2;
+      its = 0;
+      continue;
+    }
+    if (its == kMaxQRIterations) return false;
+    if (its > 0 && its % 10 == 0) {  // exceptional shift
+      t += x;
+      for (int i = 0; i <= nn; ++i) A(i, i) -= x;
+      const double s = std::fabs(A(nn, nn - 1)) + std::fabs(A(nn - 1, nn - 2));
+      y = x = 0.75 * s;
+      w = -0.4375 * s * s;
+    }
+    ++its;
+    // Form the shift and look for two consecutive small subdiagonal elements.
+    int m;
+    double p = 0.0, q = 0.0, r = 0.0, z = 0.0;
+    for (m = nn - 2; m >= l; --m) {
+      z = A(m, m);
+      r = x - z;
+      double s = y - z;
+      p = (r * s - w) / A(m + 1, m) + A(m, m + 1);
+      q = A(m + 1, m + 1) - z - r - s;
+      r = A(m + 2, m + 1);
+      s = std::fabs(p) + std::fabs(q) + std::fabs(r);
+      p /= s;
+      q /= s;
+      r /= s;
+      if (m == l) break;
+      const double u = std::fabs(A(m, m - 1)) * (std::fabs(q) + std::fabs(r));
+      const double v = std::fabs(p) * (std::fabs(A(m - 1, m - 1)) + std::fabs(z) + std::fabs(A(m + 1, m + 1)));
+      if (u + v == v) break;
+    }
+    for (int i = m + 2; i <= nn; ++i) {
+      A(i, i - 2) = 0.0;
+      if (i != m + 2) A(i, i - 3) = 0.0;
+    }
+    // Double-shift QR step on rows l..nn and columns m..nn (chasing the bulge with 3x3 reflectors).
+    for (int k = m; k <= nn - 1; ++k) {
+      if (k != m) {
+        p = A(k, k - 1);
+        q = A(k + 1, k - 1);
+        r = (k != nn - 1) ? A(k + 2, k - 1) : 0.0;
+        x = std::fabs(p) + std::fabs(q) + std::fabs(r);
+        if (x != 0.0) {
+          p /= x;
+          q /= x;
+          r /= x;
+        }
+      }
+      const double s = std::copysign(std::sqrt(p * p + q * q + r * r), p);
+      if (s == 0.0) continue;
+      if (k == m) {
+        if (l != m) A(k, k - 1) = -A(k, k - 1);
+      } else {
+        A(k, k - 1) = -s * x;
+      }
+      p += s;
+      x = p / s;
+      y = q / s;
+      z = r / s;
+      q /= p;
+      r /= p;
+      double* rk = a + k * n;
+      double* rk1 = rk + n;
+      if (k != nn - 1) {
+        double* rk2 = rk1 + n;
+        for (int j = k; j <= nn; ++j) {
+          const double pp = rk[j] + q * rk1[j] + r * rk2[j];
+          rk2[j] -= pp * z;
+          rk1[j] -= pp * y;
+          rk[j] -= pp * x;
+        }
+      } else {
+        for (int j = k; j <= nn; ++j) {
+          const double pp = rk[j] + q * rk1[j];
+          rk1[j] -= pp * y;
+          rk[j] -= pp * x;
+        }
+      }
+      const int mmin = std::min(nn, k + 3);
+      for (int i = l; i <= mmin; ++i) {
+        double* ri = a + i * n;
+        double pp = x * ri[k] + y * ri[k + 1];
+        if (k != nn - 1) {
+          pp += z * ri[k + 2];
+          ri[k + 2] -= pp * r;
+        }
+        ri[k + 1] -= pp * q;
+        ri[k] -= pp;
+      }
+    }
+  }
+  return true;
+}
+
+// The ordering used by every eigvals path: |lambda| descending, ties (e.g. conjugate pairs) by the
+// imaginary part descending.
+Tensor sort_eigvals_desc(const Tensor& ev) {
+  if (ev.size(-1) <= 1) return ev;
+  const Tensor by_imag = std::get<1>(at::sort(at::imag(ev), /*stable=*/true, /*dim=*/-1, /*descending=*/true));
+  const Tensor ev1 = ev.gather(-1, by_imag);
+  const Tensor by_abs = std::get<1>(at::sort(at::abs(ev1), /*stable=*/true, /*dim=*/-1, /*descending=*/true));
+  return ev1.gather(-1, by_abs);
+}
+
+at::ScalarType complex_dtype_for(at::ScalarType real) {
+  return real == at::kFloat ? at::kComplexFloat : at::kComplexDouble;
+}
+
+// B @ A in double precision (the k x k matrix whose eigenvalues are wanted).
+Tensor core_matrix_double(const Tensor& A, const Tensor& B) {
+  return at::matmul(B.to(at::kDouble), A.to(at::kDouble));
+}
+
+// Eigenvalues through torch.linalg's solver (LAPACK/MAGMA/cuSOLVER). A matrix with a NaN or inf entry gets
+// all-NaN eigenvalues (LAPACK's result for it is unspecified), like the CPU fast path.
+Tensor eigvals_via_aten(const Tensor& C, at::ScalarType out_dtype) {
+  const Tensor finite = at::isfinite(C).all(-1).all(-1);  // [...]
+  const Tensor ev = at::linalg_eigvals(at::where(finite.unsqueeze(-1).unsqueeze(-1), C, at::zeros({}, C.options())));
+  const Tensor nan = at::full({}, c10::complex<double>(NAN, NAN), ev.options());
+  return sort_eigvals_desc(at::where(finite.unsqueeze(-1), ev, nan)).to(out_dtype).contiguous();
+}
+
+template <typename scalar_t>
+void eigvals_small_cpu(const Tensor& C, Tensor& out, std::vector<char>& failed) {
+  // C: [batch, k, k] contiguous double. out: [batch, k] contiguous complex<scalar_t>.
+  const int64_t batch = C.size(0);
+  const int k = static_cast<int>(C.size(1));
+  const double* cdata = C.const_data_ptr<double>();
+  auto* odata = out.mutable_data_ptr<c10::complex<scalar_t>>();
+
+  // Work is handed out dynamically (an atomic counter) rather than in static halves: the cost per matrix
+  // varies with its QR iteration count, and on a shared machine one thread may get less CPU than another.
+  const int64_t cost = 10 * static_cast<int64_t>(k) * k * k + 1;  // ~flops per matrix
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / cost);
+  const int64_t nitems = (batch + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  auto work = [&](int64_t /*begin*/, int64_t /*end*/) {
+    std::vector<double> a(static_cast<size_t>(k) * k), wr(k), wi(k), mag(k), scratch(k);
+    std::vector<int> order(k);
+    for (;;) {
+      const int64_t item = next.fetch_add(1, std::memory_order_relaxed);
+      if (item >= nitems) break;
+      for (int64_t b = item * chunk; b < std::min(batch, (item + 1) * chunk); ++b) {
+        std::copy(cdata + b * k * k, cdata + (b + 1) * k * k, a.begin());
+        bool finite = true;
+        for (double v : a) finite = finite && std::isfinite(v);
+        c10::complex<scalar_t>* o = odata + b * k;
+        if (!finite) {
+          std::fill(o, o + k, c10::complex<scalar_t>(NAN, NAN));
+          continue;
+        }
+        balance(a.data(), k);
+        hessenberg(a.data(), k, scratch.data());
+        if (!hqr(a.data(), k, wr.data(), wi.data())) {
+          failed[b] = 1;
+          continue;
+        }
+        for (int i = 0; i < k; ++i) mag[i] = std::abs(std::complex<double>(wr[i], wi[i]));
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int i, int j) {
+          if (mag[i] != mag[j]) return mag[i] > mag[j];
+          return wi[i] > wi[j];
+        });
+        for (int i = 0; i < k; ++i) {
+          o[i] = c10::complex<scalar_t>(static_cast<scalar_t>(wr[order[i]]), static_cast<scalar_t>(wi[order[i]]));
+        }
+      }
+    }
+  };
+  const int64_t workers = cost * batch < (int64_t{1} << 18) ? 1 : std::min<int64_t>(at::get_num_threads(), nitems);
+  if (workers <= 1 || at::in_parallel_region()) {
+    work(0, 1);
+  } else {
+    at::parallel_for(0, workers, 1, work);  // one call of `work` per thread
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Operators
+// ----------------------------------------------------------------------------------------------------
+
+Tensor lowrank_eigvals_generic(const Tensor& A, const Tensor& B) {
+  check_factors("hooklens::lowrank_eigvals", A, B, /*square=*/true);
+  return eigvals_via_aten(core_matrix_double(A, B), complex_dtype_for(A.scalar_type()));
+}
+
+Tensor lowrank_eigvals_cpu(const Tensor& A, const Tensor& B) {
+  const auto batch_shape = check_factors("hooklens::lowrank_eigvals", A, B, /*square=*/true);
+  const int64_t k = A.size(-1);
+  const auto out_dtype = complex_dtype_for(A.scalar_type());
+  const Tensor C = core_matrix_double(A, B);  // [..., k, k]
+  if (k > kSmallEigK) return eigvals_via_aten(C, out_dtype);
+
+  std::vector<int64_t> out_shape(batch_shape);
+  out_shape.push_back(k);
+  Tensor out = at::empty(out_shape, A.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  const Tensor C3 = C.reshape({-1, k, k}).contiguous();
+  Tensor out2 = out.view({-1, k});
+  std::vector<char> failed(static_cast<size_t>(C3.size(0)), 0);
+  if (A.scalar_type() == at::kFloat) {
+    eigvals_small_cpu<float>(C3, out2, failed);
+  } else {
+    eigvals_small_cpu<double>(C3, out2, failed);
+  }
+  for (int64_t b = 0; b < C3.size(0); ++b) {  // rare: the QR iteration did not converge
+    if (failed[b]) out2[b].copy_(eigvals_via_aten(C3[b], out_dtype));
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> lowrank_svd_impl(const Tensor& A, const Tensor& B) {
+  const auto batch_shape = check_factors("hooklens::lowrank_svd", A, B, /*square=*/false);
+  // A = Qa Ra, B^T = Qb Rb  =>  A @ B = Qa (Ra Rb^T) Qb^T = (Qa Uc) S (Qb Vc)^T.
+  auto [Qa, Ra] = at::linalg_qr(A, "reduced");       // [.., m, p], [.., p, k], p = min(m, k)
+  auto [Qb, Rb] = at::linalg_qr(B.mT(), "reduced");  // [.., n, q], [.., q, k], q = min(n, k)
+  const Tensor core = at::matmul(Ra, Rb.mT());        // [.., p, q]
+  auto [Uc, S, Vch] = at::linalg_svd(core, /*full_matrices=*/false);  // r = min(p, q) = min(m, k, n)
+  Tensor U = at::matmul(Qa, Uc);
+  Tensor Vh = at::matmul(Vch, Qb.mT());
+  // (The matmuls already broadcast to the full batch shape; expand is a no-op kept for clarity.)
+  std::vector<int64_t> su(batch_shape), ss(batch_shape), sv(batch_shape);
+  su.insert(su.end(), {U.size(-2), U.size(-1)});
+  ss.push_back(S.size(-1));
+  sv.insert(sv.end(), {Vh.size(-2), Vh.size(-1)});
+  return {U.expand(su).contiguous(), S.expand(ss).contiguous(), Vh.expand(sv).contiguous()};
+}
+
+Tensor lowrank_fro_norm_impl(const Tensor& A, const Tensor& B) {
+  const auto batch_shape = check_factors("hooklens::lowrank_fro_norm", A, B, /*square=*/false);
+  const int64_t m = A.size(-2), k = A.size(-1), n = B.size(-1);
+  Tensor out;
+  if (m * n <= k * (m + n)) {
+    // Forming A @ B is cheaper than the two k x k Gram matrices (k is not small): do that, it is also
+    // more accurate.
+    out = at::linalg_vector_norm(at::matmul(A, B), 2, at::IntArrayRef{-2, -1});
+  } else {
+    // ||A B||_F^2 = trace(B^T A^T A B) = sum((A^T A) o (B B^T)).
+    const Tensor G = at::matmul(A.mT(), A);  // [.., k, k]
+    const Tensor H = at::matmul(B, B.mT());  // [.., k, k]
+    out = at::sqrt(at::clamp_min(at::sum(at::mul(G, H), at::IntArrayRef{-2, -1}), 0));
+  }
+  return out.expand(batch_shape).contiguous();
+}
+
+Tensor lowrank_trace_impl(const Tensor& A, const Tensor& B) {
+  check_factors("hooklens::lowrank_trace", A, B, /*square=*/true);
+  // trace(A B) = sum_ij A_ij B_ji.
+  return at::sum(at::mul(A, B.mT()), at::IntArrayRef{-2, -1}).contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hooklens, m) {
+  // Fake (meta) kernels for torch.compile are registered from this Python module.
+  m.set_python_module("hooklens.ops.lowrank");
+  m.def("lowrank_eigvals(Tensor A, Tensor B) -> Tensor");
+  m.def("lowrank_svd(Tensor A, Tensor B) -> (Tensor U, Tensor S, Tensor Vh)");
+  m.def("lowrank_fro_norm(Tensor A, Tensor B) -> Tensor");
+  m.def("lowrank_trace(Tensor A, Tensor B) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hooklens, CPU, m) {
+  m.impl("lowrank_eigvals", &lowrank_eigvals_cpu);
+  m.impl("lowrank_svd", &lowrank_svd_impl);
+  m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
+  m.impl("lowrank_trace", &lowrank_trace_impl);
+}
+
+// The same ATen-only kernels serve CUDA (eigenvalues through torch.linalg's solver).
+TORCH_LIBRARY_IMPL(hooklens, CUDA, m) {
+  m.impl("lowrank_eigvals", &lowrank_eigvals_generic);
+  m.impl("lowrank_svd", &lowrank_svd_impl);
+  m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
+  m.impl("lowrank_trace", &lowrank_trace_impl);
+}
+
+}  // namespace hooklens

@@ -1,0 +1,303 @@
+"""FactoredMatrix: a low-rank matrix `A @ B` (A: [..., m, k], B: [..., k, n], k small) that is never formed.
+
+TransformerLens's surface (`A, B, AB, BA, T, svd(), U, S, V, eigenvalues, norm(), get_corner, collapse_l/r,
+make_even, unsqueeze, pair, __getitem__, @, *`), with the heavy routines in `hooklens.ops.lowrank` (compiled
+in `hooklens._C`, PyTorch reference beside it).
+
+Multiplying by a plain matrix on the outside (`W_E @ model.OV @ W_U`) is *deferred*: the outer factors are kept
+apart (`left @ A @ B @ right`) and only combined when something needs them. Eigenvalues then come from the small
+`B @ (right @ left) @ A`, never from the [50257 × k] products TransformerLens forms, and row slices
+(`fm[i:i+1000].AB`) only touch the rows they need.
+
+Differences from TransformerLens 3.9, on purpose:
+* `svd()` returns `(U, S, Vh)` with `Vh` really V-transposed (`[..., k, n]`); TL's third output (and `.Vh`) was V.
+  `.V` is V (`[..., n, k]`) in both libraries.
+* `trace()` exists (TL has none).
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+Index = Union[int, slice, Tuple[Any, ...], None]
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.transpose(-2, -1)
+
+
+def _chain(*mats: Optional[Tensor]) -> Tensor:
+    """Product of a chain of matrices (None entries skipped), in the cheapest association (matrix-chain DP,
+    counting broadcast leading dims: a shared [50257, 768] factor times 144 heads costs 144 times)."""
+    mats = [m for m in mats if m is not None]
+    n = len(mats)
+    rows = [m.shape[-2] for m in mats] + [mats[-1].shape[-1]]
+    batch = [max(1, m.shape[:-2].numel()) for m in mats]
+    cost = {(i, i): 0 for i in range(n)}
+    split = {}
+    for length in range(2, n + 1):
+        for i in range(n - length + 1):
+            j = i + length - 1
+            b = max(batch[i : j + 1])
+            cost[i, j], split[i, j] = min(
+                (cost[i, k] + cost[k + 1, j] + b * rows[i] * rows[k + 1] * rows[j + 1], k) for k in range(i, j)
+            )
+
+    def multiply(i: int, j: int) -> Tensor:
+        if i == j:
+            return mats[i]
+        k = split[i, j]
+        return multiply(i, k) @ multiply(k + 1, j)
+
+    return multiply(0, n - 1)
+
+
+class FactoredMatrix:
+    """The matrix `left @ A @ B @ right` (outer factors optional), stored factored; shape `[..., ldim, rdim]`."""
+
+    def __init__(self, A: Tensor, B: Tensor, *, left: Optional[Tensor] = None, right: Optional[Tensor] = None):
+        if A.shape[-1] != B.shape[-2]:
+            raise ValueError(f"Factored matrix must match on inner dimension, shapes were A: {tuple(A.shape)}, "
+                             f"B: {tuple(B.shape)}")
+        if left is not None and left.shape[-1] != A.shape[-2]:
+            raise ValueError(f"Left factor {tuple(left.shape)} does not fit A {tuple(A.shape)}")
+        if right is not None and right.shape[-2] != B.shape[-1]:
+            raise ValueError(f"Right factor {tuple(right.shape)} does not fit B {tuple(B.shape)}")
+        self._A, self._B, self._left, self._right = A, B, left, right
+        self.ldim = left.shape[-2] if left is not None else A.shape[-2]
+        self.rdim = right.shape[-1] if right is not None else B.shape[-1]
+        self.mdim = B.shape[-2]
+        leading = [t.shape[:-2] for t in (A, B, left, right) if t is not None]
+        try:
+            self.batch_shape = torch.broadcast_shapes(*leading)
+        except RuntimeError as err:
+            raise RuntimeError(f"Cannot broadcast the leading dimensions {leading} of a FactoredMatrix.") from err
+        self.shape = torch.Size(self.batch_shape + (self.ldim, self.rdim))
+        self.has_leading_dims = len(self.batch_shape) > 0
+
+    # -- the factors --------------------------------------------------------------------------------------------
+    @cached_property
+    def A(self) -> Tensor:
+        """Left factor `[..., ldim, mdim]` (outer left factor multiplied in)."""
+        A = self._A if self._left is None else self._left @ self._A
+        return A.broadcast_to(self.batch_shape + A.shape[-2:])
+
+    @cached_property
+    def B(self) -> Tensor:
+        """Right factor `[..., mdim, rdim]` (outer right factor multiplied in)."""
+        B = self._B if self._right is None else self._B @ self._right
+        return B.broadcast_to(self.batch_shape + B.shape[-2:])
+
+    @property
+    def pair(self) -> Tuple[Tensor, Tensor]:
+        return self.A, self.B
+
+    @property
+    def AB(self) -> Tensor:
+        """The dense matrix `[..., ldim, rdim]`."""
+        return _chain(self._left, self._A, self._B, self._right).broadcast_to(self.shape)
+
+    @property
+    def BA(self) -> Tensor:
+        """The small square `[..., mdim, mdim]` matrix `B @ A` (needs ldim == rdim)."""
+        if self.ldim != self.rdim:
+            raise ValueError(f"BA needs a square matrix (ldim == rdim), shape is {tuple(self.shape)}")
+        outer = _chain(self._right, self._left) if (self._left is not None or self._right is not None) else None
+        BA = _chain(self._B, outer, self._A)
+        return BA.broadcast_to(self.batch_shape + (self.mdim, self.mdim))
+
+    @property
+    def T(self) -> "FactoredMatrix":
+        return FactoredMatrix(
+            _t(self._B), _t(self._A),
+            left=None if self._right is None else _t(self._right),
+            right=None if self._left is None else _t(self._left),
+        )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"FactoredMatrix: Shape({tuple(self.shape)}), Hidden Dim({self.mdim})"
+
+    # -- products -----------------------------------------------------------------------------------------------
+    def __matmul__(self, other: Union[Tensor, "FactoredMatrix"]) -> Union["FactoredMatrix", Tensor]:
+        if isinstance(other, FactoredMatrix):
+            return (self @ other.A) @ other.B
+        if other.ndim < 2:  # matrix @ vector
+            return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
+        if other.shape[-2] != self.rdim:
+            raise ValueError(f"Right matrix must match on inner dimension, shapes were self: {tuple(self.shape)}, "
+                             f"other: {tuple(other.shape)}")
+        right = other if self._right is None else self._right @ other
+        return FactoredMatrix(self._A, self._B, left=self._left, right=right)
+
+    def __rmatmul__(self, other: Tensor) -> Union["FactoredMatrix", Tensor]:
+        if other.ndim < 2:  # vector @ matrix
+            return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
+        if other.shape[-1] != self.ldim:
+            raise ValueError(f"Left matrix must match on inner dimension, shapes were self: {tuple(self.shape)}, "
+                             f"other: {tuple(other.shape)}")
+        left = other if self._left is None else other @ self._left
+        return FactoredMatrix(self._A, self._B, left=left, right=self._right)
+
+    def __mul__(self, scalar: Union[int, float, Tensor]) -> "FactoredMatrix":
+        if isinstance(scalar, Tensor) and scalar.numel() != 1:
+            raise ValueError(f"* takes a scalar, got a tensor of shape {tuple(scalar.shape)}; use @ for matrices.")
+        return FactoredMatrix(self._A * scalar, self._B, left=self._left, right=self._right)
+
+    __rmul__ = __mul__
+
+    # -- spectra ------------------------------------------------------------------------------------------------
+    @property
+    def eigenvalues(self) -> Tensor:
+        """The mdim eigenvalues of the (square) matrix that can be nonzero: those of `B @ A`. Complex `[..., mdim]`."""
+        from hooklens.ops import lowrank
+
+        BA = self.BA
+        if BA.dtype in (torch.float16, torch.bfloat16):
+            BA = BA.float()
+        eye = torch.eye(self.mdim, dtype=BA.dtype, device=BA.device)
+        return lowrank.eigvals(BA, eye)
+
+    @cached_property
+    def _svd(self) -> Tuple[Tensor, Tensor, Tensor]:
+        from hooklens.ops import lowrank
+
+        A, B = self.A, self.B
+        if A.dtype in (torch.float16, torch.bfloat16):
+            A, B = A.float(), B.float()
+        return lowrank.svd(A.contiguous(), B.contiguous())
+
+    def svd(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """Thin SVD `(U [..., ldim, mdim], S [..., mdim], Vh [..., mdim, rdim])` with `U @ diag(S) @ Vh == AB`."""
+        return self._svd
+
+    @property
+    def U(self) -> Tensor:
+        return self._svd[0]
+
+    @property
+    def S(self) -> Tensor:
+        return self._svd[1]
+
+    @property
+    def Vh(self) -> Tensor:
+        """V transposed, `[..., mdim, rdim]` (TransformerLens's `.Vh` returned V)."""
+        return self._svd[2]
+
+    @property
+    def V(self) -> Tensor:
+        """Right singular vectors as columns, `[..., rdim, mdim]` (same as TransformerLens's `.V`)."""
+        return _t(self._svd[2])
+
+    def _gram_left(self) -> Tensor:
+        """`A^T A` with the outer left factor folded in: `[..., mdim, mdim]`."""
+        if self._left is None:
+            return _t(self._A) @ self._A
+        return _t(self._A) @ (_t(self._left) @ self._left) @ self._A
+
+    def _gram_right(self) -> Tensor:
+        """`B B^T` with the outer right factor folded in: `[..., mdim, mdim]`."""
+        if self._right is None:
+            return self._B @ _t(self._B)
+        return self._B @ (self._right @ _t(self._right)) @ _t(self._B)
+
+    def norm(self) -> Tensor:
+        """Frobenius norm `[...]`, from the two mdim × mdim Gram matrices (the product is never formed)."""
+        if self._left is None and self._right is None:
+            from hooklens.ops import lowrank
+
+            return lowrank.fro_norm(self.A.contiguous(), self.B.contiguous())
+        squared = (self._gram_left() * self._gram_right()).sum((-2, -1))
+        return squared.clamp(min=0).sqrt().broadcast_to(self.batch_shape)
+
+    def trace(self) -> Tensor:
+        """Trace `[...]` of the (square) matrix, as the trace of the small `B @ A`."""
+        return self.BA.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    # -- reshaping ----------------------------------------------------------------------------------------------
+    def get_corner(self, k: int = 3) -> Tensor:
+        A = self._A if self._left is None else self._left[..., :k, :] @ self._A
+        B = self._B if self._right is None else self._B @ self._right[..., :, :k]
+        return _corner(A[..., :k, :] @ B[..., :, :k], k)
+
+    def collapse_l(self) -> Tensor:
+        """`S Vh`: the factorization without its orthogonal left factor, `[..., mdim, rdim]`."""
+        return self.S[..., :, None] * self.Vh
+
+    def collapse_r(self) -> Tensor:
+        """`U S`: the factorization without its orthogonal right factor, `[..., ldim, mdim]`."""
+        return self.U * self.S[..., None, :]
+
+    def make_even(self) -> "FactoredMatrix":
+        """The same matrix as `(U √S) @ (√S Vh)`: both halves carry half the spectrum."""
+        sqrt_S = self.S.sqrt()
+        return FactoredMatrix(self.U * sqrt_S[..., None, :], sqrt_S[..., :, None] * self.Vh)
+
+    def unsqueeze(self, k: int) -> "FactoredMatrix":
+        if k < 0:
+            k = k + self.ndim + 1
+        if k > len(self.batch_shape):
+            raise ValueError(f"unsqueeze({k}) must add a leading dimension (ndim is {self.ndim}).")
+        return FactoredMatrix(self.A.unsqueeze(k), self.B.unsqueeze(k))
+
+    def to(self, *args: Any, **kwargs: Any) -> "FactoredMatrix":
+        move = lambda t: None if t is None else t.to(*args, **kwargs)
+        return FactoredMatrix(move(self._A), move(self._B), left=move(self._left), right=move(self._right))
+
+    def __getitem__(self, idx: Index) -> "FactoredMatrix":
+        """Index leading dims, then rows, then columns (TL semantics: integer rows/columns keep their dim)."""
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        n_batch = len(self.batch_shape)
+        used = len([i for i in idx if i is not None])
+        if used > self.ndim:
+            raise ValueError(f"{idx} is too long an index for a FactoredMatrix with shape {tuple(self.shape)}")
+        batch_idx, row, col = idx[:n_batch], slice(None), slice(None)
+        if used == n_batch + 1:
+            row = _keep_dim(idx[-1])
+        elif used == n_batch + 2:
+            row, col = _keep_dim(idx[-2]), _keep_dim(idx[-1])
+        left, A, B, right = self._broadcast_factors()
+        if _is_full(col) and right is not None:
+            B, right = self.B, None  # reuse the materialized right side (row sweeps slice many times)
+        pick = lambda t: None if t is None else t[batch_idx]
+        left, A, B, right = pick(left), pick(A), pick(B), pick(right)
+        if not _is_full(row):
+            if left is not None:
+                left = left[..., row, :]
+            else:
+                A = A[..., row, :]
+        if not _is_full(col):
+            if right is not None:
+                right = right[..., :, col]
+            else:
+                B = B[..., :, col]
+        return FactoredMatrix(A, B, left=left, right=right)
+
+    def _broadcast_factors(self) -> List[Optional[Tensor]]:
+        """Factors expanded to the full leading shape, so leading-dim indices apply to each of them."""
+        expand = lambda t: None if t is None else t.broadcast_to(self.batch_shape + t.shape[-2:])
+        return [expand(self._left), expand(self._A), expand(self._B), expand(self._right)]
+
+
+def _is_full(index: Any) -> bool:
+    return isinstance(index, slice) and index == slice(None)
+
+
+def _keep_dim(index: Any) -> Any:
+    """TL turns an integer row/column index into a length-1 slice (-1 -> slice(-1, None))."""
+    if isinstance(index, int):
+        return slice(index, index + 1 if index != -1 else None)
+    return index
+
+
+def _corner(tensor: Tensor, k: int) -> Tensor:
+    from hooklens.utils import get_corner
+
+    return get_corner(tensor, k)

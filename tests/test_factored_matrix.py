@@ -1,0 +1,207 @@
+"""FactoredMatrix against dense float64 linear algebra and against TransformerLens 3.9's FactoredMatrix."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from hooklens import FactoredMatrix, HookedTransformer
+import hooklens.utils as utils
+
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (scoped per test, so other modules keep autograd)."""
+    with torch.no_grad():
+        yield
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from transformer_lens import FactoredMatrix as TLFactoredMatrix
+    import transformer_lens.utils as tl_utils
+
+
+def rand(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def sorted_eigs(values: torch.Tensor) -> torch.Tensor:
+    """Sort complex eigenvalues (last dim) by (real, imag) rounded, for multiset comparison."""
+    key = values.real * 1e6 + values.imag.round(decimals=6)
+    return torch.gather(values, -1, key.argsort(dim=-1))
+
+
+def assert_close(a, b, atol=1e-8, rtol=1e-6, what=""):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+CASES = {
+    "square": ((3, 20, 5), (3, 5, 20)),
+    "rank_deficient": ((2, 16, 6), (2, 6, 16)),
+    "non_square": ((4, 30, 7), (4, 7, 11)),
+    "no_batch": ((12, 3), (3, 12)),
+    "broadcast": ((2, 1, 10, 4), (1, 3, 4, 10)),
+    "k1": ((5, 9, 1), (5, 1, 9)),
+}
+
+
+def make(case, seed=0):
+    a_shape, b_shape = CASES[case]
+    A, B = rand(*a_shape, seed=seed), rand(*b_shape, seed=seed + 1)
+    if case == "rank_deficient":
+        A[..., :, -2:] = A[..., :, :2]  # rank 4 < k = 6
+    return A, B
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dense_equivalents(case):
+    A, B = make(case)
+    fm = FactoredMatrix(A, B)
+    dense = A @ B
+    assert fm.shape == dense.shape
+    assert_close(fm.AB, dense, what="AB")
+    S_dense = torch.linalg.svdvals(dense)[..., : fm.mdim]
+    assert_close(fm.S, S_dense, atol=1e-9, what="S")
+    U, S, Vh = fm.svd()
+    assert_close(U @ torch.diag_embed(S) @ Vh, dense, atol=1e-9, what="reconstruction")
+    eye = torch.eye(fm.mdim, dtype=A.dtype)
+    rank = int(torch.linalg.matrix_rank(dense).min())
+    assert_close((U.transpose(-2, -1) @ U)[..., :rank, :rank], eye[:rank, :rank].expand_as((U.transpose(-2, -1) @ U)[..., :rank, :rank]), atol=1e-9, what="U orthonormal")
+    assert_close((Vh @ Vh.transpose(-2, -1))[..., :rank, :rank], eye[:rank, :rank].expand_as((Vh @ Vh.transpose(-2, -1))[..., :rank, :rank]), atol=1e-9, what="Vh orthonormal")
+    assert_close(fm.V, Vh.transpose(-2, -1))
+    assert_close(fm.norm(), torch.linalg.matrix_norm(dense), what="norm")
+    if fm.ldim == fm.rdim:
+        assert_close(fm.trace(), dense.diagonal(dim1=-2, dim2=-1).sum(-1), what="trace")
+        dense_eigs = torch.linalg.eigvals(dense)
+        top = dense_eigs.gather(-1, dense_eigs.abs().argsort(dim=-1, descending=True)[..., : fm.mdim])
+        assert_close(sorted_eigs(fm.eigenvalues), sorted_eigs(top), atol=1e-7, what="eigenvalues")
+        assert_close(fm.BA, B @ A)
+
+
+def test_operations_match_dense():
+    A, B = make("square")
+    fm, dense = FactoredMatrix(A, B), A @ B
+    M = rand(20, 20, seed=7)
+    v = rand(20, seed=8)
+    assert_close((fm @ M).AB, dense @ M)
+    assert_close((M @ fm).AB, M @ dense)
+    assert_close(fm @ v, dense @ v)
+    assert_close(v @ fm, v @ dense)
+    assert_close((fm @ fm).AB, dense @ dense)
+    assert_close((2.5 * fm).AB, 2.5 * dense)
+    assert_close((fm * torch.tensor(3.0, dtype=torch.float64)).AB, 3 * dense)
+    assert_close(fm.T.AB, dense.transpose(-2, -1))
+    assert_close(fm[1].AB, dense[1])
+    assert_close(fm[1:3, 2:5].AB, dense[1:3, 2:5])
+    assert_close(fm[0, 4].AB, dense[0, 4:5])
+    assert_close(fm[0, 4, -1].AB, dense[0, 4:5, -1:])
+    assert_close(fm[:, torch.tensor([1, 3])].AB, dense[:, [1, 3]])
+    assert_close(fm.unsqueeze(0).AB, dense.unsqueeze(0))
+    assert_close(fm.make_even().AB, dense, atol=1e-9)
+    even_A, even_B = fm.make_even().pair
+    assert_close(torch.linalg.svdvals(even_A), torch.linalg.svdvals(even_B.transpose(-2, -1)), atol=1e-9)
+    assert_close(fm.collapse_l(), torch.diag_embed(fm.S) @ fm.Vh)
+    assert_close(fm.collapse_r(), fm.U @ torch.diag_embed(fm.S))
+    assert_close(fm.get_corner(2), dense[:2, :2, :2])
+    with pytest.raises(ValueError, match="inner dimension"):
+        FactoredMatrix(A, B[..., :4, :])
+    with pytest.raises(ValueError, match="scalar"):
+        fm * torch.ones(2)
+
+
+def test_outer_factors_are_deferred_and_exact():
+    """`left @ FM @ right` keeps the outer factors apart; every result equals the dense computation."""
+    A, B = rand(3, 8, 4, seed=1), rand(3, 4, 8, seed=2)
+    left, right = rand(50, 8, seed=3), rand(8, 50, seed=4)
+    fm = left @ FactoredMatrix(A, B) @ right
+    dense = left @ (A @ B) @ right
+    assert fm.shape == (3, 50, 50) and fm.mdim == 4
+    assert_close(fm.AB, dense)
+    assert_close(fm.norm(), torch.linalg.matrix_norm(dense), what="norm")
+    assert_close(fm.trace(), dense.diagonal(dim1=-2, dim2=-1).sum(-1))
+    dense_eigs = torch.linalg.eigvals(dense)
+    top = dense_eigs.gather(-1, dense_eigs.abs().argsort(dim=-1, descending=True)[..., :4])
+    assert_close(sorted_eigs(fm.eigenvalues), sorted_eigs(top), atol=1e-7, what="eigenvalues")
+    assert_close(fm.S, torch.linalg.svdvals(dense)[..., :4], atol=1e-9)
+    assert_close(fm[1, 10:20].AB, dense[1, 10:20])
+    assert_close(fm[:, :, 5:9].AB, dense[:, :, 5:9])
+    assert_close(fm[2][torch.tensor([0, 7, 49])].AB, dense[2][[0, 7, 49]])
+    assert_close(fm.T.AB, dense.transpose(-2, -1))
+    assert_close((fm @ fm.T).AB, dense @ dense.transpose(-2, -1))
+
+
+def test_matches_transformerlens_factored_matrix():
+    A, B = rand(2, 3, 16, 4, seed=5).float(), rand(2, 3, 4, 16, seed=6).float()
+    ours, theirs = FactoredMatrix(A, B), TLFactoredMatrix(A, B)
+    assert tuple(ours.shape) == tuple(theirs.shape) and ours.ndim == theirs.ndim
+    assert (ours.ldim, ours.rdim, ours.mdim) == (theirs.ldim, theirs.rdim, theirs.mdim)
+    for name in ("AB", "BA", "S"):
+        assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-4, rtol=1e-4, what=name)
+    assert_close(ours.norm(), theirs.norm(), atol=1e-4, rtol=1e-4)
+    assert_close(sorted_eigs(ours.eigenvalues.to(torch.complex64)), sorted_eigs(theirs.eigenvalues), atol=1e-4, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_V = theirs.V
+    # Singular vectors are defined up to sign: compare the sign-invariant projections.
+    assert_close(ours.U @ ours.U.transpose(-2, -1), theirs.U @ theirs.U.transpose(-2, -1), atol=1e-4, rtol=1e-4)
+    assert_close(ours.V @ ours.V.transpose(-2, -1), theirs_V @ theirs_V.transpose(-2, -1), atol=1e-4, rtol=1e-4)
+    for index in [(1,), (0, 2), (1, 0, slice(3, 9)), (0, 1, 5), (0, 1, 5, 7), (slice(None), 1)]:
+        assert_close(ours[index].AB, theirs[index].AB, atol=1e-5, what=str(index))
+    assert_close(ours.T.AB, theirs.T.AB)
+    assert_close(ours.collapse_l().norm(dim=(-2, -1)), theirs.collapse_l().norm(dim=(-2, -1)), atol=1e-4, rtol=1e-4)
+    assert_close(ours.get_corner(3), theirs.get_corner(3))
+    left = rand(3, 16, seed=9).float()
+    assert_close((left @ ours @ left.T).AB, (left @ theirs @ left.T).AB, atol=1e-4, rtol=1e-4)
+
+
+def test_composition_scores_match_transformerlens():
+    left = FactoredMatrix(rand(2, 3, 12, 4, seed=1).float(), rand(2, 3, 4, 12, seed=2).float())
+    right = FactoredMatrix(rand(2, 3, 12, 4, seed=3).float(), rand(2, 3, 4, 12, seed=4).float())
+    tl_left = TLFactoredMatrix(left.A, left.B)
+    tl_right = TLFactoredMatrix(right.A, right.B)
+    expected = tl_utils.composition_scores(tl_left, tl_right, broadcast_dims=True)
+    actual = utils.composition_scores(left, right, broadcast_dims=True)
+    assert actual.shape == (2, 3, 2, 3)
+    assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    assert_close(utils.composition_scores(left, right, broadcast_dims=False),
+                 tl_utils.composition_scores(tl_left, tl_right, broadcast_dims=False), atol=1e-5, rtol=1e-4)
+    # The other branch (shared dim larger than m1 * m2).
+    wide_l = FactoredMatrix(rand(3, 40, 2, seed=5).float(), rand(3, 2, 40, seed=6).float())
+    wide_r = FactoredMatrix(rand(2, 40, 2, seed=7).float(), rand(2, 2, 40, seed=8).float())
+    assert_close(utils.composition_scores(wide_l, wide_r),
+                 tl_utils.composition_scores(TLFactoredMatrix(wide_l.A, wide_l.B), TLFactoredMatrix(wide_r.A, wide_r.B)),
+                 atol=1e-5, rtol=1e-4)
+
+
+def top_1_acc(full_circuit, batch_size=40):
+    total = 0
+    for indices in torch.split(torch.arange(full_circuit.shape[-2]), batch_size):
+        total += (full_circuit[indices].AB.argmax(dim=-1) == indices).float().sum().item()
+    return total / full_circuit.shape[-2]
+
+
+def test_circuit_workflows_match_transformerlens(tiny_dir):
+    """The induction-demo workflows: OV copying scores, full OV circuits, K-composition top-1 accuracy."""
+    from conftest import tl_model_from_hf
+
+    tl = tl_model_from_hf(tiny_dir)
+    model = HookedTransformer.from_pretrained(tiny_dir)
+    assert model.OV.shape == tl.OV.shape == (2, 4, 64, 64)
+    ours_eigs, tl_eigs = model.OV.eigenvalues, tl.OV.eigenvalues
+    copying = lambda e: (e.sum(-1) / e.abs().sum(-1)).real
+    assert_close(copying(ours_eigs).float(), copying(tl_eigs), atol=1e-4, rtol=1e-4, what="OV copying scores")
+    W_E, W_U = model.W_E[:300], model.W_U[:, :300]  # a 300-token vocabulary slice keeps the test fast
+    full = W_E @ model.OV @ W_U
+    tl_full = W_E @ tl.OV @ W_U
+    assert_close(copying(full.eigenvalues).float(), copying(tl_full.eigenvalues), atol=1e-4, rtol=1e-4,
+                 what="full OV circuit copying scores")
+    assert_close(full.AB, tl_full.AB, atol=1e-4, rtol=1e-4)
+    k_comp = W_E @ model.QK[1, 2] @ (W_E @ model.OV[0, 3]).T
+    tl_k_comp = W_E @ tl.QK[1, 2] @ (W_E @ tl.OV[0, 3]).T
+    assert top_1_acc(k_comp) == top_1_acc(tl_k_comp)
+    assert_close(model.all_composition_scores("K"), tl.all_composition_scores("K"), atol=1e-5, rtol=1e-4)
+    assert_close(model.all_composition_scores("Q"), tl.all_composition_scores("Q"), atol=1e-5, rtol=1e-4)
+    assert_close(model.all_composition_scores("V"), tl.all_composition_scores("V"), atol=1e-5, rtol=1e-4)
+    assert_close(model.blocks[1].attn.OV.AB, tl.blocks[1].attn.OV.AB)

@@ -1,0 +1,421 @@
+"""hooklens.ops.lowrank: eigenvalues / SVD / norms of A @ B without forming it, C++ (hooklens._C) and torch backends.
+
+Everything is checked against dense float64 torch.linalg on A @ B. The C++ extension is built by the README's
+install command (`pip install -e ".[test]"`); if it did not build or load, these tests fail (they do not skip).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hooklens import ops
+from hooklens.ops import lowrank as L
+
+BACKENDS = ["cpp", "torch"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    # Fails (not skips) every test of this file when hooklens._C is missing or broken.
+    L.load_extension(required=True)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def factors(batch, m, k, n, dtype=torch.float64, rank=None, seed=0):
+    """Random A [*batch, m, k], B [*batch, k, n]; with `rank`, A has that rank (so A @ B and B @ A do too)."""
+    g = _gen(seed)
+    if rank is None:
+        A = torch.randn(*batch, m, k, generator=g, dtype=torch.float64)
+    else:
+        A = torch.randn(*batch, m, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            *batch, rank, k, generator=g, dtype=torch.float64
+        )
+    B = torch.randn(*batch, k, n, generator=g, dtype=torch.float64)
+    return A.to(dtype), B.to(dtype)
+
+
+def dense(A, B):
+    return A.double() @ B.double()
+
+
+def match_eigvals(got: torch.Tensor, want: torch.Tensor, tol: float):
+    """Asserts two 1-D eigenvalue lists are the same multiset within `tol` (the shorter one padded with
+    zeros: A @ B has m - k more zero eigenvalues than B @ A). Greedy nearest matching, largest first: robust
+    to the order of conjugate pairs and to clusters narrower than `tol` (such as the zeros)."""
+    got = got.detach().to(torch.complex128).numpy()
+    want = want.detach().to(torch.complex128).numpy()
+    size = max(len(got), len(want))
+    got = np.concatenate([got, np.zeros(size - len(got))])
+    want = np.concatenate([want, np.zeros(size - len(want))])
+    free = np.ones(size, dtype=bool)
+    for value in got[np.argsort(-np.abs(got), kind="stable")]:
+        dist = np.where(free, np.abs(want - value), np.inf)
+        j = int(np.argmin(dist))
+        assert dist[j] <= tol, f"eigenvalue {value} has no match within {tol:g}: nearest unmatched {want[j]}"
+        free[j] = False
+
+
+def eig_tol(C: torch.Tensor, dtype) -> float:
+    scale = float(torch.linalg.matrix_norm(C, ord=2).max()) + 1e-300
+    return scale * (1e-9 if dtype == torch.float64 else 2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eigvals
+# ---------------------------------------------------------------------------------------------------------
+
+EIG_CASES = [
+    # batch, m, k, rank
+    ((), 5, 1, None),
+    ((3,), 9, 7, None),
+    ((2,), 7, 7, 4),  # rank-deficient: 3 zero eigenvalues
+    ((2, 2), 70, 64, None),
+    ((), 64, 64, 50),
+    ((), 5, 7, None),  # m < k: B @ A has k - m zero eigenvalues
+    ((2,), 133, 130, None),  # k > 128: LAPACK fallback path
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,m,k,rank", EIG_CASES)
+def test_eigvals_match_dense(batch, m, k, rank, dtype, backend):
+    A, B = factors(batch, m, k, m, dtype=dtype, rank=rank, seed=k)
+    ev = ops.eigvals(A, B, backend=backend)
+    assert ev.shape == (*batch, k)
+    assert ev.dtype == (torch.complex128 if dtype == torch.float64 else torch.complex64)
+    C = dense(A, B)
+    want = torch.linalg.eigvals(C)
+    tol = eig_tol(C, dtype)
+    for idx in np.ndindex(*batch):
+        match_eigvals(ev[idx], want[idx], tol)
+    mags = ev.abs()
+    assert (mags[..., :-1] >= mags[..., 1:] * (1 - 1e-6) - 1e-30).all(), "not sorted by descending magnitude"
+
+
+def test_eigvals_conjugate_pairs_and_backends_agree_elementwise():
+    # Distinct magnitudes except exact conjugate pairs: both backends return the same order
+    # (|lambda| descending, the positive imaginary part first within a pair).
+    A, B = factors((4,), 12, 9, 12, seed=3)
+    cpp = ops.eigvals(A, B, backend="cpp")
+    ref = ops.eigvals(A, B, backend="torch")
+    torch.testing.assert_close(cpp, ref, rtol=1e-9, atol=1e-9)
+    pairs = (cpp.imag > 0).nonzero()
+    assert len(pairs) > 0, "test needs complex eigenvalues"
+    for b, i in pairs.tolist():
+        assert cpp[b, i + 1] == cpp[b, i].conj()
+
+
+def test_eigvals_special_matrices():
+    # Zero matrix, a rotation (purely imaginary pair), a nilpotent Jordan block, 1x1 and 2x2.
+    cases = [
+        (torch.zeros(4, 3), torch.zeros(3, 4)),
+        (torch.eye(2), torch.tensor([[0.0, -1.0], [1.0, 0.0]])),
+        (torch.eye(5), torch.diag(torch.ones(4), 1)),
+        (torch.tensor([[2.0]]), torch.tensor([[-3.0]])),
+        (torch.eye(2), torch.tensor([[1.0, 2.0], [2.0, 1.0]])),
+        # A cyclic permutation: plain shifted QR stalls on it, the exceptional shifts have to kick in.
+        (torch.eye(8), torch.roll(torch.eye(8), 1, dims=0)),
+        (torch.roll(torch.eye(5), 2, dims=1), torch.eye(5)),
+    ]
+    for A, B in cases:
+        A, B = A.double(), B.double()
+        got = ops.eigvals(A, B, backend="cpp")
+        match_eigvals(got, torch.linalg.eigvals(A @ B), 1e-6)
+    torch.testing.assert_close(
+        ops.eigvals(torch.eye(2, dtype=torch.float64), torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)),
+        torch.tensor([1j, -1j], dtype=torch.complex128),
+    )
+
+
+@pytest.mark.parametrize("k", [4, 130])
+def test_eigvals_nonfinite_inputs_give_nan(k):
+    A, B = factors((3,), k + 2, k, k + 2, seed=1)
+    A[1, 0, 0] = float("nan")
+    B[2, 0, 0] = float("inf")
+    for backend in BACKENDS:
+        ev = ops.eigvals(A, B, backend=backend)
+        assert ev[1:].isnan().all() and not ev[0].isnan().any(), backend
+        match_eigvals(ev[0], torch.linalg.eigvals(A[0] @ B[0]), eig_tol(A[0] @ B[0], torch.float64))
+
+
+def test_eigvals_broadcast_batch():
+    A, B = factors((2, 1), 10, 6, 10, seed=5)
+    B3 = torch.randn(3, 6, 10, generator=_gen(6), dtype=torch.float64)
+    ev = ops.eigvals(A, B3, backend="cpp")
+    assert ev.shape == (2, 3, 6)
+    torch.testing.assert_close(ev, ops.eigvals(A, B3, backend="torch"), rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# svd
+# ---------------------------------------------------------------------------------------------------------
+
+SVD_CASES = [
+    # batch, m, k, n, rank
+    ((), 6, 1, 4, None),
+    ((3,), 20, 7, 11, None),
+    ((2,), 9, 7, 30, 3),  # rank-deficient
+    ((2, 2), 80, 64, 72, None),
+    ((), 5, 9, 12, None),  # k > m: r = m
+    ((), 140, 130, 135, None),
+]
+
+
+def assert_orthonormal(Q: torch.Tensor, tol: float, rows: bool = False):
+    G = Q @ Q.mT if rows else Q.mT @ Q
+    eye = torch.eye(G.shape[-1], dtype=G.dtype).expand_as(G)
+    assert (G - eye).abs().max() <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,m,k,n,rank", SVD_CASES)
+def test_svd_match_dense(batch, m, k, n, rank, dtype, backend):
+    A, B = factors(batch, m, k, n, dtype=dtype, rank=rank, seed=m + n)
+    U, S, Vh = ops.svd(A, B, backend=backend)
+    r = min(m, k, n)
+    assert U.shape == (*batch, m, r) and S.shape == (*batch, r) and Vh.shape == (*batch, r, n)
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    eps = 1e-10 if dtype == torch.float64 else 2e-5
+    C = dense(A, B)
+    Ud, Sd, Vhd = torch.linalg.svd(C, full_matrices=False)
+    scale = float(Sd.max())
+    torch.testing.assert_close(S.double(), Sd[..., :r], rtol=0, atol=scale * eps)
+    assert (S[..., :-1] >= S[..., 1:]).all(), "singular values not descending"
+    assert ((U.double() * S.double()[..., None, :]) @ Vh.double() - C).abs().max() <= scale * eps * 10
+    assert_orthonormal(U.double(), eps * 10)
+    assert_orthonormal(Vh.double(), eps * 10, rows=True)
+    # Sign-invariant comparison of the leading singular vectors (well separated for random inputs).
+    for idx in np.ndindex(*batch):
+        s = Sd[idx]
+        for i in range(min(r, 3)):
+            gap = min(float(s[i - 1] - s[i]) if i > 0 else np.inf, float(s[i] - s[i + 1]) if i + 1 < len(s) else np.inf)
+            if gap < 1e-3 * scale:
+                continue
+            assert abs(float(U[idx][:, i].double() @ Ud[idx][:, i])) == pytest.approx(1.0, abs=eps * 1e3)
+            assert abs(float(Vh[idx][i].double() @ Vhd[idx][i])) == pytest.approx(1.0, abs=eps * 1e3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_svd(backend):
+    A, B = factors((2,), 30, 8, 25, seed=9)
+    U, S, Vh = ops.topk_svd(A, B, 3, backend=backend)
+    assert U.shape == (2, 30, 3) and S.shape == (2, 3) and Vh.shape == (2, 3, 25)
+    torch.testing.assert_close(S, torch.linalg.svdvals(A @ B)[..., :3])
+    with pytest.raises(ValueError, match="k must be an int"):
+        ops.topk_svd(A, B, 9, backend=backend)
+
+
+def test_svd_broadcast_batch():
+    A = torch.randn(3, 1, 12, 4, generator=_gen(1), dtype=torch.float64)
+    B = torch.randn(5, 4, 9, generator=_gen(2), dtype=torch.float64)
+    U, S, Vh = ops.svd(A, B, backend="cpp")
+    assert U.shape == (3, 5, 12, 4) and S.shape == (3, 5, 4) and Vh.shape == (3, 5, 4, 9)
+    torch.testing.assert_close((U * S[..., None, :]) @ Vh, (A @ B).expand(3, 5, 12, 9))
+    torch.testing.assert_close(S, ops.svd(A, B, backend="torch").S)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fro_norm and trace
+# ---------------------------------------------------------------------------------------------------------
+
+NORM_CASES = [((), 6, 1, 4), ((3,), 20, 7, 11), ((2, 2), 64, 64, 64), ((), 5, 30, 6), ((4,), 200, 16, 150)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,m,k,n", NORM_CASES)
+def test_fro_norm_match_dense(batch, m, k, n, dtype, backend):
+    A, B = factors(batch, m, k, n, dtype=dtype, seed=k)
+    got = ops.fro_norm(A, B, backend=backend)
+    assert got.shape == batch and got.dtype == dtype
+    want = torch.linalg.matrix_norm(dense(A, B))
+    torch.testing.assert_close(got.double(), want, rtol=1e-10 if dtype == torch.float64 else 2e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,m,k", [((), 4, 1), ((3,), 20, 7), ((2, 2), 64, 64), ((), 6, 30)])
+def test_trace_match_dense(batch, m, k, dtype, backend):
+    A, B = factors(batch, m, k, m, dtype=dtype, seed=m)
+    got = ops.trace(A, B, backend=backend)
+    assert got.shape == batch and got.dtype == dtype
+    want = dense(A, B).diagonal(dim1=-2, dim2=-1).sum(-1)
+    scale = float(A.double().norm() * B.double().norm())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=scale * (1e-12 if dtype == torch.float64 else 1e-5))
+
+
+def test_fro_norm_and_trace_of_zero_and_rank_deficient():
+    A, B = torch.zeros(7, 3, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    assert ops.fro_norm(A, B, backend="cpp").item() == 0.0
+    assert ops.trace(A, B, backend="cpp").item() == 0.0
+    A, B = factors((2,), 40, 12, 40, rank=2, seed=4)
+    torch.testing.assert_close(ops.fro_norm(A, B, backend="cpp"), torch.linalg.matrix_norm(A @ B))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_trace_and_fro_norm_gradients_cpp():
+    A, B = factors((2,), 6, 3, 6, seed=2)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    torch.autograd.gradcheck(lambda a, b: ops.trace(a, b, backend="cpp"), (A, B))
+    torch.autograd.gradcheck(lambda a, b: ops.fro_norm(a, b, backend="cpp"), (A, B))
+    # Broadcast batch dims reduce back to the inputs' shapes.
+    B1 = torch.randn(3, 6, generator=_gen(3), dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b: ops.fro_norm(a, b, backend="cpp"), (A, B1))
+    torch.autograd.gradcheck(lambda a, b: ops.trace(a, b, backend="cpp"), (A, B1))
+
+
+def test_forward_only_ops_raise_on_backward_and_auto_uses_torch():
+    A, B = factors((), 8, 3, 8, seed=7)
+    A.requires_grad_(True)
+    S = ops.svd(A, B, backend="cpp").S
+    with pytest.raises(RuntimeError, match="forward-only"):
+        S.sum().backward()
+    ev = ops.eigvals(A, B, backend="cpp")
+    with pytest.raises(RuntimeError, match="forward-only"):
+        ev.abs().sum().backward()
+    # auto routes differentiable calls to the torch backend.
+    S = ops.svd(A, B).S
+    S.sum().backward()
+    assert A.grad is not None and torch.isfinite(A.grad).all()
+    ops.eigvals(A, B).real.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.library: opcheck, fake kernels, torch.compile
+# ---------------------------------------------------------------------------------------------------------
+
+FORWARD_ONLY_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck(dtype):
+    A, B = factors((2,), 9, 4, 9, dtype=dtype, seed=11)
+    A1, B1 = factors((), 7, 3, 5, dtype=dtype, seed=12)
+    torch.library.opcheck(torch.ops.hooklens.lowrank_eigvals.default, (A, B), test_utils=FORWARD_ONLY_UTILS)
+    torch.library.opcheck(torch.ops.hooklens.lowrank_svd.default, (A1, B1), test_utils=FORWARD_ONLY_UTILS)
+    if dtype == torch.float32:
+        return  # the differentiable ops below do not depend on the dtype
+    # With gradients (their autograd formulas are registered), including broadcast batch dims.
+    for op, (a, b) in [
+        (torch.ops.hooklens.lowrank_trace.default, (A, B[:1])),
+        (torch.ops.hooklens.lowrank_fro_norm.default, (A, B[:1])),
+        (torch.ops.hooklens.lowrank_fro_norm.default, (A1, B1)),
+    ]:
+        torch.library.opcheck(op, (a.clone().requires_grad_(True), b.clone().requires_grad_(True)))
+
+
+def test_fake_kernels_shapes():
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        A, B = torch.empty(2, 1, 10, 4), torch.empty(3, 4, 10)
+        assert torch.ops.hooklens.lowrank_eigvals(A, B).shape == (2, 3, 4)
+        assert torch.ops.hooklens.lowrank_eigvals(A, B).dtype == torch.complex64
+        U, S, Vh = torch.ops.hooklens.lowrank_svd(A, B)
+        assert (U.shape, S.shape, Vh.shape) == ((2, 3, 10, 4), (2, 3, 4), (2, 3, 4, 10))
+        assert torch.ops.hooklens.lowrank_trace(A, B).shape == (2, 3)
+        assert torch.ops.hooklens.lowrank_fro_norm(A, B).shape == (2, 3)
+
+
+def test_torch_compile():
+    def f(A, B):
+        U, S, Vh = torch.ops.hooklens.lowrank_svd(A, B)
+        ev = torch.ops.hooklens.lowrank_eigvals(A, B)
+        return U * S[..., None, :], Vh, ev.abs() + torch.ops.hooklens.lowrank_trace(A, B)[..., None], (
+            torch.ops.hooklens.lowrank_fro_norm(A, B)
+        )
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for shape in [(2, 12, 5), (3, 20, 6)]:
+        A = torch.randn(*shape, generator=_gen(1), dtype=torch.float64)
+        B = torch.randn(shape[0], shape[2], shape[1], generator=_gen(2), dtype=torch.float64)
+        for got, want in zip(compiled(A, B), f(A, B)):
+            torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors, backends, loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+def test_bad_inputs_raise_clear_errors(backend):
+    A, B = torch.randn(5, 3), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="inner dimensions must match"):
+        ops.svd(A, torch.randn(4, 5), backend=backend)
+    with pytest.raises(ValueError, match=r"must be square \(m == n\)"):
+        ops.eigvals(A, torch.randn(3, 6), backend=backend)
+    with pytest.raises(ValueError, match=r"must be square \(m == n\)"):
+        ops.trace(A, torch.randn(3, 6), backend=backend)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        ops.fro_norm(torch.randn(5), B, backend=backend)
+    with pytest.raises(TypeError, match="same dtype"):
+        ops.fro_norm(A, B.double(), backend=backend)
+    with pytest.raises(TypeError, match="only float32 and float64"):
+        ops.trace(A.half(), B.half(), backend=backend)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        ops.svd(torch.randn(2, 5, 3), torch.randn(3, 3, 5), backend=backend)
+    with pytest.raises(ValueError, match="same device"):
+        ops.svd(A, B.to("meta"), backend=backend)
+
+
+def test_bad_inputs_raise_clear_errors_in_cpp_ops():
+    A, B = torch.randn(5, 3), torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match="hooklens::lowrank_svd: inner dimensions must match"):
+        torch.ops.hooklens.lowrank_svd(A, torch.randn(4, 5))
+    with pytest.raises(RuntimeError, match=r"lowrank_eigvals: A @ B must be square \(m == n\)"):
+        torch.ops.hooklens.lowrank_eigvals(A, torch.randn(3, 6))
+    with pytest.raises(RuntimeError, match="lowrank_trace: A and B must have the same dtype"):
+        torch.ops.hooklens.lowrank_trace(A, B.double())
+    with pytest.raises(RuntimeError, match="lowrank_fro_norm: only float32 and float64"):
+        torch.ops.hooklens.lowrank_fro_norm(A.int(), B.int())
+    with pytest.raises(RuntimeError, match="B must have shape"):
+        torch.ops.hooklens.lowrank_fro_norm(A, torch.randn(3))
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        torch.ops.hooklens.lowrank_trace(torch.randn(2, 5, 3), torch.randn(3, 3, 5))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.trace(torch.randn(3, 2), torch.randn(2, 3), backend="numpy")
+
+
+def test_backend_selection_and_fallback(monkeypatch):
+    A, B = factors((), 10, 4, 10, seed=8)
+    calls = []
+    real = torch.ops.hooklens.lowrank_trace
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.hooklens, "lowrank_trace", Spy())
+    ops.trace(A, B)
+    assert len(calls) == 1, "auto should use the C++ op when the extension is available"
+    ops.trace(A, B, backend="torch")
+    assert len(calls) == 1
+    # Without the extension, auto falls back to the reference implementation and cpp says why.
+    monkeypatch.setattr(L, "_loaded", False)
+    monkeypatch.setattr(L, "_load_error", ImportError("simulated"))
+    torch.testing.assert_close(ops.trace(A, B), torch.trace(A @ B))
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="simulated"):
+        ops.trace(A, B, backend="cpp")
+
+
+def test_import_has_no_side_effects():
+    code = "import sys, hooklens, hooklens.ops; assert 'hooklens._C' not in sys.modules, 'loaded at import'"
+    subprocess.run([sys.executable, "-c", code], check=True)
