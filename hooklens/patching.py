@@ -1,0 +1,256 @@
+"""Activation patching with TransformerLens 3.9's functions and signatures, on hooklens's batched engine.
+
+Every `get_act_patch_*` returns the same tensor TransformerLens returns (same shape, same numbers up to float
+rounding), but runs many patches per forward pass (see `hooklens.sweeps`). Extra keyword-only arguments:
+
+* `metric_positions`: the positions the metric reads, e.g. `[-1]` (logits elsewhere are NaN); default all;
+* `memory_budget`: bytes per chunk of stacked variants (default: half the free GPU memory, or 2 GiB on CPU);
+* `progress`: show a tqdm bar.
+"""
+from __future__ import annotations
+
+import itertools
+from functools import partial
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from hooklens.sweeps import PatchSweep, pos_axis, run_sweep
+
+AXIS_NAMES = ("layer", "pos", "head_index", "head", "src_pos", "dest_pos")
+
+
+# -- TL's patch setters (used by generic_activation_patch and by custom sweeps) -----------------------------------
+def layer_pos_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos]: copy position `pos` (axis 1) of a [batch, pos, ...] activation."""
+    layer, pos = index
+    corrupted_activation[:, pos, ...] = clean_activation[:, pos, ...]
+    return corrupted_activation
+
+
+def layer_pos_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos, head_index] on a [batch, pos, head, d] activation."""
+    layer, pos, head_index = index
+    corrupted_activation[:, pos, head_index] = clean_activation[:, pos, head_index]
+    return corrupted_activation
+
+
+def layer_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index]: every position of one head of a [batch, pos, head, d] activation."""
+    layer, head_index = index
+    corrupted_activation[:, :, head_index] = clean_activation[:, :, head_index]
+    return corrupted_activation
+
+
+def layer_head_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index] on a [batch, head, dest, src] pattern."""
+    layer, head_index = index
+    corrupted_activation[:, head_index, :, :] = clean_activation[:, head_index, :, :]
+    return corrupted_activation
+
+
+def layer_head_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index, dest_pos]: one destination row of a pattern."""
+    layer, head_index, dest_pos = index
+    corrupted_activation[:, head_index, dest_pos, :] = clean_activation[:, head_index, dest_pos, :]
+    return corrupted_activation
+
+
+def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index, dest_pos, src_pos]: one entry of a pattern."""
+    layer, head_index, dest_pos, src_pos = index
+    corrupted_activation[:, head_index, dest_pos, src_pos] = clean_activation[:, head_index, dest_pos, src_pos]
+    return corrupted_activation
+
+
+# -- vectorized masks for the known setters: (indices [n, axes], activation shape) -> bool [n, *shape] ---------------
+def _one_hot(values: Tensor, size: int) -> Tensor:
+    return torch.nn.functional.one_hot(values, size).bool()  # [n, size]
+
+
+def _mask_pos(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    mask = _one_hot(idx[:, 1], shape[0])  # [n, pos]
+    return mask.view(mask.shape + (1,) * (len(shape) - 1)).expand((len(idx),) + shape)
+
+
+def _mask_pos_head(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    mask = _one_hot(idx[:, 1], shape[0])[:, :, None] & _one_hot(idx[:, 2], shape[1])[:, None, :]  # [n, pos, head]
+    return mask.view(mask.shape + (1,) * (len(shape) - 2)).expand((len(idx),) + shape)
+
+
+def _mask_head(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    mask = _one_hot(idx[:, 1], shape[1])[:, None, :]  # [n, 1, head]
+    return mask.view(mask.shape + (1,) * (len(shape) - 2)).expand((len(idx),) + shape)
+
+
+def _mask_pattern_head(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    mask = _one_hot(idx[:, 1], shape[0])  # [n, head]
+    return mask[:, :, None, None].expand((len(idx),) + shape)
+
+
+def _mask_pattern_head_dest(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    mask = _one_hot(idx[:, 1], shape[0])[:, :, None] & _one_hot(idx[:, 2], shape[1])[:, None, :]  # [n, head, dest]
+    return mask[..., None].expand((len(idx),) + shape)
+
+
+def _mask_pattern_entry(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    head_dest = _one_hot(idx[:, 1], shape[0])[:, :, None] & _one_hot(idx[:, 2], shape[1])[:, None, :]
+    return head_dest[..., None] & _one_hot(idx[:, 3], shape[2])[:, None, None, :]  # [n, head, dest, src]
+
+
+# setter -> (mask builder, column of the index holding the first affected position, or None = position 0)
+_KNOWN_SETTERS = {
+    layer_pos_patch_setter: (_mask_pos, 1),
+    layer_pos_head_vector_patch_setter: (_mask_pos_head, 1),
+    layer_head_vector_patch_setter: (_mask_head, None),
+    layer_head_pattern_patch_setter: (_mask_pattern_head, None),
+    layer_head_pos_pattern_patch_setter: (_mask_pattern_head_dest, 2),
+    layer_head_dest_src_pos_pattern_patch_setter: (_mask_pattern_entry, 2),
+}
+
+
+def _probe_masks(patch_setter: Callable, activation_name: str) -> Callable[[Tensor, Tuple[int, ...]], Tensor]:
+    """Masks for a user-written setter: patch a zero activation from an all-ones one and see what changed."""
+
+    def build(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
+        masks = []
+        for row in idx.tolist():  # setup only (tiny tensors); the forward passes stay batched
+            probe = patch_setter(torch.zeros((1,) + shape), row, torch.ones((1,) + shape))
+            masks.append(probe[0] != 0)
+        return torch.stack(masks)
+
+    return build
+
+
+def _probe_start_positions(build, indices: Tensor, shape: Tuple[int, ...], activation_name: str) -> Tensor:
+    axis = pos_axis(activation_name)
+    masks = build(indices, shape)  # [n, *shape]
+    reduce_dims = [d + 1 for d in range(len(shape)) if d != axis]
+    touched = masks.any(dim=reduce_dims) if reduce_dims else masks  # [n, pos]
+    first = touched.float().argmax(dim=1)
+    return torch.where(touched.any(dim=1), first, torch.zeros_like(first))
+
+
+def _index_grid(model, corrupted_tokens: Tensor, activation_name: str, index_axis_names: Sequence[str]) -> Tuple[Tensor, list]:
+    ranges = {
+        "layer": model.cfg.n_layers,
+        "pos": corrupted_tokens.shape[-1],
+        "head_index": model.cfg.n_heads,
+    }
+    ranges.update(src_pos=ranges["pos"], dest_pos=ranges["pos"], head=ranges["head_index"])
+    unknown = [a for a in index_axis_names if a not in ranges]
+    if unknown:
+        raise ValueError(f"Unknown index axis names {unknown}; use {list(ranges)}")
+    sizes = [ranges[a] for a in index_axis_names]
+    grid = torch.tensor(list(itertools.product(*[range(s) for s in sizes])), dtype=torch.long)
+    return grid.view(-1, len(sizes)), sizes
+
+
+def generic_activation_patch(
+    model,
+    corrupted_tokens: Tensor,
+    clean_cache,
+    patching_metric: Callable[[Tensor], Tensor],
+    patch_setter: Callable,
+    activation_name: str,
+    index_axis_names: Optional[Sequence[str]] = None,
+    index_df=None,
+    return_index_df: bool = False,
+    *,
+    metric_positions: Optional[Sequence[int]] = None,
+    memory_budget: Optional[int] = None,
+    progress: bool = True,
+):
+    """Patch `activation_name` from `clean_cache` into the corrupted run at every index and record the metric.
+
+    Indices come from `index_axis_names` (every combination; result shaped by the axes) or from `index_df` (a
+    pandas DataFrame, one row per patch; result flat, as in TransformerLens). Index column 0 is the layer.
+    """
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("Give index_axis_names (e.g. ('layer', 'pos')) or index_df.")
+        indices, out_shape = _index_grid(model, corrupted_tokens, activation_name, index_axis_names)
+    else:
+        if index_axis_names is not None:
+            raise ValueError("Give index_axis_names or index_df, not both.")
+        indices = torch.as_tensor(index_df.to_numpy(), dtype=torch.long)
+        out_shape = [len(index_df)]
+    if patch_setter in _KNOWN_SETTERS:
+        build, pos_column = _KNOWN_SETTERS[patch_setter]
+        starts = indices[:, pos_column] if pos_column is not None else torch.zeros(len(indices), dtype=torch.long)
+    else:
+        from hooklens.utils import get_act_name
+
+        shape = tuple(clean_cache[get_act_name(activation_name, 0)].shape[1:])
+        build = _probe_masks(patch_setter, activation_name)
+        starts = _probe_start_positions(build, indices, shape, activation_name)
+    sweep = PatchSweep(activation_name, indices, starts, build)
+    values = run_sweep(model, corrupted_tokens, clean_cache, patching_metric, sweep, metric_positions,
+                       memory_budget, progress)
+    values = values.view(out_shape)
+    return (values, index_df) if return_index_df else values
+
+
+def _specialize(setter, activation_name: str, axes: Tuple[str, ...], doc: str):
+    fn = partial(generic_activation_patch, patch_setter=setter, activation_name=activation_name, index_axis_names=axes)
+    fn.__doc__ = f"{doc} Result shape [{', '.join(axes)}]. See generic_activation_patch."
+    return fn
+
+
+get_act_patch_resid_pre = _specialize(layer_pos_patch_setter, "resid_pre", ("layer", "pos"),
+                                      "Patch the residual stream entering each block, by position.")
+get_act_patch_resid_mid = _specialize(layer_pos_patch_setter, "resid_mid", ("layer", "pos"),
+                                      "Patch the residual stream between attention and MLP, by position.")
+get_act_patch_attn_out = _specialize(layer_pos_patch_setter, "attn_out", ("layer", "pos"),
+                                     "Patch each attention layer's output, by position.")
+get_act_patch_mlp_out = _specialize(layer_pos_patch_setter, "mlp_out", ("layer", "pos"),
+                                    "Patch each MLP layer's output, by position.")
+get_act_patch_attn_head_out_by_pos = _specialize(layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"),
+                                                 "Patch each head's output z, by position.")
+get_act_patch_attn_head_q_by_pos = _specialize(layer_pos_head_vector_patch_setter, "q", ("layer", "pos", "head"),
+                                               "Patch each head's queries, by position.")
+get_act_patch_attn_head_k_by_pos = _specialize(layer_pos_head_vector_patch_setter, "k", ("layer", "pos", "head"),
+                                               "Patch each head's keys, by position.")
+get_act_patch_attn_head_v_by_pos = _specialize(layer_pos_head_vector_patch_setter, "v", ("layer", "pos", "head"),
+                                               "Patch each head's values, by position.")
+get_act_patch_attn_head_pattern_by_pos = _specialize(layer_head_pos_pattern_patch_setter, "pattern",
+                                                     ("layer", "head_index", "dest_pos"),
+                                                     "Patch each head's attention pattern, by destination position.")
+get_act_patch_attn_head_pattern_dest_src_pos = _specialize(layer_head_dest_src_pos_pattern_patch_setter, "pattern",
+                                                           ("layer", "head_index", "dest_pos", "src_pos"),
+                                                           "Patch each (destination, source) pattern entry of each head.")
+get_act_patch_attn_head_out_all_pos = _specialize(layer_head_vector_patch_setter, "z", ("layer", "head"),
+                                                  "Patch each head's output z at every position.")
+get_act_patch_attn_head_q_all_pos = _specialize(layer_head_vector_patch_setter, "q", ("layer", "head"),
+                                                "Patch each head's queries at every position.")
+get_act_patch_attn_head_k_all_pos = _specialize(layer_head_vector_patch_setter, "k", ("layer", "head"),
+                                                "Patch each head's keys at every position.")
+get_act_patch_attn_head_v_all_pos = _specialize(layer_head_vector_patch_setter, "v", ("layer", "head"),
+                                                "Patch each head's values at every position.")
+get_act_patch_attn_head_pattern_all_pos = _specialize(layer_head_pattern_patch_setter, "pattern", ("layer", "head_index"),
+                                                      "Patch each head's whole attention pattern.")
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+    """[5, layer, head]: output, query, key, value and pattern patching of every head, all positions."""
+    results = [fn(model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in (
+        get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos, get_act_patch_attn_head_k_all_pos,
+        get_act_patch_attn_head_v_all_pos, get_act_patch_attn_head_pattern_all_pos)]
+    return torch.stack(results, dim=0)
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+    """[5, layer, pos, head]: output, query, key, value and pattern patching of every head, by position."""
+    results = [fn(model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in (
+        get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos, get_act_patch_attn_head_k_by_pos,
+        get_act_patch_attn_head_v_by_pos)]
+    pattern = get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)
+    results.append(pattern.transpose(1, 2))  # [layer, head, pos] -> [layer, pos, head]
+    return torch.stack(results, dim=0)
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
+    """[3, layer, pos]: residual stream, attention output and MLP output patching, by position."""
+    return torch.stack([fn(model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in (
+        get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)], dim=0)

@@ -1,0 +1,182 @@
+"""The batched patching engine under `hooklens.patching`.
+
+TransformerLens runs one full forward pass (and one host sync) per patch. Here a sweep is a list of patches
+("variants"), each `(layer, index)` on one activation, and the engine
+
+1. runs the corrupted prompt once, caching its residual stream entering every layer, its keys and values, and
+   its logits;
+2. for each layer, stacks many variants on the batch dimension and starts them at that layer from the cached
+   corrupted residual stream (earlier layers cannot change);
+3. starts each chunk of variants at the earliest position any of them patches: positions before it cannot
+   change (causal attention), so their cached keys and values are reused and only later positions are computed;
+4. applies every variant's patch with one `torch.where` over a per-variant mask (no Python loop over variants);
+5. computes logits only at the positions the metric reads (`metric_positions`, default all), and evaluates the
+   metric for all variants at once with `torch.vmap`;
+6. chunks variants to a memory budget, with a tqdm bar.
+
+Each step is exact: `tests/test_patching.py` checks each against the one-forward-per-patch loop.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooklens.kv_cache import HookedTransformerKeyValueCache, HookedTransformerKeyValueCacheEntry
+from hooklens.utils import get_act_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hooklens.model import HookedTransformer
+
+logger = logging.getLogger(__name__)
+
+# Activations whose position axis is not axis 1: attention patterns/scores are [b, h, query, key].
+PATTERN_LIKE = ("pattern", "attn_scores")
+
+MaskBuilder = Callable[[Tensor, Tuple[int, ...]], Tensor]
+"""(indices [n, n_axes], activation shape without batch) -> bool mask [n, *shape]: where to take clean values."""
+
+
+@dataclass
+class PatchSweep:
+    """One activation patched at many indices. `indices[:, 0]` is the layer; `start_positions` the first
+    position each patch can affect (0 when it spans every position)."""
+
+    activation_name: str
+    indices: Tensor  # [n, n_axes], int64
+    start_positions: Tensor  # [n]
+    build_masks: MaskBuilder
+
+
+def pos_axis(activation_name: str) -> int:
+    """Index of the position (query) axis in the activation without its batch dim."""
+    return 1 if activation_name in PATTERN_LIKE else 0
+
+
+def _positions_to_compute(metric_positions: Optional[Sequence[int]], seq_len: int) -> Tensor:
+    if metric_positions is None:
+        return torch.arange(seq_len)
+    positions = torch.tensor([p % seq_len for p in metric_positions], dtype=torch.long)
+    return positions.unique()
+
+
+def _apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor) -> Tensor:
+    """metric over each variant's logits: [n, b, p, v] -> [n], vectorized with vmap when the metric allows."""
+    try:
+        values = torch.vmap(metric)(logits)
+    except Exception as err:  # metrics that call .item() or data-dependent Python control flow
+        logger.warning("The patching metric is not vmap-compatible (%s); evaluating it per variant.", err)
+        values = torch.stack([torch.as_tensor(metric(l)) for l in logits])
+    return values.reshape(-1)
+
+
+def _default_memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return 2 * 1024**3
+
+
+def _variant_bytes(model: "HookedTransformer", batch: int, seq_len: int, n_logit_positions: int, act_numel: int) -> int:
+    """Rough peak memory of one variant: residual-sized tensors, one attention pattern, logits, its mask."""
+    cfg = model.cfg
+    per_token = 12 * cfg.d_model + 2 * (cfg.d_mlp or 0) + 2 * cfg.n_heads * seq_len
+    element = torch.finfo(cfg.dtype).bits // 8
+    return batch * (seq_len * per_token + n_logit_positions * cfg.d_vocab_out + act_numel) * element + act_numel
+
+
+@torch.no_grad()
+def run_sweep(
+    model: "HookedTransformer",
+    corrupted_tokens: Tensor,
+    clean_cache,
+    metric: Callable[[Tensor], Tensor],
+    sweep: PatchSweep,
+    metric_positions: Optional[Sequence[int]] = None,
+    memory_budget: Optional[int] = None,
+    progress: bool = True,
+) -> Tensor:
+    """Metric value of every patch in `sweep`: a [n] tensor in the order of `sweep.indices`."""
+    if corrupted_tokens.dim() == 1:
+        corrupted_tokens = corrupted_tokens[None]
+    device = model.W_E.device
+    corrupted_tokens = corrupted_tokens.to(device)
+    batch, seq_len = corrupted_tokens.shape
+    n_layers = model.cfg.n_layers
+    wanted = ["blocks.%d.hook_resid_pre" % l for l in range(n_layers)]
+    wanted += [get_act_name(k, l) for l in range(n_layers) for k in ("k", "v")]
+    corrupted_logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=wanted, return_cache_object=False)
+    logit_positions = _positions_to_compute(metric_positions, seq_len).to(device)
+
+    act_shape = tuple(clean_cache[get_act_name(sweep.activation_name, 0)].shape[1:])
+    act_numel = math.prod(act_shape)
+    budget = memory_budget if memory_budget is not None else _default_memory_budget(device)
+    per_variant = _variant_bytes(model, batch, seq_len, len(logit_positions), act_numel)
+    chunk_size = max(1, budget // max(per_variant, 1))
+
+    results = torch.full((len(sweep.indices),), float("nan"), device=device)
+    layers = sweep.indices[:, 0]
+    chunks: List[Tensor] = []
+    for layer in layers.unique().tolist():
+        members = torch.nonzero(layers == layer).flatten()
+        members = members[sweep.start_positions[members].argsort(stable=True)]  # similar starts share a chunk
+        chunks.extend(members.split(chunk_size))
+    axis = pos_axis(sweep.activation_name)
+    for chunk in tqdm(chunks, disable=not progress, desc=f"patching {sweep.activation_name}"):
+        layer = int(sweep.indices[chunk[0], 0])
+        start = int(sweep.start_positions[chunk].min())
+        n = len(chunk)
+        name = get_act_name(sweep.activation_name, layer)
+        masks = sweep.build_masks(sweep.indices[chunk], act_shape).to(device)  # [n, *act]
+        masks = masks.narrow(axis + 1, start, seq_len - start)  # suffix positions only
+        clean = clean_cache[name].to(device).narrow(axis + 1, start, seq_len - start)  # [b, *suffix act]
+
+        def patch(activation: Tensor, hook) -> Tensor:
+            # activation: [n*b, *suffix act]; variant v owns rows v*b .. (v+1)*b - 1.
+            act = activation.view((n, batch) + activation.shape[1:])
+            return torch.where(masks[:, None], clean[None], act).view(activation.shape)
+
+        resid = corrupted[f"blocks.{layer}.hook_resid_pre"][:, start:]  # [b, suffix, d]
+        resid = resid.unsqueeze(0).expand(n, -1, -1, -1).reshape(n * batch, seq_len - start, -1)
+        kv_cache = _prefix_kv_cache(model, corrupted, layer, start, n) if start > 0 else None
+        with model.hooks(fwd_hooks=[(name, patch)]):
+            for index in range(layer, n_layers):
+                entry = kv_cache[index - layer] if kv_cache is not None else None
+                resid = model.blocks[index](resid, past_kv_cache_entry=entry)
+        logits = _assemble_logits(model, resid, corrupted_logits, logit_positions, start, n, batch)
+        results[chunk.to(device)] = _apply_metric(metric, logits).to(results.dtype)
+    return results
+
+
+def _prefix_kv_cache(model, corrupted: Dict[str, Tensor], layer: int, start: int, n: int) -> List[HookedTransformerKeyValueCacheEntry]:
+    """Frozen per-layer caches holding the corrupted keys/values of positions < start, repeated per variant."""
+    entries = []
+    for index in range(layer, model.cfg.n_layers):
+        k = corrupted[get_act_name("k", index)][:, :start]  # [b, start, h, dh]
+        v = corrupted[get_act_name("v", index)][:, :start]
+        repeat = lambda t: t.unsqueeze(0).expand(n, *t.shape).reshape(n * t.shape[0], *t.shape[1:])
+        entries.append(HookedTransformerKeyValueCacheEntry(repeat(k), repeat(v), frozen=True))
+    return entries
+
+
+def _assemble_logits(model, resid: Tensor, corrupted_logits: Tensor, positions: Tensor, start: int, n: int, batch: int) -> Tensor:
+    """[n, b, p, v] logits: computed at the metric's positions (corrupted values before `start`, which patches
+    cannot change), NaN where the metric said it does not read."""
+    seq_len = corrupted_logits.shape[1]
+    logits = torch.full((n, batch, seq_len, corrupted_logits.shape[-1]), float("nan"),
+                        dtype=corrupted_logits.dtype, device=corrupted_logits.device)
+    before = positions[positions < start]
+    after = positions[positions >= start]
+    if len(before):
+        logits[:, :, before] = corrupted_logits[:, before].unsqueeze(0)
+    if len(after):
+        final = resid[:, after - start]  # [n*b, |after|, d]
+        if model.cfg.normalization_type is not None:
+            final = model.ln_final(final)
+        logits[:, :, after] = model.unembed(final).view(n, batch, len(after), -1)
+    return logits

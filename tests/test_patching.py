@@ -1,0 +1,174 @@
+"""hooklens.patching against TransformerLens 3.9's patching module and against the naive one-forward-per-patch loop."""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from functools import partial
+
+import pytest
+import torch
+
+import hooklens.patching as patching
+from hooklens import HookedTransformer
+from hooklens.utils import get_act_name
+
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (scoped per test, so other modules keep autograd)."""
+    with torch.no_grad():
+        yield
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import transformer_lens.patching as tl_patching
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conftest import save_hf_gpt2, tl_model_from_hf
+
+    directory = save_hf_gpt2(tmp_path_factory.mktemp("patch") / "m", seed=11, n_layer=2, n_embd=32, n_head=2,
+                             n_positions=64)
+    return HookedTransformer.from_pretrained(directory), tl_model_from_hf(directory)
+
+
+IOI = ("When John and Mary went to the shops, John gave the bag to",
+       "When John and Mary went to the shops, Mary gave the bag to")
+
+
+@pytest.fixture(scope="module", params=["ioi", "repeated"])
+def setup(request, models):
+    model, tl = models
+    if request.param == "ioi":
+        clean, corrupted = model.to_tokens(list(IOI)).split(1)
+    else:
+        g = torch.Generator().manual_seed(0)
+        seq = torch.randint(100, 20000, (2, 5), generator=g)
+        bos = torch.full((2, 1), 50256)
+        clean = torch.cat([bos, seq, seq], dim=1)
+        corrupted = torch.cat([bos, seq, torch.randint(100, 20000, (2, 5), generator=g)], dim=1)
+    _, clean_cache = model.run_with_cache(clean)
+    _, tl_clean_cache = tl.run_with_cache(clean)
+    answer, wrong = model.to_single_token(" Mary"), model.to_single_token(" John")
+
+    def metric(logits):
+        return logits[:, -1, answer].mean() - logits[:, -1, wrong].mean()
+
+    return model, tl, corrupted, clean_cache, tl_clean_cache, metric
+
+
+def run_tl(fn_name, tl, corrupted, cache, metric):
+    with contextlib.redirect_stderr(io.StringIO()):  # TL's tqdm bars
+        return getattr(tl_patching, fn_name)(tl, corrupted, cache, metric)
+
+
+FUNCTIONS = [
+    "get_act_patch_resid_pre", "get_act_patch_resid_mid", "get_act_patch_attn_out", "get_act_patch_mlp_out",
+    "get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_head_q_by_pos", "get_act_patch_attn_head_k_by_pos",
+    "get_act_patch_attn_head_v_by_pos", "get_act_patch_attn_head_pattern_by_pos",
+    "get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_q_all_pos", "get_act_patch_attn_head_k_all_pos",
+    "get_act_patch_attn_head_v_all_pos", "get_act_patch_attn_head_pattern_all_pos",
+]
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+def test_matches_transformerlens(setup, fn_name):
+    model, tl, corrupted, clean_cache, tl_clean_cache, metric = setup
+    ours = getattr(patching, fn_name)(model, corrupted, clean_cache, metric, progress=False)
+    theirs = run_tl(fn_name, tl, corrupted, tl_clean_cache, metric)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert ours.abs().max() > 0, "the sweep must measure something"
+
+
+@pytest.mark.parametrize("fn_name", ["get_act_patch_block_every", "get_act_patch_attn_head_all_pos_every"])
+def test_every_functions_match_transformerlens(setup, fn_name):
+    model, tl, corrupted, clean_cache, tl_clean_cache, metric = setup
+    ours = getattr(patching, fn_name)(model, corrupted, clean_cache, metric, progress=False)
+    theirs = run_tl(fn_name, tl, corrupted, tl_clean_cache, metric)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_dest_src_pattern_patching_matches_transformerlens(models):
+    model, tl = models
+    clean, corrupted = model.to_tokens(["The cat sat on the mat", "The dog sat on the rug"]).split(1)
+    _, cache = model.run_with_cache(clean)
+    _, tl_cache = tl.run_with_cache(clean)
+    metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 13].mean()
+    ours = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric, progress=False)
+    theirs = run_tl("get_act_patch_attn_head_pattern_dest_src_pos", tl, corrupted, tl_cache, metric)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def naive_loop(model, corrupted, clean_cache, metric, setter, activation_name, indices):
+    """One full forward pass per patch, exactly as TransformerLens does it."""
+    out = []
+    for index in indices.tolist():
+        name = get_act_name(activation_name, index[0])
+        hook = lambda act, hook, index=index: setter(act.clone(), index, clean_cache[name])
+        out.append(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)])))
+    return torch.stack(out)
+
+
+def test_each_optimization_is_exact(setup):
+    """Layer reuse and the causal suffix (any chunking), partial logits, and the vmap'd metric all equal the loop."""
+    model, _, corrupted, clean_cache, _, metric = setup
+    setter = patching.layer_pos_head_vector_patch_setter
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    grid = torch.tensor([[l, p, h] for l in range(n_layers) for p in range(corrupted.shape[1]) for h in range(n_heads)])
+    expected = naive_loop(model, corrupted, clean_cache, metric, setter, "z", grid).view(n_layers, -1, n_heads)
+    for budget in (1, 200_000, None):  # one variant per chunk, mixed-start chunks, everything at once
+        for positions in (None, [-1]):
+            actual = patching.get_act_patch_attn_head_out_by_pos(
+                model, corrupted, clean_cache, metric, memory_budget=budget, metric_positions=positions, progress=False)
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_logits_leave_unread_positions_nan(setup):
+    model, _, corrupted, clean_cache, _, _ = setup
+
+    def metric(logits):  # 2.0 exactly when the last position is computed and position 1 was left NaN
+        return torch.isfinite(logits[:, -1]).float().mean() + torch.isnan(logits[:, 1]).float().mean()
+
+    values = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric, metric_positions=[-1],
+                                              progress=False)
+    assert torch.equal(values, torch.full_like(values, 2.0))
+
+
+def test_custom_setter_and_index_df(setup):
+    pandas = pytest.importorskip("pandas")
+    model, _, corrupted, clean_cache, _, metric = setup
+
+    def double_pos_setter(corrupted_activation, index, clean_activation):
+        layer, pos = index
+        corrupted_activation[:, pos:pos + 2] = clean_activation[:, pos:pos + 2]
+        return corrupted_activation
+
+    grid = torch.tensor([[l, p] for l in range(model.cfg.n_layers) for p in range(0, corrupted.shape[1] - 1, 3)])
+    expected = naive_loop(model, corrupted, clean_cache, metric, double_pos_setter, "resid_mid", grid)
+    df = pandas.DataFrame(grid.numpy(), columns=["layer", "pos"])
+    actual, returned_df = patching.generic_activation_patch(
+        model, corrupted, clean_cache, metric, double_pos_setter, "resid_mid", index_df=df, return_index_df=True,
+        progress=False)
+    assert returned_df is df and actual.shape == (len(df),)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_metric_that_is_not_vmappable_still_works(setup):
+    model, _, corrupted, clean_cache, _, metric = setup
+    python_metric = lambda logits: torch.tensor(float(metric(logits).item()))
+    torch.testing.assert_close(
+        patching.get_act_patch_attn_out(model, corrupted, clean_cache, python_metric, progress=False),
+        patching.get_act_patch_attn_out(model, corrupted, clean_cache, metric, progress=False))
+
+
+def test_bad_arguments(setup):
+    model, _, corrupted, clean_cache, _, metric = setup
+    with pytest.raises(ValueError, match="index_axis_names"):
+        patching.generic_activation_patch(model, corrupted, clean_cache, metric, patching.layer_pos_patch_setter, "resid_pre")
+    with pytest.raises(ValueError, match="Unknown index axis"):
+        patching.generic_activation_patch(model, corrupted, clean_cache, metric, patching.layer_pos_patch_setter,
+                                          "resid_pre", index_axis_names=("layer", "position"))
