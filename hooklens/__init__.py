@@ -2,10 +2,15 @@
 
 Public names only; importing hooklens has no side effects (no kernels compiled, no environment read).
 """
+from hooklens.attention import attention_backend
 from hooklens.config import HookedTransformerConfig
 from hooklens.factored_matrix import FactoredMatrix
 from hooklens.hook_points import HookedRootModule, HookPoint
+from hooklens.head_scores import head_scores
 from hooklens.model import HookedTransformer
 
-__all__ = ["FactoredMatrix", "HookedTransformer", "HookedTransformerConfig", "HookPoint", "HookedRootModule"]
+__all__ = [
+    "FactoredMatrix", "HookedTransformer", "HookedTransformerConfig", "HookPoint", "HookedRootModule",
+    "attention_backend", "head_scores",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,34 @@
+"""Triton kernels for causal GPT-2 attention, each with a validating launcher and a PyTorch reference beside it.
+
+* `pattern_attention` (pattern_attention.py): writes TL's `pattern` (and optionally `attn_scores`) and `z`,
+  exact probabilities (log-sum-exp pass, then a write pass), into caller-provided buffers if given.
+* `flash_attention` (flash_attention.py): z only, no T×T memory.
+* `attention_stats` (attention_stats.py): flash attention plus per-head means of chosen pattern diagonals /
+  columns computed in the kernel's epilogue (induction, previous-token, duplicate-token, BOS scores).
+
+Importing this package imports Triton (`hooklens` itself never does; `hooklens.attention` imports this package
+the first time the Triton backend runs). Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter
+when TRITON_INTERPRET=1 is set before this package is first imported (how CI tests them).
+"""
+from hooklens.kernels._common import MAX_HEAD_DIM, SUPPORTED_DTYPES, is_interpreted
+from hooklens.kernels.attention_stats import attention_stats, attention_stats_reference, stat_counts
+from hooklens.kernels.flash_attention import flash_attention, flash_attention_reference
+from hooklens.kernels.pattern_attention import pattern_attention, pattern_attention_reference
+
+__all__ = [
+    "MAX_HEAD_DIM", "SUPPORTED_DTYPES", "attention_stats", "attention_stats_reference", "flash_attention",
+    "flash_attention_reference", "is_interpreted", "kernels_runnable_on", "pattern_attention",
+    "pattern_attention_reference", "stat_counts",
+]
+
+
+def kernels_runnable_on(device) -> bool:
+    """Whether the kernels can run on tensors of `device` (CUDA, or CPU with the interpreter on)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    from hooklens.kernels.flash_attention import _flash_attention_kernel
+
+    return device.type == "cpu" and is_interpreted(_flash_attention_kernel)
