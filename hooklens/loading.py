@@ -71,6 +71,11 @@ def resolve_model_dir(name_or_path: Union[str, os.PathLike]) -> Path:
                                   "directory (config.json + model.safetensors or pytorch_model.bin).")
         return path
     name = str(name_or_path)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or path.exists():
+        raise CheckpointError(
+            f"{path} is not a directory. Pass a Hugging Face GPT-2 directory (config.json + model.safetensors or "
+            f"pytorch_model.bin), or a model name such as 'gpt2' that is in the local Hugging Face cache."
+        )
     repos = GPT2_NAMES.get(name, GPT2_NAMES.get(name.lower(), [name] if "/" in name else []))
     looked = []
     for repo in repos:

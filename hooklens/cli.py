@@ -1,0 +1,284 @@
+"""The `hooklens` command: the induction-head and IOI analyses, end to end, on any GPT-2 checkpoint.
+
+    hooklens induction [--model PATH_OR_NAME] [--device cpu] [--dtype float32] [--out DIR]
+    hooklens patch [--clean TEXT --corrupted TEXT --answer TEXT --wrong TEXT] [--model ...] [--out DIR]
+
+Without `--model` the embedded default model (shipped inside the package) is used, so both commands run on a
+fresh offline machine. Each writes PNG figures and `summary.json` to `--out` and prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+IOI_CLEAN = "When John and Mary went to the shops, John gave the bag to"
+IOI_CORRUPTED = "When John and Mary went to the shops, Mary gave the bag to"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback."""
+
+
+def load_model(model: Optional[str], device: Optional[str], dtype: str):
+    from hooklens import HookedTransformer
+    from hooklens.loading import CheckpointError
+
+    torch_dtype = getattr(torch, dtype)
+    try:
+        if model is None:
+            from hooklens.embedded import load_embedded
+
+            return load_embedded(device=device, dtype=torch_dtype)
+        return HookedTransformer.from_pretrained(model, device=device, dtype=torch_dtype)
+    except CheckpointError as err:
+        raise CLIError(f"--model {model}: {err}") from err
+
+
+def repeated_tokens(model, seq_len: int, batch: int, seed: int) -> Tensor:
+    """BOS + seq_len random tokens, repeated: [batch, 1 + 2 * seq_len] (the induction demo's input)."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = (100, 20000) if model.cfg.d_vocab > 20000 else (1, model.cfg.d_vocab)
+    half = torch.randint(low, high, (batch, seq_len), generator=generator)
+    bos = torch.full((batch, 1), model.tokenizer.bos_token_id if model.tokenizer is not None else 0)
+    return torch.cat([bos, half, half], dim=1).to(model.cfg.device)
+
+
+def diagonal_scores(patterns: Tensor, offset: int) -> Tensor:
+    """Mean of a pattern diagonal per head: patterns [layers, b, h, q, k] -> [layers, h]."""
+    return patterns.diagonal(offset=offset, dim1=-2, dim2=-1).mean(dim=(1, -1))
+
+
+def top_1_accuracy(circuit, rows: Optional[int], seed: int) -> float:
+    """Fraction of (sampled) rows whose diagonal entry is the row's maximum, in chunks of 1000 rows."""
+    n = circuit.shape[-2]
+    indices = torch.arange(n)
+    if rows is not None and rows < n:
+        indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].sort().values
+    hits = torch.zeros((), dtype=torch.long)
+    for chunk in indices.split(1000):
+        hits += (circuit[chunk].AB.argmax(dim=-1).cpu() == chunk).sum()
+    return float(hits) / len(indices)
+
+
+def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
+    from hooklens import patching, plotting
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, args.device, args.dtype)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    seq_len = min(args.seq_len, (model.cfg.n_ctx - 1) // 2)
+    tokens = repeated_tokens(model, seq_len, args.batch, args.seed)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    log_probs = logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0].float()  # [b, 2*seq_len]
+    first, second = log_probs[:, : seq_len - 1], log_probs[:, seq_len:]
+    accuracy = (logits[:, seq_len:-1].argmax(-1) == tokens[:, seq_len + 1:]).float().mean()
+    plotting.line(-log_probs.mean(0), out / "loss_by_position.png", "Loss by position (repeated random tokens)",
+                  "position", "loss (nats)")
+
+    patterns = torch.stack([cache["pattern", layer] for layer in range(n_layers)]).float()  # [l, b, h, q, k]
+    induction = diagonal_scores(patterns, 1 - seq_len)
+    prev_token = diagonal_scores(patterns, -1)
+    ind_layer, ind_head = divmod(int(induction.argmax()), n_heads)
+    prev_layer, prev_head = divmod(int(prev_token.argmax()), n_heads)
+    head_labels = [f"H{h}" for h in range(n_heads)]
+    layer_labels = [f"L{l}" for l in range(n_layers)]
+    plotting.heatmap(induction, out / "induction_scores.png", "Induction scores", head_labels, layer_labels,
+                     "head", "layer", diverging=False)
+    plotting.heatmap(prev_token, out / "prev_token_scores.png", "Previous-token scores", head_labels, layer_labels,
+                     "head", "layer", diverging=False)
+    plotting.heatmap(patterns[ind_layer, 0, ind_head], out / "top_induction_head_pattern.png",
+                     f"Attention pattern of L{ind_layer}H{ind_head} (induction)", x_title="source position",
+                     y_title="destination position", diverging=False)
+
+    # MLP-output patching of the second half: clean = the repeated sequence, corrupted = a different first half
+    # (so induction cannot predict the second half); metric = mean log-prob of the correct second-half tokens.
+    corrupted = repeated_tokens(model, seq_len, args.batch, args.seed + 1)
+    corrupted[:, seq_len + 1:] = tokens[:, seq_len + 1:]
+    targets = tokens[:, seq_len + 1:]
+
+    def second_half_logprob(patched_logits: Tensor) -> Tensor:
+        lp = patched_logits[:, seq_len:-1].log_softmax(-1)
+        return lp.gather(-1, targets[..., None]).mean()
+
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp_out"))
+    if model.cfg.attn_only:
+        mlp_patching = torch.zeros(0, tokens.shape[1])
+    else:
+        mlp_patching = patching.get_act_patch_mlp_out(model, corrupted, clean_cache, second_half_logprob,
+                                                      progress=not args.quiet)
+        plotting.heatmap(mlp_patching, out / "mlp_patching.png", "MLP-output patching (second-half log-prob)",
+                         x_title="position", y_labels=layer_labels, y_title="layer")
+
+    with torch.no_grad():
+        W_E, W_U = model.W_E, model.W_U
+        kcomp = W_E @ model.QK[ind_layer, ind_head] @ (W_E @ model.OV[prev_layer, prev_head]).T
+        kcomp_top1 = top_1_accuracy(kcomp, args.kcomp_rows, args.seed)
+        eigenvalues = (W_E @ model.OV @ W_U).eigenvalues  # [l, h, d_head], from the small B @ A
+        ov_copying = (eigenvalues.sum(-1) / eigenvalues.abs().sum(-1)).real.float()
+    plotting.heatmap(ov_copying, out / "ov_copying_scores.png", "OV circuit copying scores", head_labels,
+                     layer_labels, "head", "layer")
+
+    summary = {
+        "model": model.cfg.model_name,
+        "seq_len": seq_len,
+        "batch": args.batch,
+        "logprob_first_half": float(first.mean()),
+        "logprob_second_half": float(second.mean()),
+        "accuracy_second_half": float(accuracy),
+        "loss_by_position": (-log_probs.mean(0)).tolist(),
+        "induction_scores": induction.tolist(),
+        "prev_token_scores": prev_token.tolist(),
+        "top_induction_head": [ind_layer, ind_head],
+        "top_prev_token_head": [prev_layer, prev_head],
+        "mlp_patching": mlp_patching.tolist(),
+        "kcomp_top1": kcomp_top1,
+        "kcomp_rows": args.kcomp_rows if args.kcomp_rows is not None else model.cfg.d_vocab,
+        "ov_copying_scores": ov_copying.tolist(),
+        "seconds": time.perf_counter() - start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_table("hooklens induction", [
+        ("model", summary["model"]),
+        ("tokens", f"{args.batch} x (1 + 2 x {seq_len}) repeated random tokens"),
+        ("log-prob first half", f"{summary['logprob_first_half']:.2f}"),
+        ("log-prob second half", f"{summary['logprob_second_half']:.2f}"),
+        ("accuracy second half", f"{summary['accuracy_second_half']:.2f}"),
+        ("top induction head", f"L{ind_layer}H{ind_head}  score {float(induction.max()):.2f}"),
+        ("top previous-token head", f"L{prev_layer}H{prev_head}  score {float(prev_token.max()):.2f}"),
+        ("max |MLP patching effect|", f"{float(mlp_patching.abs().max()) if mlp_patching.numel() else 0:.3f}"),
+        ("K-composition top-1 accuracy", f"{kcomp_top1:.3f} ({summary['kcomp_rows']} rows)"),
+        ("best OV copying score", f"{float(ov_copying.max()):.2f}"),
+        ("figures + summary.json", str(out)),
+        ("seconds", f"{summary['seconds']:.1f}"),
+    ])
+    return summary
+
+
+def _single_token(model, text: str, what: str) -> int:
+    tokens = model.to_tokens(text, prepend_bos=False)[0]
+    if tokens.numel() != 1:
+        raise CLIError(f"--{what} {text!r} is {tokens.numel()} tokens {model.to_str_tokens(tokens)}; it must be "
+                       "exactly one (GPT-2 tokens usually start with a space, e.g. ' Mary').")
+    return int(tokens[0])
+
+
+def run_patch(args: argparse.Namespace) -> Dict[str, Any]:
+    from hooklens import patching, plotting
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, args.device, args.dtype)
+    clean = model.to_tokens(args.clean)
+    corrupted = model.to_tokens(args.corrupted)
+    if clean.shape != corrupted.shape:
+        raise CLIError(f"The clean prompt is {clean.shape[1]} tokens and the corrupted one {corrupted.shape[1]}; "
+                       f"patching needs equal lengths.\n  clean:     {model.to_str_tokens(args.clean)}\n"
+                       f"  corrupted: {model.to_str_tokens(args.corrupted)}")
+    answer, wrong = _single_token(model, args.answer, "answer"), _single_token(model, args.wrong, "wrong")
+
+    def logit_diff(logits: Tensor) -> Tensor:
+        return (logits[:, -1, answer] - logits[:, -1, wrong]).mean()
+
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean)
+        corrupted_logits = model(corrupted)
+    clean_diff, corrupted_diff = logit_diff(clean_logits), logit_diff(corrupted_logits)
+    scale = clean_diff - corrupted_diff
+    if float(scale.abs()) < 1e-6:
+        raise CLIError("The clean and corrupted prompts give the same logit difference; nothing to patch.")
+
+    def normalized(logits: Tensor) -> Tensor:  # 0 = corrupted behaviour, 1 = clean behaviour
+        return (logit_diff(logits) - corrupted_diff) / scale
+
+    kwargs = dict(metric_positions=[-1], progress=not args.quiet)
+    resid = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, normalized, **kwargs)
+    heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, normalized, **kwargs)
+    str_tokens = [f"{t}_{i}" for i, t in enumerate(model.to_str_tokens(corrupted))]
+    layer_labels = [f"L{l}" for l in range(model.cfg.n_layers)]
+    plotting.heatmap(resid, out / "resid_pre_patching.png", "Residual stream patching (normalized logit diff)",
+                     str_tokens, layer_labels, "position", "layer")
+    plotting.heatmap(heads, out / "head_out_patching.png", "Head output patching (normalized logit diff)",
+                     [f"H{h}" for h in range(model.cfg.n_heads)], layer_labels, "head", "layer")
+    top_layer, top_head = divmod(int(heads.abs().argmax()), model.cfg.n_heads)
+    summary = {
+        "model": model.cfg.model_name,
+        "clean": args.clean, "corrupted": args.corrupted, "answer": args.answer, "wrong": args.wrong,
+        "str_tokens": model.to_str_tokens(corrupted),
+        "clean_logit_diff": float(clean_diff), "corrupted_logit_diff": float(corrupted_diff),
+        "resid_pre_patching": resid.tolist(),
+        "head_out_patching": heads.tolist(),
+        "top_head": [top_layer, top_head],
+        "seconds": time.perf_counter() - start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_table("hooklens patch", [
+        ("model", summary["model"]),
+        ("clean / corrupted logit diff", f"{float(clean_diff):.3f} / {float(corrupted_diff):.3f}"),
+        ("strongest head (output patching)", f"L{top_layer}H{top_head}  {float(heads.flatten()[heads.abs().argmax()]):+.3f}"),
+        ("figures + summary.json", str(out)),
+        ("seconds", f"{summary['seconds']:.1f}"),
+    ])
+    return summary
+
+
+def _print_table(title: str, rows: Sequence[tuple]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}\n" + "-" * (width + 40))
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hooklens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser, out: str) -> None:
+        sub.add_argument("--model", default=None, help="GPT-2 checkpoint: HF-format directory or a name in the "
+                         "local HF cache (default: the embedded model)")
+        sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        sub.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+        sub.add_argument("--out", default=out, help=f"output directory (default: {out})")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    induction = commands.add_parser("induction", help="induction heads on repeated random tokens")
+    common(induction, "hooklens-induction")
+    induction.add_argument("--seq-len", type=int, default=50)
+    induction.add_argument("--batch", type=int, default=4)
+    induction.add_argument("--kcomp-rows", type=lambda s: None if s == "all" else int(s), default=2000,
+                           help="vocabulary rows sampled for the K-composition top-1 accuracy ('all' for every row)")
+    patch = commands.add_parser("patch", help="IOI-style residual-stream and head-output patching")
+    common(patch, "hooklens-patch")
+    patch.add_argument("--clean", default=IOI_CLEAN)
+    patch.add_argument("--corrupted", default=IOI_CORRUPTED)
+    patch.add_argument("--answer", default=" Mary", help="the clean prompt's answer (one token)")
+    patch.add_argument("--wrong", default=" John", help="the corrupted prompt's answer (one token)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    try:
+        (run_induction if args.command == "induction" else run_patch)(args)
+    except CLIError as err:
+        print(f"hooklens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

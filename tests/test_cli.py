@@ -1,0 +1,96 @@
+"""The `hooklens` command: structure and properties of its summaries, equality with the library, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hooklens import HookedTransformer, patching
+from hooklens.cli import IOI_CLEAN, IOI_CORRUPTED, main
+
+INDUCTION_KEYS = {"model", "seq_len", "batch", "logprob_first_half", "logprob_second_half", "accuracy_second_half",
+                  "induction_scores", "prev_token_scores", "top_induction_head", "top_prev_token_head",
+                  "mlp_patching", "kcomp_top1", "ov_copying_scores", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def induction_summary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("induction")
+    assert main(["induction", "--out", str(out), "--quiet", "--kcomp-rows", "500"]) == 0
+    return json.loads((out / "summary.json").read_text()), out
+
+
+def test_induction_summary_structure(induction_summary):
+    summary, out = induction_summary
+    assert INDUCTION_KEYS <= set(summary)
+    n_layers = len(summary["induction_scores"])
+    n_heads = len(summary["induction_scores"][0])
+    for key in ("induction_scores", "prev_token_scores", "ov_copying_scores"):
+        assert torch.tensor(summary[key]).shape == (n_layers, n_heads), key
+    assert torch.tensor(summary["mlp_patching"]).shape == (n_layers, 1 + 2 * summary["seq_len"])
+    assert summary["model"] == "gpt2-embedded" and summary["seq_len"] == 50 and summary["batch"] == 4
+    for figure in ("loss_by_position", "induction_scores", "prev_token_scores", "top_induction_head_pattern",
+                   "mlp_patching", "ov_copying_scores"):
+        assert (out / f"{figure}.png").stat().st_size > 1000, figure
+
+
+def test_induction_finds_the_circuit_on_the_embedded_model(induction_summary):
+    summary, _ = induction_summary
+    induction = torch.tensor(summary["induction_scores"])
+    prev = torch.tensor(summary["prev_token_scores"])
+    assert induction.max() >= 0.5
+    assert prev.max() >= 0.5
+    assert summary["logprob_second_half"] >= summary["logprob_first_half"] + 3
+    ind_layer, ind_head = summary["top_induction_head"]
+    prev_layer, prev_head = summary["top_prev_token_head"]
+    assert induction[ind_layer, ind_head] == induction.max() and prev[prev_layer, prev_head] == prev.max()
+    assert ind_layer > prev_layer, "an induction head needs a previous-token head in an earlier layer"
+
+
+def _patch_summary(tmp_path, *extra):
+    out = tmp_path / "patch"
+    assert main(["patch", "--out", str(out), "--quiet", *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("which", ["embedded", "random_hf"])
+def test_patch_equals_the_library(tmp_path, tiny_dir, which):
+    extra = [] if which == "embedded" else ["--model", str(tiny_dir)]
+    summary = _patch_summary(tmp_path, *extra)
+    if which == "embedded":
+        from hooklens.embedded import load_embedded
+
+        model = load_embedded(device="cpu")
+    else:
+        model = HookedTransformer.from_pretrained(tiny_dir, device="cpu")
+    clean, corrupted = model.to_tokens(IOI_CLEAN), model.to_tokens(IOI_CORRUPTED)
+    mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(clean)
+        corrupted_logits = model(corrupted)
+    diff = lambda logits: (logits[:, -1, mary] - logits[:, -1, john]).mean()
+    clean_diff, corrupted_diff = diff(clean_logits), diff(corrupted_logits)
+    metric = lambda logits: (diff(logits) - corrupted_diff) / (clean_diff - corrupted_diff)
+    resid = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
+    heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, metric, progress=False)
+    torch.testing.assert_close(torch.tensor(summary["resid_pre_patching"]), resid, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(summary["head_out_patching"]), heads, atol=1e-5, rtol=1e-4)
+    assert summary["clean_logit_diff"] == pytest.approx(float(clean_diff), abs=1e-5)
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["patch", "--out", str(tmp_path), "--model", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["patch", "--out", str(tmp_path), "--corrupted", "When John and Mary went", "--quiet"]) == 2
+    assert "equal lengths" in capsys.readouterr().err
+    assert main(["patch", "--out", str(tmp_path), "--answer", " Maryland and", "--quiet"]) == 2
+    assert "exactly one" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "hooklens", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "induction" in result.stdout and "patch" in result.stdout
