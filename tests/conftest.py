@@ -28,6 +28,22 @@ HF_CONFIGS = {
 }
 
 
+@pytest.fixture
+def no_grad():
+    """Inference only, scoped to one test (modules opt in with `pytestmark = pytest.mark.usefixtures("no_grad")`)."""
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to OpenMP spin-waiting on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_hf_gpt2(seed: int = 0, **config):
     from transformers import GPT2Config, GPT2LMHeadModel
 

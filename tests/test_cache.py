@@ -22,6 +22,8 @@ from transformer_lens.utilities import Slice as TLSlice  # noqa: E402
 from hooklens.cache import ActivationCache  # noqa: E402
 from hooklens.utils import Slice  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 N_LAYERS, D_MODEL, N_HEADS, N_CTX, D_VOCAB, D_MLP = 2, 64, 4, 64, 1000, 48
 BATCH, SEQ = 2, 7
 RTOL, ATOL = 1e-5, 1e-5
@@ -69,15 +71,6 @@ def _tl_model(hf, fold_ln=True, use_attn_result=False):
             fold_value_biases=True,
         )
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

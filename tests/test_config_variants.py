@@ -10,13 +10,7 @@ import torch
 import hooklens
 from hooklens import HookedTransformer, HookedTransformerConfig
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only in this module (scoped per test, so other modules keep autograd)."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -11,27 +11,14 @@ from hooklens import HookedTransformer
 from hooklens import evals as hl_evals
 from hooklens import utils as hl_utils
 
+pytestmark = pytest.mark.usefixtures("no_grad", "single_thread")
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import transformer_lens.evals as tl_evals
     from transformer_lens.utilities.exploratory_utils import test_prompt as tl_test_prompt
 
 tl_test_prompt.__test__ = False  # a library function, not a test
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only in this module (scoped per test, so other modules keep autograd)."""
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

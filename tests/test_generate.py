@@ -17,26 +17,11 @@ from hooklens import HookedTransformer
 from hooklens.generation import sample_logits
 from hooklens.kv_cache import HookedTransformerKeyValueCache
 
+pytestmark = pytest.mark.usefixtures("no_grad", "single_thread")
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from transformer_lens.utilities.logits_utils import sample_logits as tl_sample_logits
-
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only in this module (scoped per test, so other modules keep autograd)."""
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These models are tiny: one intra-op thread is as fast, and immune to OpenMP spin-waiting on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 EOS = 50256
 N_NEW = 8

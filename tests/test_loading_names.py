@@ -18,24 +18,10 @@ from hooklens import HookedTransformer
 from hooklens import loading
 from hooklens.loading import CheckpointError
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only in this module (scoped per test, so other modules keep autograd)."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad", "single_thread")
 
 TOKENS = torch.randint(0, 50000, (2, 12), generator=torch.Generator().manual_seed(0))
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,7 @@ import torch
 from hooklens import HookedTransformer
 from conftest import load_hf, tl_model_from_hf
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only in this module (scoped per test, so other modules keep autograd)."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 CONFIG_NAMES = ["tiny", "odd", "gelu"]
 

@@ -13,13 +13,7 @@ import hooklens.patching as patching
 from hooklens import HookedTransformer
 from hooklens.utils import get_act_name
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only in this module (scoped per test, so other modules keep autograd)."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

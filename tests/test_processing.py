@@ -12,30 +12,16 @@ from hooklens import HookedTransformer, HookedTransformerConfig
 from hooklens import loading
 from hooklens.components import LayerNormPre
 
+pytestmark = pytest.mark.usefixtures("no_grad", "single_thread")
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from transformer_lens import HookedTransformer as TLHookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only in this module (scoped per test, so other modules keep autograd)."""
-    with torch.no_grad():
-        yield
-
 FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 NO_PROCESSING = dict.fromkeys(FLAGS, False)
 TOKENS = torch.randint(0, 50000, (2, 17), generator=torch.Generator().manual_seed(2))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tl_processed(directory, refactor_factored_attn_matrices=False, **flags):
