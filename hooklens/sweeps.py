@@ -119,7 +119,7 @@ def run_sweep(
     per_variant = _variant_bytes(model, batch, seq_len, len(logit_positions), act_numel)
     chunk_size = max(1, budget // max(per_variant, 1))
 
-    results = torch.full((len(sweep.indices),), float("nan"), device=device)
+    results = torch.full((len(sweep.indices),), float("nan"), dtype=corrupted_logits.dtype, device=device)
     layers = sweep.indices[:, 0]
     chunks: List[Tensor] = []
     for layer in layers.unique().tolist():

@@ -1,0 +1,83 @@
+"""Head ablation on the batched patching engine (`hooklens.sweeps`).
+
+`head_ablation` replaces one attention head's output `z` (`blocks.{l}.attn.hook_z`, every position) at a time and
+records the metric, for every head: a `[n_layers, n_heads]` tensor. It is activation patching where the "clean"
+activation is the ablation value, so it runs on `run_sweep`: many heads per forward, each run starting at its
+head's layer from the cached residual stream of the unablated run.
+
+Ablation values (`kind`), for head `h` of layer `l` with `z = blocks.{l}.attn.hook_z` on `tokens` ([b, p, h, dh]):
+
+* `"zero"`: `z[:, :, h] = 0`;
+* `"mean"`: `z[:, :, h] = z[:, :, h].mean over (batch, position)`: one `d_head` vector per head, the mean of that
+  head's output over every row of `tokens` and every position (the same vector is written at every position);
+  `tokens` serves as its own reference distribution;
+* `"resample"`: `z[:, :, h] = z_r[:, :, h]` where `z_r` is the head's output on `resample_tokens` (same shape as
+  `tokens`; row `i` of the ablated run receives row `i` of the resampled run, position by position).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from hooklens.patching import _mask_head
+from hooklens.sweeps import PatchSweep, run_sweep
+from hooklens.utils import get_act_name
+
+ABLATION_KINDS = ("zero", "mean", "resample")
+
+
+def ablation_values(model, tokens: Tensor, kind: str = "zero", resample_tokens: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """The replacement `z` for every layer, `{"blocks.{l}.attn.hook_z": [b, p, h, dh]}`, for `kind` (see module doc)."""
+    if kind not in ABLATION_KINDS:
+        raise ValueError(f"kind must be one of {ABLATION_KINDS}, got {kind!r}")
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    names = [get_act_name("z", l) for l in range(model.cfg.n_layers)]
+    if kind == "resample":
+        if resample_tokens is None:
+            raise ValueError("kind='resample' needs resample_tokens (same shape as tokens).")
+        if resample_tokens.dim() == 1:
+            resample_tokens = resample_tokens[None]
+        if resample_tokens.shape != tokens.shape:
+            raise ValueError(f"resample_tokens has shape {tuple(resample_tokens.shape)}, tokens {tuple(tokens.shape)}; "
+                             "they must match.")
+        source = resample_tokens
+    elif resample_tokens is not None:
+        raise ValueError(f"resample_tokens is only used with kind='resample', not kind={kind!r}.")
+    else:
+        source = tokens
+    device = model.W_E.device
+    with torch.no_grad():
+        _, cache = model.run_with_cache(source.to(device), names_filter=names, return_cache_object=False)
+    if kind == "resample":
+        return {n: cache[n] for n in names}
+    if kind == "zero":
+        return {n: torch.zeros_like(cache[n]) for n in names}
+    return {n: cache[n].mean(dim=(0, 1), keepdim=True).expand_as(cache[n]).contiguous() for n in names}
+
+
+def head_ablation(
+    model,
+    tokens: Tensor,
+    metric: Callable[[Tensor], Tensor],
+    kind: str = "zero",
+    resample_tokens: Optional[Tensor] = None,
+    metric_positions: Optional[Sequence[int]] = None,
+    memory_budget: Optional[int] = None,
+    progress: bool = True,
+) -> Tensor:
+    """Metric after ablating each head's `z` at every position: `[n_layers, n_heads]`.
+
+    `metric(logits [b, p, d_vocab]) -> scalar`, as in `hooklens.patching` (`metric_positions=[-1]` computes logits
+    only there; other positions are NaN). `kind`: "zero", "mean" or "resample" (see the module docstring).
+    """
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    replacement = ablation_values(model, tokens, kind, resample_tokens)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    indices = torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads)).view(-1, 2)
+    sweep = PatchSweep("z", indices, torch.zeros(len(indices), dtype=torch.long), _mask_head)
+    values = run_sweep(model, tokens, replacement, metric, sweep, metric_positions, memory_budget, progress)
+    return values.view(n_layers, n_heads)

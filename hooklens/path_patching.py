@@ -1,0 +1,167 @@
+"""Path patching (Wang et al. 2022, "Interpretability in the Wild"; the TransformerLens-community recipe as in
+ARENA's IOI notebook), with the corrupted run as the base and the clean run as the source of the patch.
+
+`path_patch(model, clean_tokens, corrupted_tokens, sender_heads, receiver_hooks, metric)` measures the effect of
+the senders on the metric *only through* the receivers:
+
+1. cache every head's output `z` (`blocks.{l}.attn.hook_z`, every position) on the clean and the corrupted run;
+2. run the corrupted tokens with every head's `z` replaced: the senders' by their clean values, every other head's
+   by its corrupted value (frozen, so the senders' effect cannot travel through other heads; MLPs and LayerNorm
+   scales are recomputed, as in the community recipe), and record each receiver activation;
+3. run the corrupted tokens again with only the receivers' activations replaced by the values recorded in step 2
+   (for a `(hook_name, head)` receiver only that head's slice; `head=None` replaces the whole activation), and
+   return `metric(logits)`.
+
+Receivers are any hook names, e.g. `blocks.3.attn.hook_q` / `hook_k` / `hook_v` (head axis 2, `[b, p, h, dh]`),
+`blocks.3.hook_q_input` (needs `model.set_use_split_qkv_input(True)`), `blocks.3.hook_resid_pre` or
+`blocks.{n_layers-1}.hook_resid_post` (head None), `blocks.3.attn.hook_pattern` (head axis 1). A receiver at or
+before the senders' layer is unaffected by them (its recorded value equals the corrupted one).
+
+`path_patch_senders` runs the common sweep "each head alone as the sender" with all variants stacked on the batch
+dimension: `[n_layers, n_heads]` in 3 batched forward passes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from hooklens.utils import get_act_name
+
+Receiver = Tuple[str, Optional[int]]
+
+
+def _head_axis(hook_name: str) -> int:
+    """Head axis of an activation with its batch dim: patterns/scores [b, h, q, k] -> 1; others [b, p, h, ...] -> 2."""
+    return 1 if hook_name.endswith(("hook_pattern", "hook_attn_scores")) else 2
+
+
+def _select_head(x: Tensor, hook_name: str, head: Optional[int]) -> Tensor:
+    return x if head is None else x.select(_head_axis(hook_name), head)
+
+
+def _z_caches(model, clean_tokens: Tensor, corrupted_tokens: Tensor) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    names = [get_act_name("z", l) for l in range(model.cfg.n_layers)]
+    _, clean = model.run_with_cache(clean_tokens, names_filter=names, return_cache_object=False)
+    _, corrupted = model.run_with_cache(corrupted_tokens, names_filter=names, return_cache_object=False)
+    return clean, corrupted
+
+
+def _check_inputs(model, clean_tokens, corrupted_tokens, receiver_hooks) -> Tuple[Tensor, Tensor]:
+    clean_tokens = clean_tokens[None] if clean_tokens.dim() == 1 else clean_tokens
+    corrupted_tokens = corrupted_tokens[None] if corrupted_tokens.dim() == 1 else corrupted_tokens
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise ValueError(f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens "
+                         f"{tuple(corrupted_tokens.shape)} must have the same shape.")
+    if not receiver_hooks:
+        raise ValueError("Give at least one receiver (hook_name, head or None).")
+    for name, _ in receiver_hooks:
+        model._resolve_hook_name(name)  # raises a helpful error for unknown names
+    device = model.W_E.device
+    return clean_tokens.to(device), corrupted_tokens.to(device)
+
+
+@torch.no_grad()
+def path_patch(
+    model,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    sender_heads: Sequence[Tuple[int, int]],
+    receiver_hooks: Sequence[Receiver],
+    metric: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Metric of the corrupted run after patching the path sender heads (clean) -> receivers; see module doc."""
+    clean_tokens, corrupted_tokens = _check_inputs(model, clean_tokens, corrupted_tokens, receiver_hooks)
+    clean_z, corrupted_z = _z_caches(model, clean_tokens, corrupted_tokens)
+    senders: Dict[int, List[int]] = {}
+    for layer, head in sender_heads:
+        senders.setdefault(layer % model.cfg.n_layers, []).append(head)
+
+    def freeze(z: Tensor, hook) -> Tensor:
+        name = hook.name
+        out = corrupted_z[name].clone()
+        for head in senders.get(hook.layer(), []):
+            out[:, :, head] = clean_z[name][:, :, head]
+        return out
+
+    recorded: Dict[Receiver, Tensor] = {}
+
+    def record(key: Receiver):
+        def hook(act: Tensor, hook) -> None:
+            recorded[key] = _select_head(act, key[0], key[1]).clone()
+        return hook
+
+    fwd = [(get_act_name("z", l), freeze) for l in range(model.cfg.n_layers)]
+    fwd += [(name, record((name, head))) for name, head in receiver_hooks]
+    model.run_with_hooks(corrupted_tokens, fwd_hooks=fwd, return_type=None)
+
+    def patch(key: Receiver):
+        def hook(act: Tensor, hook) -> Tensor:
+            act = act.clone()
+            _select_head(act, key[0], key[1]).copy_(recorded[key])
+            return act
+        return hook
+
+    logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(n, patch((n, h))) for n, h in receiver_hooks])
+    return metric(logits)
+
+
+@torch.no_grad()
+def path_patch_senders(
+    model,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    receiver_hooks: Sequence[Receiver],
+    metric: Callable[[Tensor], Tensor],
+    senders: Optional[Sequence[Tuple[int, int]]] = None,
+) -> Tensor:
+    """`path_patch` with each head alone as the sender, batched: `[n_layers, n_heads]` (heads not in `senders`,
+    when given, are NaN). Equal to looping `path_patch(..., [(l, h)], receiver_hooks, metric)` over heads; all
+    variants share one batch (memory grows with `n_layers * n_heads * batch`)."""
+    clean_tokens, corrupted_tokens = _check_inputs(model, clean_tokens, corrupted_tokens, receiver_hooks)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if senders is None:
+        senders = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    senders = [(l % n_layers, h) for l, h in senders]
+    n, batch = len(senders), clean_tokens.shape[0]
+    clean_z, corrupted_z = _z_caches(model, clean_tokens, corrupted_tokens)
+    # mask[v, l, h]: variant v takes head (l, h) from the clean run
+    mask = torch.zeros(n, n_layers, n_heads, dtype=torch.bool, device=clean_tokens.device)
+    for v, (l, h) in enumerate(senders):
+        mask[v, l, h] = True
+    tokens = corrupted_tokens.repeat(n, 1)  # variant v owns rows v*b .. (v+1)*b - 1
+
+    def freeze(z: Tensor, hook) -> Tensor:
+        name, layer = hook.name, hook.layer()
+        m = mask[:, layer][:, None, None, :, None]  # [n, 1(b), 1(p), h, 1(dh)]
+        out = torch.where(m, clean_z[name][None], corrupted_z[name][None])  # [n, b, p, h, dh]
+        return out.reshape(z.shape)
+
+    recorded: Dict[Receiver, Tensor] = {}
+
+    def record(key: Receiver):
+        def hook(act: Tensor, hook) -> None:
+            recorded[key] = _select_head(act, key[0], key[1]).clone()
+        return hook
+
+    fwd = [(get_act_name("z", l), freeze) for l in range(n_layers)]
+    fwd += [(name, record((name, head))) for name, head in receiver_hooks]
+    model.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None)
+
+    def patch(key: Receiver):
+        def hook(act: Tensor, hook) -> Tensor:
+            act = act.clone()
+            _select_head(act, key[0], key[1]).copy_(recorded[key])
+            return act
+        return hook
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(nm, patch((nm, h))) for nm, h in receiver_hooks])
+    logits = logits.view((n, batch) + logits.shape[1:])
+    from hooklens.sweeps import _apply_metric
+
+    values = _apply_metric(metric, logits)
+    out = torch.full((n_layers, n_heads), float("nan"), dtype=values.dtype, device=values.device)
+    for v, (l, h) in enumerate(senders):
+        out[l, h] = values[v]
+    return out
