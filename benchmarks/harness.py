@@ -1,0 +1,334 @@
+"""Shared benchmark harness: timing, the workload registry, result records and the result files.
+
+Every benchmark in this directory goes through here, so all results share one format:
+
+* `time_fn(fn, warmup, repeats)` -> median wall-clock seconds of `fn()` (synchronizing CUDA around each call).
+* `@workload(name, ...)` registers a *setup* function `setup(ctx) -> Case`. A `Case` holds one zero-argument
+  callable per implementation (`"hooklens"` plus one or more references such as `"transformer_lens"` or `"hf"`)
+  and a `check(hooklens_out, reference_out) -> (ok, max_abs_diff)`. `run_workload` runs every implementation once,
+  checks each reference's output against hooklens's, then times them all and returns one `Record` per reference.
+* `write_results(records, device, ...)` writes `<out>/<YYYY-MM-DD>-<device>.json` and a Markdown table beside it.
+
+Adding a workload: write `@workload("my_workload", references=("transformer_lens",))` over a setup function in a
+module under `benchmarks/`, and list that module in `run.py`'s `WORKLOAD_MODULES`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOOKLENS = "hooklens"
+
+
+# -- timing -----------------------------------------------------------------------------------------------------
+# "wall": time.perf_counter (the default, and what the result files normally hold).
+# "cpu": time.thread_time of the calling thread, for CPU runs with torch.set_num_threads(1) on a busy shared machine:
+# it does not count the time this process spends descheduled, so other processes barely move it.
+TIMERS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+_timer_name = "wall"
+
+
+def set_timer(name: str) -> None:
+    global _timer_name
+    if name not in TIMERS:
+        raise ValueError(f"timer must be one of {sorted(TIMERS)}, got {name!r}")
+    _timer_name = name
+
+
+def timer_name() -> str:
+    return _timer_name
+
+
+def _sync(device: Optional[str]) -> None:
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5, device: Optional[str] = None) -> float:
+    """Median seconds of `fn()` over `repeats` timed calls after `warmup` untimed ones, under `torch.no_grad()`.
+
+    With `device` on CUDA the GPU is synchronized before and after each call, so the time covers the kernels.
+    """
+    times = time_fn_all(fn, warmup, repeats, device)
+    return statistics.median(times)
+
+
+def time_fn_all(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5, device: Optional[str] = None) -> List[float]:
+    """Every timed call's seconds (see `time_fn`)."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    times: List[float] = []
+    clock = TIMERS[_timer_name]
+    with torch.no_grad():
+        for _ in range(max(warmup, 0)):
+            fn()
+        _sync(device)
+        for _ in range(repeats):
+            _sync(device)
+            start = clock()
+            out = fn()
+            _sync(device)
+            times.append(clock() - start)
+            del out
+    return times
+
+
+# -- workloads --------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """What one workload runs: one callable per implementation, and how to compare their outputs."""
+
+    impls: Dict[str, Callable[[], Any]]  # "hooklens" plus one or more references
+    check: Callable[[Any, Any], Tuple[bool, float]]  # (hooklens_out, reference_out) -> (agree, max_abs_diff)
+    shape: str  # e.g. "4x128"; printed as is
+    # Per-workload overrides of the run's warmup / repeats (heavy workloads time fewer calls).
+    warmup: Optional[int] = None
+    repeats: Optional[int] = None
+    note: str = ""
+
+
+@dataclass
+class Workload:
+    name: str
+    setup: Callable[["Context"], Case]
+    references: Tuple[str, ...]
+    description: str = ""
+    max_repeats: Optional[int] = None  # cap on repeats (e.g. a loop of many forwards)
+
+
+WORKLOADS: Dict[str, Workload] = {}
+
+
+def workload(name: str, references: Sequence[str] = ("transformer_lens",), description: str = "",
+             max_repeats: Optional[int] = None) -> Callable[[Callable[["Context"], Case]], Callable[["Context"], Case]]:
+    """Register `setup(ctx) -> Case` as the workload `name` (names must be unique across modules)."""
+
+    def register(setup: Callable[["Context"], Case]) -> Callable[["Context"], Case]:
+        if name in WORKLOADS and WORKLOADS[name].setup is not setup:
+            raise ValueError(f"Workload {name!r} is already registered (by {WORKLOADS[name].setup.__module__}).")
+        WORKLOADS[name] = Workload(name, setup, tuple(references), description or (setup.__doc__ or "").strip(),
+                                   max_repeats)
+        return setup
+
+    return register
+
+
+@dataclass
+class Context:
+    """Run-wide settings and lazily built, shared models (see `models.py`)."""
+
+    device: str
+    dtype: torch.dtype
+    batch: int
+    seq: int
+    warmup: int
+    repeats: int
+    seed: int = 0
+    options: Dict[str, Any] = field(default_factory=dict)  # workload-specific knobs (e.g. patch_positions)
+    _cache: Dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, build: Callable[[], Any]) -> Any:
+        """Build `key` once per run and share it between workloads (models, checkpoints, inputs)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+@dataclass
+class Record:
+    workload: str
+    shape: str
+    dtype: str
+    hooklens_s: float
+    reference: str
+    reference_s: float
+    ratio: float  # reference_s / hooklens_s: > 1 means hooklens is faster
+    checked: bool
+    max_abs_diff: Optional[float] = None
+    # Fastest timed call of each (contention on a shared machine only ever adds time, so the minimum is the
+    # steadier number there; the median stays the headline).
+    hooklens_min_s: Optional[float] = None
+    reference_min_s: Optional[float] = None
+    repeats: Optional[int] = None
+    note: str = ""
+
+    def to_json(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_workload(w: Workload, ctx: Context, log: Callable[[str], None] = print) -> List[Record]:
+    """Set up `w`, check each reference against hooklens, time every implementation, return one record each."""
+    case = w.setup(ctx)
+    missing = [name for name in (HOOKLENS, *w.references) if name not in case.impls]
+    if missing:
+        raise ValueError(f"Workload {w.name!r} did not provide implementations {missing}.")
+    warmup = ctx.warmup if case.warmup is None else case.warmup
+    repeats = ctx.repeats if case.repeats is None else case.repeats
+    if w.max_repeats is not None:
+        repeats = max(1, min(repeats, w.max_repeats))
+
+    # One untimed call per implementation: it is both the correctness check and a warmup call.
+    with torch.no_grad():
+        hooklens_out = case.impls[HOOKLENS]()
+        _sync(ctx.device)
+        checks: Dict[str, Tuple[bool, float]] = {}
+        for ref in w.references:
+            ref_out = case.impls[ref]()
+            _sync(ctx.device)
+            ok, diff = case.check(hooklens_out, ref_out)
+            checks[ref] = (bool(ok), float(diff))
+            status = "ok" if ok else "MISMATCH"
+            log(f"  check {w.name} vs {ref}: {status} (max |diff| {diff:.3g})")
+            del ref_out
+        del hooklens_out
+    warm_left = max(warmup - 1, 0)
+
+    # Interleave the implementations (hooklens, ref1, ref2, hooklens, ...) so that a slow spell of the machine
+    # (another process, thermal throttling) hits all of them alike instead of one implementation's block.
+    names = (HOOKLENS, *w.references)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    with torch.no_grad():
+        for _ in range(warm_left):
+            for name in names:
+                case.impls[name]()
+        for _ in range(repeats):
+            for name in names:
+                samples[name] += time_fn_all(case.impls[name], 0, 1, ctx.device)
+    times = {name: statistics.median(samples[name]) for name in names}
+    for name in names:
+        spread = f", min {min(samples[name]) * 1e3:.1f} max {max(samples[name]) * 1e3:.1f}" if repeats > 1 else ""
+        log(f"  time  {w.name} {name}: {times[name] * 1e3:.1f} ms (median of {repeats}{spread})")
+
+    records = []
+    for ref in w.references:
+        ok, diff = checks[ref]
+        records.append(Record(
+            workload=w.name, shape=case.shape, dtype=ctx.dtype_name, hooklens_s=times[HOOKLENS], reference=ref,
+            reference_s=times[ref], ratio=times[ref] / times[HOOKLENS], checked=ok, max_abs_diff=diff,
+            hooklens_min_s=min(samples[HOOKLENS]), reference_min_s=min(samples[ref]), repeats=repeats, note=case.note,
+        ))
+    return records
+
+
+# -- metadata ---------------------------------------------------------------------------------------------------
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: str) -> str:
+    """"cpu", or the CUDA device's name slugified (e.g. "nvidia-h100-80gb-hbm3")."""
+    if str(device).startswith("cuda"):
+        return slugify(torch.cuda.get_device_name(torch.device(device)))
+    return slugify(str(device))
+
+
+def git_commit(root: Path = REPO_ROOT) -> Optional[str]:
+    """`git rev-parse --short HEAD`, plus "-dirty" if tracked or untracked files differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if status else "")
+
+
+def triton_version() -> Optional[str]:
+    try:
+        import triton  # type: ignore
+    except Exception:
+        return None
+    return getattr(triton, "__version__", None)
+
+
+def command_line() -> str:
+    return "python " + shlex.join(sys.argv)
+
+
+# -- output -----------------------------------------------------------------------------------------------------
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def markdown_table(records: Sequence[Record]) -> str:
+    lines = [
+        "| workload | shape | dtype | hooklens | reference | reference time | ratio (ref / hooklens) | checked |",
+        "|---|---|---|---:|---|---:|---:|:---:|",
+    ]
+    for r in records:
+        checked = "yes" if r.checked else f"NO (max diff {r.max_abs_diff:.3g})"
+        lines.append(f"| {r.workload} | {r.shape} | {r.dtype} | {_fmt_s(r.hooklens_s)} | {r.reference} | "
+                     f"{_fmt_s(r.reference_s)} | {r.ratio:.2f}x | {checked} |")
+    return "\n".join(lines)
+
+
+def write_results(records: Sequence[Record], device: str, out_dir: Path | str = REPO_ROOT / "benchmarks" / "results",
+                  extra: Optional[Dict[str, Any]] = None, date: Optional[str] = None) -> Tuple[Path, Path]:
+    """Write `<out_dir>/<date>-<device>.json` and `.md` (overwriting today's files for that device).
+
+    With the "cpu" timer the files are `<date>-<device>-cputimer.*`, so they never replace a wall-clock run.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(device)
+    date = date or _dt.date.today().isoformat()
+    meta = {
+        "device": slug,
+        "date": date,
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+    }
+    if _timer_name != "wall":
+        meta["timer"] = _timer_name
+    payload = {**meta, "command": command_line(), **(extra or {}), "results": [r.to_json() for r in records]}
+    stem = f"{date}-{slug}" + ("" if _timer_name == "wall" else f"-{_timer_name}timer")  # never clobber wall runs
+    json_path = out_dir / f"{stem}.json"
+    md_path = out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    device_desc = slug if slug == "cpu" else f"{slug} ({torch.cuda.get_device_name(torch.device(device))})"
+    if slug == "cpu":
+        device_desc += f" ({torch.get_num_threads()} threads)"
+    md = [
+        f"# Benchmarks {date} on {device_desc}",
+        "",
+        f"- device: `{slug}`",
+        f"- date: {date}",
+        f"- commit: `{meta['commit']}`",
+        f"- command: `{payload['command']}`",
+        f"- torch: {meta['torch']}, triton: {meta['triton']}",
+    ]
+    for key, value in (extra or {}).items():
+        md.append(f"- {key}: {value}")
+    md += [
+        "",
+        f"Median {'wall-clock' if _timer_name == 'wall' else 'single-thread CPU'} times; ratio = reference time / hooklens time, measured in the same run (> 1: hooklens "
+        "is faster). `checked`: hooklens's output matched the reference's before timing.",
+        "",
+        markdown_table(records),
+        "",
+    ]
+    notes = {r.workload: r.note for r in records if r.note}
+    if notes:
+        md += ["Notes:", ""] + [f"- {name}: {note}" for name, note in notes.items()] + [""]
+    md_path.write_text("\n".join(md))
+    return json_path, md_path
