@@ -336,7 +336,8 @@ def load_and_process_state_dict(
     from hooklens.components import LayerNormPre
 
     cfg = model.cfg
-    if cfg.dtype not in (torch.float32, torch.float64) and fold_ln:
+    low_precision = any(v.is_floating_point() and v.dtype not in (torch.float32, torch.float64) for v in state_dict.values())
+    if low_precision and fold_ln:  # from_pretrained processes in float32 before casting, so it never warns
         logger.warning("Processing weights in reduced precision loses accuracy; consider from_pretrained_no_processing.")
     # Like TL's fill_missing_keys, a bias the state dict leaves out is zero: TL's own GPT-2 converter
     # (`convert_gpt2_weights`) emits no `unembed.b_U`, since GPT-2 has no unembedding bias.
