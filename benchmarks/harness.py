@@ -173,9 +173,19 @@ class Record:
         return dataclasses.asdict(self)
 
 
+class WorkloadSkipped(Exception):
+    """Raised by a setup function when the workload cannot run here (e.g. a GPU-only kernel on a CPU run)."""
+
+
 def run_workload(w: Workload, ctx: Context, log: Callable[[str], None] = print) -> List[Record]:
-    """Set up `w`, check each reference against hooklens, time every implementation, return one record each."""
-    case = w.setup(ctx)
+    """Set up `w`, check each reference against hooklens, time every implementation, return one record each.
+
+    A setup that raises `WorkloadSkipped` produces no records (the reason is logged)."""
+    try:
+        case = w.setup(ctx)
+    except WorkloadSkipped as reason:
+        log(f"  skip {w.name}: {reason}")
+        return []
     missing = [name for name in (HOOKLENS, *w.references) if name not in case.impls]
     if missing:
         raise ValueError(f"Workload {w.name!r} did not provide implementations {missing}.")

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 
 # Modules whose `@workload`s are registered; later benchmark files (kernels, FactoredMatrix, sweeps) add theirs here.
-WORKLOAD_MODULES = ["core", "lowrank", "patching_sweeps"]
+WORKLOAD_MODULES = ["core", "lowrank", "patching_sweeps", "attention"]
 
 DEFAULTS = {
     # Per device kind. The CPU defaults keep a full run under ~5 minutes on 2 cores; patching_loop does
