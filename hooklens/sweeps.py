@@ -9,7 +9,8 @@ TransformerLens runs one full forward pass (and one host sync) per patch. Here a
    corrupted residual stream (earlier layers cannot change);
 3. starts each chunk of variants at the earliest position any of them patches: positions before it cannot
    change (causal attention), so their cached keys and values are reused and only later positions are computed;
-4. applies every variant's patch with one `torch.where` over a per-variant mask (no Python loop over variants);
+4. applies every variant's patch with one op, `hooklens::masked_patch` from `hooklens._C` (PyTorch reference in
+   `hooklens.ops.patching`), over a per-variant mask (no Python loop over variants);
 5. computes logits only at the positions the metric reads (`metric_positions`, default all), and evaluates the
    metric for all variants at once with `torch.vmap`;
 6. chunks variants to a memory budget, with a tqdm bar.
@@ -28,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooklens.kv_cache import HookedTransformerKeyValueCache, HookedTransformerKeyValueCacheEntry
+from hooklens.ops.patching import masked_patch
 from hooklens.utils import get_act_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,8 +140,7 @@ def run_sweep(
 
         def patch(activation: Tensor, hook) -> Tensor:
             # activation: [n*b, *suffix act]; variant v owns rows v*b .. (v+1)*b - 1.
-            act = activation.view((n, batch) + activation.shape[1:])
-            return torch.where(masks[:, None], clean[None], act).view(activation.shape)
+            return masked_patch(activation, clean, masks)
 
         resid = corrupted[f"blocks.{layer}.hook_resid_pre"][:, start:]  # [b, suffix, d]
         resid = resid.unsqueeze(0).expand(n, -1, -1, -1).reshape(n * batch, seq_len - start, -1)

@@ -419,3 +419,33 @@ def test_backend_selection_and_fallback(monkeypatch):
 def test_import_has_no_side_effects():
     code = "import sys, hooklens, hooklens.ops; assert 'hooklens._C' not in sys.modules, 'loaded at import'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- hooklens::masked_patch (the patching engine's op) ----------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5,), (7, 3, 4), (2, 6, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_masked_patch_matches_reference_and_loop(shape, dtype):
+    from hooklens.ops.patching import masked_patch, masked_patch_reference
+
+    n, b = 3, 2
+    g = _gen(5)
+    act = torch.randn((n * b,) + shape, generator=g).to(dtype)
+    clean = torch.randn((b,) + shape, generator=g).to(dtype)
+    mask = torch.rand((n,) + shape, generator=g) > 0.5
+    expected = act.clone()
+    for v in range(n):  # what the op replaces: one patch per variant
+        rows = expected[v * b : (v + 1) * b]
+        rows[:, mask[v]] = clean[:, mask[v]]
+    assert torch.equal(masked_patch(act, clean, mask, backend="cpp"), expected)
+    assert torch.equal(masked_patch_reference(act, clean, mask), expected)
+    torch.library.opcheck(torch.ops.hooklens.masked_patch.default, (act, clean, mask))
+
+
+def test_masked_patch_errors():
+    from hooklens.ops.patching import masked_patch
+
+    act, clean = torch.zeros(6, 4), torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        masked_patch(act, clean, torch.zeros(3, 4), backend="cpp")
+    with pytest.raises(RuntimeError, match="expected n\\*b"):
+        masked_patch(act, clean, torch.zeros(4, 4, dtype=torch.bool), backend="cpp")
