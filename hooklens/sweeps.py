@@ -29,7 +29,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooklens.kv_cache import HookedTransformerKeyValueCache, HookedTransformerKeyValueCacheEntry
-from hooklens.ops.patching import masked_patch
 from hooklens.utils import get_act_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,6 +103,7 @@ def run_sweep(
     progress: bool = True,
 ) -> Tensor:
     """Metric value of every patch in `sweep`: a [n] tensor in the order of `sweep.indices`."""
+    from hooklens.ops.patching import masked_patch  # lazy: hooklens.ops loads torch._dynamo (and Triton)
     if corrupted_tokens.dim() == 1:
         corrupted_tokens = corrupted_tokens[None]
     device = model.W_E.device

@@ -258,3 +258,15 @@ def test_directory_without_config_and_missing_model(tmp_path):
         HookedTransformer.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="huggingface-cli download"):
         HookedTransformer.from_pretrained("gpt2-xl")
+
+
+def test_import_has_no_heavy_side_effects():
+    """`import hooklens` loads neither Triton nor torch._dynamo nor the C++ extension (kernels are opt-in, and
+    TRITON_INTERPRET must be settable after importing hooklens)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hooklens; bad = [m for m in ('triton', 'torch._dynamo', 'hooklens._C', 'transformers', "
+            "'matplotlib') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
