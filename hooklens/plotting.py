@@ -52,11 +52,7 @@ def heatmap(
     ax.set_xlabel(x_title)
     ax.set_ylabel(y_title)
     ax.set_title(title)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return _finish(plt, fig, path)
 
 
 def line(values: Tensor, path: Optional[Union[str, Path]] = None, title: str = "", x_title: str = "",
@@ -69,6 +65,11 @@ def line(values: Tensor, path: Optional[Union[str, Path]] = None, title: str = "
     ax.set_xlabel(x_title)
     ax.set_ylabel(y_title)
     ax.set_title(title)
+    return _finish(plt, fig, path)
+
+
+def _finish(plt, fig, path: Optional[Union[str, Path]]):
+    """Lay out the figure; save it to `path` (and release it) when given; return it for notebooks."""
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
