@@ -85,26 +85,7 @@ def path_patch(
             out[:, :, head] = clean_z[name][:, :, head]
         return out
 
-    recorded: Dict[Receiver, Tensor] = {}
-
-    def record(key: Receiver):
-        def hook(act: Tensor, hook) -> None:
-            recorded[key] = _select_head(act, key[0], key[1]).clone()
-        return hook
-
-    fwd = [(get_act_name("z", l), freeze) for l in range(model.cfg.n_layers)]
-    fwd += [(name, record((name, head))) for name, head in receiver_hooks]
-    model.run_with_hooks(corrupted_tokens, fwd_hooks=fwd, return_type=None)
-
-    def patch(key: Receiver):
-        def hook(act: Tensor, hook) -> Tensor:
-            act = act.clone()
-            _select_head(act, key[0], key[1]).copy_(recorded[key])
-            return act
-        return hook
-
-    logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(n, patch((n, h))) for n, h in receiver_hooks])
-    return metric(logits)
+    return metric(_frozen_then_patched_logits(model, corrupted_tokens, freeze, receiver_hooks))
 
 
 @torch.no_grad()
@@ -138,6 +119,20 @@ def path_patch_senders(
         out = torch.where(m, clean_z[name][None], corrupted_z[name][None])  # [n, b, p, h, dh]
         return out.reshape(z.shape)
 
+    logits = _frozen_then_patched_logits(model, tokens, freeze, receiver_hooks)
+    logits = logits.view((n, batch) + logits.shape[1:])
+    from hooklens.sweeps import _apply_metric
+
+    values = _apply_metric(metric, logits)
+    out = torch.full((n_layers, n_heads), float("nan"), dtype=values.dtype, device=values.device)
+    for v, (l, h) in enumerate(senders):
+        out[l, h] = values[v]
+    return out
+
+
+def _frozen_then_patched_logits(model, tokens: Tensor, freeze: Callable, receiver_hooks: Sequence[Receiver]) -> Tensor:
+    """The two runs of path patching. Run 1: every head's z set by `freeze` (senders clean, the rest corrupted);
+    record the receivers. Run 2: a plain run on `tokens` with only the receivers replaced by those recordings."""
     recorded: Dict[Receiver, Tensor] = {}
 
     def record(key: Receiver):
@@ -145,7 +140,7 @@ def path_patch_senders(
             recorded[key] = _select_head(act, key[0], key[1]).clone()
         return hook
 
-    fwd = [(get_act_name("z", l), freeze) for l in range(n_layers)]
+    fwd = [(get_act_name("z", l), freeze) for l in range(model.cfg.n_layers)]
     fwd += [(name, record((name, head))) for name, head in receiver_hooks]
     model.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None)
 
@@ -156,12 +151,4 @@ def path_patch_senders(
             return act
         return hook
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(nm, patch((nm, h))) for nm, h in receiver_hooks])
-    logits = logits.view((n, batch) + logits.shape[1:])
-    from hooklens.sweeps import _apply_metric
-
-    values = _apply_metric(metric, logits)
-    out = torch.full((n_layers, n_heads), float("nan"), dtype=values.dtype, device=values.device)
-    for v, (l, h) in enumerate(senders):
-        out[l, h] = values[v]
-    return out
+    return model.run_with_hooks(tokens, fwd_hooks=[(name, patch((name, head))) for name, head in receiver_hooks])
