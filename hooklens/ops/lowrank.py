@@ -18,12 +18,14 @@ Each function takes ``backend=``:
   ``pip install -e .``). On CPU, eigenvalues for ``k <= 128`` come from a batched solver (balancing,
   Hessenberg reduction, Francis double-shift QR; eigenvalues only) run in parallel over the batch, faster
   than ``torch.linalg.eigvals`` (LAPACK, one matrix at a time) and about 2-3x faster than ``torch.linalg.eig``.
-  The operators have fake (meta) kernels, so they work under ``torch.compile``. ``trace`` and ``fro_norm``
-  support autograd; ``eigvals`` and ``svd`` are forward-only (their backward raises).
+  The operators have fake (meta) kernels, so they work under ``torch.compile``, and all support autograd:
+  ``trace`` and ``fro_norm`` by closed-form formulas; ``eigvals`` and ``svd`` recompute their result with
+  ``torch.linalg`` in the backward pass and differentiate through that (the forward stays fast; a backward
+  costs what the torch backend's would).
 - ``"torch"``: the same math with ``torch.linalg`` (the reference implementation); supports autograd
   everywhere and any device.
-- ``"auto"`` (default): ``"cpp"`` when the extension is available, the tensors are on CPU or CUDA and no
-  gradient is needed through a forward-only operator; ``"torch"`` otherwise.
+- ``"auto"`` (default): ``"cpp"`` when the extension is available and the tensors are on CPU or CUDA;
+  ``"torch"`` otherwise.
 
 The extension is imported on first use (or by :func:`load_extension`), never when hooklens is imported.
 """
@@ -138,11 +140,7 @@ def _complex_of(dtype: torch.dtype) -> torch.dtype:
     return torch.complex64 if dtype == torch.float32 else torch.complex128
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _use_cpp(backend: str, name: str, A: torch.Tensor, B: torch.Tensor, differentiable: bool) -> bool:
+def _use_cpp(backend: str, name: str, A: torch.Tensor, B: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     if backend == "cpp":
@@ -151,8 +149,6 @@ def _use_cpp(backend: str, name: str, A: torch.Tensor, B: torch.Tensor, differen
     if backend != "auto":
         raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
     if A.device.type not in ("cpu", "cuda"):
-        return False
-    if not differentiable and _needs_grad(A, B):
         return False
     return load_extension()
 
@@ -218,7 +214,7 @@ def eigvals(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> torch
     for float32 inputs, complex128 for float64 (computed in float64 either way).
     """
     _check("hooklens.ops.eigvals", A, B, square=True)
-    if _use_cpp(backend, "hooklens.ops.eigvals", A, B, differentiable=False):
+    if _use_cpp(backend, "hooklens.ops.eigvals", A, B):
         return torch.ops.hooklens.lowrank_eigvals(A, B)
     return _eigvals_torch(A, B)
 
@@ -229,7 +225,7 @@ def svd(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> SVDResult
     ``r = min(m, k, n)``; ``S`` is descending and ``A @ B == U @ diag(S) @ Vh`` (``Vh`` is V transposed).
     """
     batch = _check("hooklens.ops.svd", A, B, square=False)
-    if _use_cpp(backend, "hooklens.ops.svd", A, B, differentiable=False):
+    if _use_cpp(backend, "hooklens.ops.svd", A, B):
         return SVDResult(*torch.ops.hooklens.lowrank_svd(A, B))
     return _svd_torch(A, B, batch)
 
@@ -247,7 +243,7 @@ def topk_svd(A: torch.Tensor, B: torch.Tensor, k: int, *, backend: str = "auto")
 def fro_norm(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``||A @ B||_F`` as ``sqrt(sum((A^T A) * (B B^T)))`` (or via ``A @ B`` when that is cheaper), ``[...]``."""
     batch = _check("hooklens.ops.fro_norm", A, B, square=False)
-    if _use_cpp(backend, "hooklens.ops.fro_norm", A, B, differentiable=True):
+    if _use_cpp(backend, "hooklens.ops.fro_norm", A, B):
         return torch.ops.hooklens.lowrank_fro_norm(A, B)
     return _fro_norm_torch(A, B, batch)
 
@@ -255,7 +251,7 @@ def fro_norm(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> torc
 def trace(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``trace(A @ B) = sum(A * B^T)``, ``[...]`` (needs ``m == n``)."""
     _check("hooklens.ops.trace", A, B, square=True)
-    if _use_cpp(backend, "hooklens.ops.trace", A, B, differentiable=True):
+    if _use_cpp(backend, "hooklens.ops.trace", A, B):
         return torch.ops.hooklens.lowrank_trace(A, B)
     return _trace_torch(A, B)
 
@@ -322,14 +318,57 @@ def _fro_norm_backward(ctx, grad):
     return gA, gB
 
 
-def _forward_only(op: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"{op} (hooklens.ops backend='cpp') is forward-only; use backend='torch' (or 'auto') to "
-            "differentiate through it"
-        )
+def _differentiable_inputs(ctx, create_graph: bool):
+    """The saved factors to recompute from: detached copies that require grad where the forward's inputs did,
+    or (for a differentiable backward, `create_graph=True`) the saved tensors themselves, keeping their history."""
+    A, B = ctx.saved_tensors[:2]
+    if create_graph:
+        return A, B
+    return A.detach().requires_grad_(ctx.needs_input_grad[0]), B.detach().requires_grad_(ctx.needs_input_grad[1])
 
-    return backward
+
+def _grads(ctx, outputs, inputs, grads, create_graph: bool):
+    """Gradients of the recomputed `outputs` w.r.t. the `inputs` the forward's inputs needed them for."""
+    outputs, grads = (outputs,), (grads,)
+    if isinstance(outputs[0], (tuple, list)):
+        outputs, grads = outputs[0], grads[0]
+    used = [(out, g) for out, g in zip(outputs, grads) if g is not None]
+    needed = [x for x, needs in zip(inputs, ctx.needs_input_grad) if needs]
+    found = iter(torch.autograd.grad([o for o, _ in used], needed, [g for _, g in used], allow_unused=True,
+                                     materialize_grads=True, create_graph=create_graph))
+    return tuple(next(found) if needs else None for needs in ctx.needs_input_grad[:len(inputs)])
+
+
+def _eigvals_backward(ctx, grad):
+    # The C++ solver has no eigenvectors, so the backward recomputes the eigenvalues with torch.linalg (which
+    # differentiates through them) and pairs each recomputed eigenvalue with the nearest one the forward
+    # returned, so the gradient of eigenvalue i goes to the forward's entry i whatever order LAPACK finds
+    # them in. Like torch.linalg.eigvals, gradients of repeated eigenvalues are not defined.
+    out = ctx.saved_tensors[2]
+    create_graph = torch.is_grad_enabled()  # backward(create_graph=True): make the gradient differentiable
+    A, B = _differentiable_inputs(ctx, create_graph)
+    with torch.enable_grad():
+        ev = torch.linalg.eigvals(B.to(torch.float64) @ A.to(torch.float64))  # [..., k], LAPACK order
+        distance = (out.to(ev.dtype)[..., :, None] - ev.detach()[..., None, :]).abs()  # [..., k (out), k (ev)]
+        matched = ev.gather(-1, distance.argmin(-1)).to(out.dtype)
+    return _grads(ctx, matched, (A, B), grad, create_graph)
+
+
+def _svd_backward(ctx, grad_U, grad_S, grad_Vh):
+    # Recompute with the torch reference (the same factorisations the C++ operator runs) and align the sign
+    # of each singular pair with the forward's, then differentiate through torch.linalg.
+    U0 = ctx.saved_tensors[2]
+    create_graph = torch.is_grad_enabled()  # backward(create_graph=True): make the gradient differentiable
+    A, B = _differentiable_inputs(ctx, create_graph)
+    with torch.enable_grad():
+        U, S, Vh = _svd_torch(A, B, torch.broadcast_shapes(A.shape[:-2], B.shape[:-2]))
+        sign = torch.where((U.detach() * U0).sum(-2) < 0, -1.0, 1.0).to(U.dtype)  # [..., r]
+        U, Vh = U * sign[..., None, :], Vh * sign[..., :, None]
+    return _grads(ctx, (U, S, Vh), (A, B), (grad_U, grad_S, grad_Vh), create_graph)
+
+
+def _save_svd_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[0])
 
 
 def _register_python_kernels() -> None:
@@ -343,5 +382,7 @@ def _register_python_kernels() -> None:
     torch.library.register_autograd(
         "hooklens::lowrank_fro_norm", _fro_norm_backward, setup_context=_save_inputs_and_output
     )
-    torch.library.register_autograd("hooklens::lowrank_eigvals", _forward_only("hooklens::lowrank_eigvals"))
-    torch.library.register_autograd("hooklens::lowrank_svd", _forward_only("hooklens::lowrank_svd"))
+    torch.library.register_autograd(
+        "hooklens::lowrank_eigvals", _eigvals_backward, setup_context=_save_inputs_and_output
+    )
+    torch.library.register_autograd("hooklens::lowrank_svd", _svd_backward, setup_context=_save_svd_context)
