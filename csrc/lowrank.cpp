@@ -7,6 +7,8 @@
 //   lowrank_svd(A, B)      -> U [..., m, r], S [..., r], Vh [..., r, n]   thin SVD of A @ B, r = min(m, k, n)
 //   lowrank_fro_norm(A, B) -> [...]                  ||A @ B||_F
 //   lowrank_trace(A, B)    -> [...]                  trace(A @ B)
+//   lowrank_max(A, B)      -> values [..., m], indices [..., m] (int64)   max of each row of A @ B and the
+//                             first column attaining it (torch.max(A @ B, dim=-1) semantics, NaN wins)
 //
 // Leading (batch) dimensions broadcast like torch.matmul. float32 and float64 are supported. A matrix with a
 // NaN or inf entry gets all-NaN eigenvalues.
@@ -16,12 +18,19 @@
 // run in double precision and in parallel over the batch. Everything else (and eigvals for k > 128, or a
 // matrix on which the QR iteration does not converge) goes through ATen, so the same kernels serve CUDA.
 //
+// lowrank_max never holds more than a cache-sized tile of A @ B: on CPU it multiplies row blocks of A by
+// column blocks of B (BLAS through ATen) and folds each tile into running row maxima while it is still in
+// cache; on CUDA it takes row chunks of at most ~256 MiB of A @ B.
+//
 // The ops are forward-only in C++; hooklens/ops/lowrank.py registers the (trivial) backward formulas of
 // lowrank_trace and lowrank_fro_norm.
 
 #include <Python.h>
 
 #include <ATen/Parallel.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -29,6 +38,7 @@
 #include <atomic>
 #include <cmath>
 #include <complex>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -488,6 +498,188 @@ Tensor lowrank_trace_impl(const Tensor& A, const Tensor& B) {
   return at::sum(at::mul(A, B.mT()), at::IntArrayRef{-2, -1}).contiguous();
 }
 
+// ----------------------------------------------------------------------------------------------------
+// Row maxima of A @ B without forming it
+// ----------------------------------------------------------------------------------------------------
+
+// The batch entry `flat` of a tensor whose leading dims broadcast to `batch`: [rows, cols] view.
+Tensor batch_entry(const Tensor& t, const std::vector<int64_t>& batch, int64_t flat) {
+  Tensor out = t;
+  const int64_t nd = static_cast<int64_t>(batch.size()), dt = t.dim() - 2;
+  std::vector<int64_t> index(nd);
+  for (int64_t i = nd - 1; i >= 0; --i) {
+    index[i] = flat % batch[i];
+    flat /= batch[i];
+  }
+  for (int64_t i = 0; i < dt; ++i) {  // dim i of t is batch dim i + (nd - dt)
+    const int64_t bi = i + (nd - dt);
+    out = out.select(0, t.size(i) == 1 ? 0 : index[bi]);
+  }
+  return out;
+}
+
+template <typename scalar_t>
+scalar_t scan_max_tail(const scalar_t* x, int64_t w, bool* any_nan) {
+  scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+  bool nan = false;
+  for (int64_t j = 0; j < w; ++j) {
+    m = x[j] > m ? x[j] : m;
+    nan |= x[j] != x[j];
+  }
+  *any_nan = nan;
+  return m;
+}
+
+// Maximum of x[0, w) and whether any entry is NaN, in one pass. SSE2 (baseline on x86-64) does 16 floats or
+// 8 doubles per iteration; maxps alone drops NaNs, so they are tracked by an unordered compare.
+template <typename scalar_t>
+scalar_t scan_max(const scalar_t* x, int64_t w, bool* any_nan) {
+  return scan_max_tail(x, w, any_nan);
+}
+
+#if defined(__SSE2__)
+template <>
+float scan_max<float>(const float* x, int64_t w, bool* any_nan) {
+  __m128 a0 = _mm_set1_ps(-std::numeric_limits<float>::infinity()), a1 = a0, a2 = a0, a3 = a0;
+  __m128 n0 = _mm_setzero_ps(), n1 = n0;
+  int64_t j = 0;
+  for (; j + 16 <= w; j += 16) {
+    const __m128 v0 = _mm_loadu_ps(x + j), v1 = _mm_loadu_ps(x + j + 4);
+    const __m128 v2 = _mm_loadu_ps(x + j + 8), v3 = _mm_loadu_ps(x + j + 12);
+    a0 = _mm_max_ps(a0, v0);
+    a1 = _mm_max_ps(a1, v1);
+    a2 = _mm_max_ps(a2, v2);
+    a3 = _mm_max_ps(a3, v3);
+    n0 = _mm_or_ps(n0, _mm_or_ps(_mm_cmpunord_ps(v0, v0), _mm_cmpunord_ps(v1, v1)));
+    n1 = _mm_or_ps(n1, _mm_or_ps(_mm_cmpunord_ps(v2, v2), _mm_cmpunord_ps(v3, v3)));
+  }
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, _mm_max_ps(_mm_max_ps(a0, a1), _mm_max_ps(a2, a3)));
+  bool tail_nan = false;
+  float m = scan_max_tail(x + j, w - j, &tail_nan);
+  for (float v : lanes) m = v > m ? v : m;
+  *any_nan = tail_nan || _mm_movemask_ps(_mm_or_ps(n0, n1)) != 0;
+  return m;
+}
+
+template <>
+double scan_max<double>(const double* x, int64_t w, bool* any_nan) {
+  __m128d a0 = _mm_set1_pd(-std::numeric_limits<double>::infinity()), a1 = a0, a2 = a0, a3 = a0;
+  __m128d n0 = _mm_setzero_pd(), n1 = n0;
+  int64_t j = 0;
+  for (; j + 8 <= w; j += 8) {
+    const __m128d v0 = _mm_loadu_pd(x + j), v1 = _mm_loadu_pd(x + j + 2);
+    const __m128d v2 = _mm_loadu_pd(x + j + 4), v3 = _mm_loadu_pd(x + j + 6);
+    a0 = _mm_max_pd(a0, v0);
+    a1 = _mm_max_pd(a1, v1);
+    a2 = _mm_max_pd(a2, v2);
+    a3 = _mm_max_pd(a3, v3);
+    n0 = _mm_or_pd(n0, _mm_or_pd(_mm_cmpunord_pd(v0, v0), _mm_cmpunord_pd(v1, v1)));
+    n1 = _mm_or_pd(n1, _mm_or_pd(_mm_cmpunord_pd(v2, v2), _mm_cmpunord_pd(v3, v3)));
+  }
+  alignas(16) double lanes[2];
+  _mm_store_pd(lanes, _mm_max_pd(_mm_max_pd(a0, a1), _mm_max_pd(a2, a3)));
+  bool tail_nan = false;
+  double m = scan_max_tail(x + j, w - j, &tail_nan);
+  for (double v : lanes) m = v > m ? v : m;
+  *any_nan = tail_nan || _mm_movemask_pd(_mm_or_pd(n0, n1)) != 0;
+  return m;
+}
+#endif
+
+// Folds the tile [rows, width] (row stride ld) of A @ B, whose first column is column `col0`, into the
+// running maxima. Strict `>` keeps the first column attaining the maximum; a NaN wins and stays.
+template <typename scalar_t>
+void fold_tile_max(const scalar_t* tile, int64_t rows, int64_t width, int64_t ld, int64_t col0,
+                   scalar_t* best, int64_t* best_index) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (std::isnan(best[r])) continue;
+    const scalar_t* x = tile + r * ld;
+    bool any_nan = false;
+    const scalar_t m = scan_max(x, width, &any_nan);
+    if (any_nan) {
+      int64_t c = 0;
+      while (!std::isnan(x[c])) ++c;
+      best[r] = x[c];
+      best_index[r] = col0 + c;
+    } else if (m > best[r] || best_index[r] < 0) {  // < 0: nothing seen yet (the row may be all -inf)
+      int64_t c = 0;  // a new maximum (a few times per row): find its first column
+      while (x[c] != m) ++c;
+      best[r] = m;
+      best_index[r] = col0 + c;
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> lowrank_max_cpu(const Tensor& A, const Tensor& B) {
+  const auto batch_shape = check_factors("hooklens::lowrank_max", A, B, /*square=*/false);
+  const int64_t m = A.size(-2), k = A.size(-1), n = B.size(-1);
+  std::vector<int64_t> out_shape(batch_shape);
+  out_shape.push_back(m);
+  TORCH_CHECK(n > 0 || m == 0, "hooklens::lowrank_max: the maximum of an empty row (A @ B has 0 columns) "
+              "is not defined; shapes were A ", A.sizes(), ", B ", B.sizes());
+  Tensor values = at::empty(out_shape, A.options());
+  Tensor indices = at::empty(out_shape, A.options().dtype(at::kLong));
+  const int64_t batch = c10::multiply_integers(batch_shape);
+  if (values.numel() == 0) return {values, indices};
+  if (k == 0) {  // A @ B is all zeros
+    values.zero_();
+    indices.zero_();
+    return {values, indices};
+  }
+  Tensor values2 = values.view({batch, m}), indices2 = indices.view({batch, m});
+  // Tiles of kRows x kCols (1 MiB in float32) stay in L2 between the GEMM that writes them and the scan;
+  // tall enough that BLAS's packing of each B block is amortised over many rows.
+  constexpr int64_t kRows = 512, kCols = 512;
+  const int64_t row_blocks = (m + kRows - 1) / kRows;
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "hooklens::lowrank_max", [&] {
+    auto* vals = values2.mutable_data_ptr<scalar_t>();
+    auto* idxs = indices2.mutable_data_ptr<int64_t>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / (kRows * std::max<int64_t>(n * k, 1)));
+    at::parallel_for(0, batch * row_blocks, grain, [&](int64_t begin, int64_t end) {
+      Tensor tile = at::empty({kRows, kCols}, A.options());
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / row_blocks, r0 = (task % row_blocks) * kRows, rows = std::min(kRows, m - r0);
+        const Tensor a = batch_entry(A, batch_shape, b).narrow(0, r0, rows);  // [rows, k]
+        const Tensor bb = batch_entry(B, batch_shape, b);                      // [k, n]
+        scalar_t* best = vals + b * m + r0;
+        int64_t* best_index = idxs + b * m + r0;
+        std::fill(best, best + rows, -std::numeric_limits<scalar_t>::infinity());
+        std::fill(best_index, best_index + rows, int64_t{-1});
+        for (int64_t c0 = 0; c0 < n; c0 += kCols) {
+          const int64_t width = std::min(kCols, n - c0);
+          Tensor t = tile.narrow(0, 0, rows).narrow(1, 0, width);  // [rows, width], row stride kCols
+          at::mm_out(t, a, bb.narrow(1, c0, width));
+          fold_tile_max<scalar_t>(t.const_data_ptr<scalar_t>(), rows, width, t.stride(0), c0, best, best_index);
+        }
+      }
+    });
+  });
+  return {values, indices};
+}
+
+// Any device: row chunks of A @ B of at most ~256 MiB, reduced with at::max.
+std::tuple<Tensor, Tensor> lowrank_max_generic(const Tensor& A, const Tensor& B) {
+  const auto batch_shape = check_factors("hooklens::lowrank_max", A, B, /*square=*/false);
+  const int64_t m = A.size(-2), n = B.size(-1);
+  TORCH_CHECK(n > 0 || m == 0, "hooklens::lowrank_max: the maximum of an empty row (A @ B has 0 columns) "
+              "is not defined; shapes were A ", A.sizes(), ", B ", B.sizes());
+  std::vector<int64_t> out_shape(batch_shape);
+  out_shape.push_back(m);
+  Tensor values = at::empty(out_shape, A.options());
+  Tensor indices = at::empty(out_shape, A.options().dtype(at::kLong));
+  if (values.numel() == 0) return {values, indices};
+  const int64_t batch = c10::multiply_integers(batch_shape);
+  const int64_t rows = std::max<int64_t>(1, (int64_t{256} << 20) / (A.element_size() * n * batch));
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t len = std::min(rows, m - r0);
+    auto [v, i] = at::max(at::matmul(A.narrow(-2, r0, len), B), -1);
+    values.narrow(-1, r0, len).copy_(v);
+    indices.narrow(-1, r0, len).copy_(i);
+  }
+  return {values, indices};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hooklens, m) {
@@ -497,6 +689,7 @@ TORCH_LIBRARY(hooklens, m) {
   m.def("lowrank_svd(Tensor A, Tensor B) -> (Tensor U, Tensor S, Tensor Vh)");
   m.def("lowrank_fro_norm(Tensor A, Tensor B) -> Tensor");
   m.def("lowrank_trace(Tensor A, Tensor B) -> Tensor");
+  m.def("lowrank_max(Tensor A, Tensor B) -> (Tensor values, Tensor indices)");
 }
 
 TORCH_LIBRARY_IMPL(hooklens, CPU, m) {
@@ -504,6 +697,7 @@ TORCH_LIBRARY_IMPL(hooklens, CPU, m) {
   m.impl("lowrank_svd", &lowrank_svd_impl);
   m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
   m.impl("lowrank_trace", &lowrank_trace_impl);
+  m.impl("lowrank_max", &lowrank_max_cpu);
 }
 
 // The same ATen-only kernels serve CUDA (eigenvalues through torch.linalg's solver).
@@ -512,6 +706,7 @@ TORCH_LIBRARY_IMPL(hooklens, CUDA, m) {
   m.impl("lowrank_svd", &lowrank_svd_impl);
   m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
   m.impl("lowrank_trace", &lowrank_trace_impl);
+  m.impl("lowrank_max", &lowrank_max_generic);
 }
 
 }  // namespace hooklens

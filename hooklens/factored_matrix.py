@@ -12,7 +12,8 @@ apart (`left @ A @ B @ right`) and only combined when something needs them. Eige
 Differences from TransformerLens 3.9, on purpose:
 * `svd()` returns `(U, S, Vh)` with `Vh` really V-transposed (`[..., k, n]`); TL's third output (and `.Vh`) was V.
   `.V` is V (`[..., n, k]`) in both libraries.
-* `trace()` exists (TL has none).
+* `trace()`, `max(dim)` and `argmax(dim)` exist (TL has none); the last two reduce rows or columns of
+  `AB` without forming it.
 """
 from __future__ import annotations
 
@@ -219,6 +220,35 @@ class FactoredMatrix:
     def trace(self) -> Tensor:
         """Trace `[...]` of the (square) matrix, as the trace of the small `B @ A`."""
         return self.BA.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    # -- reductions ---------------------------------------------------------------------------------------------
+    def max(self, dim: int = -1):
+        """`torch.max(self.AB, dim)` as `(values, indices)`, without forming `AB`: `dim=-1` reduces each row,
+        `dim=-2` each column. A [50257 x 50257] full circuit (10 GB dense) is reduced tile by tile in cache,
+        e.g. top-1 accuracy of a circuit is `(fm.argmax(-1) == torch.arange(fm.ldim)).float().mean()`."""
+        from hooklens.ops import lowrank
+
+        reduce_rows = self._reduction_dim(dim, "max")
+        A, B = (self.A, self.B) if reduce_rows else (_t(self.B), _t(self.A))
+        if A.dtype in (torch.float16, torch.bfloat16):
+            values, indices = lowrank.row_max(A.float(), B.float())
+            return lowrank.RowMax(values.to(A.dtype), indices)
+        return lowrank.row_max(A, B)
+
+    def argmax(self, dim: int = -1) -> Tensor:
+        """`self.AB.argmax(dim)` (first index of the maximum) without forming `AB`; see `max`."""
+        return self.max(dim).indices
+
+    def _reduction_dim(self, dim: int, name: str) -> bool:
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -self.ndim <= dim < self.ndim:
+            raise ValueError(f"{name}: dim must be an int in [{-self.ndim}, {self.ndim - 1}] for a FactoredMatrix "
+                             f"of shape {tuple(self.shape)}, got {dim!r}")
+        dim = dim % self.ndim
+        if dim < self.ndim - 2:
+            raise ValueError(f"{name}(dim={dim}) reduces a leading (batch) dimension of a FactoredMatrix of shape "
+                             f"{tuple(self.shape)}; only the last two (-1: within each row, -2: within each column) "
+                             f"are supported. Use .AB.{name}(dim) for the dense matrix.")
+        return dim == self.ndim - 1
 
     # -- reshaping ----------------------------------------------------------------------------------------------
     def get_corner(self, k: int = 3) -> Tensor:

@@ -195,7 +195,49 @@ def test_circuit_workflows_match_transformerlens(tiny_dir):
     k_comp = W_E @ model.QK[1, 2] @ (W_E @ model.OV[0, 3]).T
     tl_k_comp = W_E @ tl.QK[1, 2] @ (W_E @ tl.OV[0, 3]).T
     assert top_1_acc(k_comp) == top_1_acc(tl_k_comp)
+    rows = torch.arange(k_comp.ldim)
+    assert (k_comp.argmax(-1) == rows).sum().item() / k_comp.ldim == top_1_acc(tl_k_comp)
     assert_close(model.all_composition_scores("K"), tl.all_composition_scores("K"), atol=1e-5, rtol=1e-4)
     assert_close(model.all_composition_scores("Q"), tl.all_composition_scores("Q"), atol=1e-5, rtol=1e-4)
     assert_close(model.all_composition_scores("V"), tl.all_composition_scores("V"), atol=1e-5, rtol=1e-4)
     assert_close(model.blocks[1].attn.OV.AB, tl.blocks[1].attn.OV.AB)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_max_and_argmax_match_dense(case):
+    A, B = make(case)
+    fm = FactoredMatrix(A, B)
+    for dim in (-1, -2, fm.ndim - 1):
+        values, indices = fm.max(dim)
+        dense = fm.AB.max(dim)
+        assert torch.equal(indices, dense.indices), dim
+        assert_close(values, dense.values, what=f"max({dim})")
+        assert torch.equal(fm.argmax(dim), dense.indices)
+    # With deferred outer factors (a full-circuit-like chain) and after row slicing.
+    chained = rand(25, A.shape[-2], seed=3) @ fm @ rand(B.shape[-1], 19, seed=4)
+    assert torch.equal(chained.argmax(-1), chained.AB.argmax(-1))
+    rows = (slice(None),) * len(chained.batch_shape) + (slice(3, 11),)
+    assert torch.equal(chained[rows].argmax(-2), chained.AB[..., 3:11, :].argmax(-2))
+
+
+def test_max_rejects_batch_dims_and_bad_dims():
+    fm = FactoredMatrix(rand(3, 6, 2), rand(3, 2, 5))
+    with pytest.raises(ValueError, match="leading .batch. dimension.*AB.max"):
+        fm.max(0)
+    with pytest.raises(ValueError, match=r"dim must be an int in \[-3, 2\]"):
+        fm.argmax(3)
+
+
+def test_max_float32_and_half_inputs():
+    A, B = rand(50, 4, seed=1, dtype=torch.float32), rand(4, 700, seed=2, dtype=torch.float32)
+    fm = FactoredMatrix(A, B)
+    dense = (A.double() @ B.double()).max(-1)
+    values, indices = fm.max(-1)
+    assert values.dtype == torch.float32
+    assert_close(values.double(), dense.values, atol=1e-5, rtol=1e-5)
+    # Rows whose two largest entries are further apart than float32 rounding get the exact float64 argmax.
+    top2 = (A.double() @ B.double()).topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert torch.equal(indices[clear], dense.indices[clear])
+    half = FactoredMatrix(A.bfloat16(), B.bfloat16())
+    assert half.max(-1).values.dtype == torch.bfloat16

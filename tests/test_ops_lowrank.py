@@ -324,6 +324,62 @@ def test_auto_backend_uses_cpp_with_gradients(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# row_max
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "a_shape, b_shape",
+    [((1, 1), (1, 1)), ((7, 3), (3, 5)), ((2, 600, 4), (4, 1100)), ((3, 1, 40, 6), (2, 6, 1030)), ((9, 0), (0, 4))],
+)
+def test_row_max_matches_dense(backend, dtype, a_shape, b_shape):
+    # Shapes cross the CPU kernel's 512 x 512 tiles with ragged edges; k = 0 (A @ B is zeros) too.
+    A = torch.randn(a_shape, generator=_gen(1), dtype=torch.float64)
+    B = torch.randn(b_shape, generator=_gen(2), dtype=torch.float64)
+    values, indices = ops.row_max(A.to(dtype), B.to(dtype), backend=backend)
+    dense = (A @ B).max(-1)
+    assert indices.dtype == torch.int64 and values.dtype == dtype
+    assert values.shape == indices.shape == dense.values.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(values.double(), dense.values, atol=tol, rtol=tol)
+    if dtype == torch.float64:
+        assert torch.equal(indices, dense.indices)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_row_max_ties_nan_and_infinities(backend):
+    # Ties: the first column wins, also across tiles (columns 3 and 700 hold the same maximum).
+    A = torch.ones(4, 1, dtype=torch.float64)
+    B = torch.zeros(1, 1500, dtype=torch.float64)
+    B[0, 3] = B[0, 700] = 2.0
+    B[0, 1200] = 2.0
+    assert ops.row_max(A, B, backend=backend).indices.tolist() == [3, 3, 3, 3]
+    # NaN wins (first NaN), -inf rows give -inf at column 0, +inf beats everything.
+    A = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64)
+    B = torch.tensor([[0.0] * 600 + [float("nan")] + [5.0] * 10 + [float("nan")]], dtype=torch.float64)
+    values, indices = ops.row_max(A, B, backend=backend)
+    assert indices.tolist() == [600] * 3 and torch.isnan(values).all()
+    A = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    B = torch.full((1, 900), float("inf"), dtype=torch.float64)
+    values, indices = ops.row_max(A, B, backend=backend)
+    dense = (A @ B).max(-1)
+    assert torch.equal(values, dense.values) and torch.equal(indices, dense.indices)
+
+
+def test_row_max_gradient_and_errors():
+    A, B = factors((2,), 6, 3, 9, seed=5)
+    A.requires_grad_(True)
+    B = B[0].clone().requires_grad_(True)  # broadcast over the batch
+    torch.autograd.gradcheck(lambda a, b: ops.row_max(a, b, backend="cpp").values, (A, B))
+    with pytest.raises(ValueError, match="no columns"):
+        ops.row_max(torch.ones(3, 2), torch.ones(2, 0))
+    with pytest.raises(ValueError, match="inner dimensions must match"):
+        ops.row_max(torch.ones(3, 2), torch.ones(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # torch.library: opcheck, fake kernels, torch.compile
 # ---------------------------------------------------------------------------------------------------------
 
@@ -342,6 +398,7 @@ def test_opcheck(dtype):
         (torch.ops.hooklens.lowrank_fro_norm.default, (A1, B1)),
         (torch.ops.hooklens.lowrank_eigvals.default, (A, B[:1])),
         (torch.ops.hooklens.lowrank_svd.default, (A1, B1)),
+        (torch.ops.hooklens.lowrank_max.default, (A, B[:1])),
     ]:
         torch.library.opcheck(op, (a.clone().requires_grad_(True), b.clone().requires_grad_(True)))
 
@@ -355,6 +412,8 @@ def test_fake_kernels_shapes():
         assert (U.shape, S.shape, Vh.shape) == ((2, 3, 10, 4), (2, 3, 4), (2, 3, 4, 10))
         assert torch.ops.hooklens.lowrank_trace(A, B).shape == (2, 3)
         assert torch.ops.hooklens.lowrank_fro_norm(A, B).shape == (2, 3)
+        values, indices = torch.ops.hooklens.lowrank_max(A, B)
+        assert values.shape == indices.shape == (2, 3, 10) and indices.dtype == torch.int64
 
 
 def test_torch_compile():

@@ -1,6 +1,6 @@
 """Custom operators of hooklens.
 
-``hooklens.ops.lowrank``: eigenvalues, SVD, Frobenius norm and trace of a factored matrix ``A @ B`` without
+``hooklens.ops.lowrank``: eigenvalues, SVD, Frobenius norm, trace and row maxima of a factored matrix ``A @ B`` without
 forming it (e.g. an OV or QK circuit ``W_V @ W_O``). The C++ extension ``hooklens._C`` is loaded on first use,
 never at import time; without it the pure-PyTorch implementations run.
 """
@@ -9,9 +9,10 @@ from .lowrank import (
     extension_available,
     fro_norm,
     load_extension,
+    row_max,
     svd,
     topk_svd,
     trace,
 )
 
-__all__ = ["eigvals", "svd", "topk_svd", "fro_norm", "trace", "load_extension", "extension_available"]
+__all__ = ["eigvals", "svd", "topk_svd", "fro_norm", "trace", "row_max", "load_extension", "extension_available"]

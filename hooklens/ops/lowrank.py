@@ -11,6 +11,8 @@ in ``torch.matmul``; float32 and float64 are supported.
   ``[..., m, r]``, ``S`` ``[..., r]`` descending, ``Vh`` ``[..., r, n]`` (V transposed, as torch.linalg.svd).
 - :func:`fro_norm`: ``||A @ B||_F``, ``[...]``.
 - :func:`trace`: ``trace(A @ B)`` (needs ``m == n``), ``[...]``.
+- :func:`row_max`: ``torch.max(A @ B, dim=-1)`` -- ``values`` and (first) ``indices`` ``[..., m]`` -- without
+  holding more than a cache-sized tile of ``A @ B`` (a 50257 x 50257 full circuit is 10 GB).
 
 Each function takes ``backend=``:
 
@@ -44,6 +46,8 @@ __all__ = [
     "topk_svd",
     "fro_norm",
     "trace",
+    "row_max",
+    "RowMax",
     "load_extension",
     "extension_available",
 ]
@@ -55,6 +59,11 @@ class SVDResult(NamedTuple):
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
+
+
+class RowMax(NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,6 +265,37 @@ def trace(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> torch.T
     return _trace_torch(A, B)
 
 
+def row_max(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> RowMax:
+    """``torch.max(A @ B, dim=-1)``: ``values [..., m]`` and ``indices [..., m]`` (int64, the first column
+    attaining the maximum; a NaN counts as the maximum), without forming ``A @ B``.
+
+    The C++ kernel multiplies row blocks of ``A`` by column blocks of ``B`` and scans each tile while it is in
+    cache; the torch backend reduces row chunks of ``A @ B`` (at most ~256 MiB each). ``values`` is
+    differentiable. The products are computed tile by tile, so an entry may differ from the dense
+    ``A @ B`` in the last bit, which can flip an exact or near-exact tie.
+    """
+    _check("hooklens.ops.row_max", A, B, square=False)
+    if A.shape[-2] > 0 and B.shape[-1] == 0:
+        raise ValueError(
+            f"hooklens.ops.row_max: A @ B has no columns (A {tuple(A.shape)}, B {tuple(B.shape)}), so its rows "
+            "have no maximum"
+        )
+    if _use_cpp(backend, "hooklens.ops.row_max", A, B):
+        return RowMax(*torch.ops.hooklens.lowrank_max(A, B))
+    return _row_max_torch(A, B)
+
+
+def _row_max_torch(A: torch.Tensor, B: torch.Tensor) -> RowMax:
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    m, n = A.shape[-2], B.shape[-1]
+    rows = max(1, (256 << 20) // (A.element_size() * max(n, 1) * max(batch.numel(), 1)))
+    chunks = [(A[..., r0 : r0 + rows, :] @ B).max(-1) for r0 in range(0, m, rows)]
+    if not chunks:
+        empty = A.new_empty((*batch, 0))
+        return RowMax(empty, empty.long())
+    return RowMax(torch.cat([c.values for c in chunks], -1), torch.cat([c.indices for c in chunks], -1))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Fake kernels (torch.compile / meta tensors) and autograd rules for torch.ops.hooklens.*; registered by
 # load_extension() right after hooklens._C is imported (csrc/lowrank.cpp names this module with
@@ -291,6 +331,11 @@ def _fro_norm_fake(A, B):
 
 def _trace_fake(A, B):
     return A.new_empty(_fake_batch("hooklens::lowrank_trace", A, B, square=True))
+
+
+def _max_fake(A, B):
+    batch = _fake_batch("hooklens::lowrank_max", A, B, square=False)
+    return A.new_empty((*batch, A.shape[-2])), A.new_empty((*batch, A.shape[-2]), dtype=torch.int64)
 
 
 def _save_inputs(ctx, inputs, output):
@@ -367,6 +412,27 @@ def _svd_backward(ctx, grad_U, grad_S, grad_Vh):
     return _grads(ctx, (U, S, Vh), (A, B), (grad_U, grad_S, grad_Vh), create_graph)
 
 
+def _max_backward(ctx, grad_values, grad_indices):
+    # values[i] = A[i] . B[:, j_i]:  dA[i] = g_i B[:, j_i],  dB[:, j_i] += g_i A[i].
+    A, B, indices = ctx.saved_tensors
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    k = A.shape[-1]
+    Bt = B.mT.broadcast_to((*batch, B.shape[-1], k))  # [..., n, k]
+    picked = Bt.gather(-2, indices[..., None].expand(*indices.shape, k))  # [..., m, k]
+    g = grad_values[..., None]
+    gA = (g * picked).sum_to_size(A.shape) if ctx.needs_input_grad[0] else None
+    gB = None
+    if ctx.needs_input_grad[1]:
+        gBt = torch.zeros_like(Bt).scatter_add(-2, indices[..., None].expand(*indices.shape, k),
+                                               g * A.broadcast_to((*batch, *A.shape[-2:])))
+        gB = gBt.mT.sum_to_size(B.shape)
+    return gA, gB
+
+
+def _save_max_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
 def _save_svd_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs, output[0])
 
@@ -386,3 +452,5 @@ def _register_python_kernels() -> None:
         "hooklens::lowrank_eigvals", _eigvals_backward, setup_context=_save_inputs_and_output
     )
     torch.library.register_autograd("hooklens::lowrank_svd", _svd_backward, setup_context=_save_svd_context)
+    torch.library.register_fake("hooklens::lowrank_max", _max_fake)
+    torch.library.register_autograd("hooklens::lowrank_max", _max_backward, setup_context=_save_max_context)
