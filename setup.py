@@ -92,6 +92,7 @@ def _extensions():
     ext = CppExtension(
         "hooklens._C",
         sources=sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))),
+        depends=sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.h"))),
         extra_compile_args={"cxx": ["-O3", *omp]},  # cpp_extension adds -DPy_LIMITED_API itself
         extra_link_args=omp,
         py_limited_api=True,  # the module only loads the operators: one .so for every CPython >= 3.10

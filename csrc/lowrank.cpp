@@ -7,6 +7,8 @@
 //   lowrank_svd(A, B)      -> U [..., m, r], S [..., r], Vh [..., r, n]   thin SVD of A @ B, r = min(m, k, n)
 //   lowrank_fro_norm(A, B) -> [...]                  ||A @ B||_F
 //   lowrank_trace(A, B)    -> [...]                  trace(A @ B)
+//   small_eigvals(C, solver="auto") -> complex [..., k]   eigenvalues of square C [..., k, k], same ordering;
+//                             solver: "auto" | "lanes" | "scalar" | "lapack" (which CPU solver; for tests)
 //   lowrank_max(A, B)      -> values [..., m], indices [..., m] (int64)   max of each row of A @ B and the
 //                             first column attaining it (torch.max(A @ B, dim=-1) semantics, NaN wins)
 //
@@ -15,7 +17,8 @@
 //
 // CPU: lowrank_eigvals has its own solver for k <= 128 (balancing + Hessenberg reduction by stabilised
 // elementary similarity transforms + Francis double-shift QR, eigenvalues only: EISPACK balanc/elmhes/hqr),
-// run in double precision and in parallel over the batch. Everything else (and eigvals for k > 128, or a
+// run in double precision and in parallel over the batch; with AVX2 + FMA four matrices at a time, one per
+// SIMD lane (small_eig_lanes.h). Everything else (and eigvals for k > 128, or a
 // matrix on which the QR iteration does not converge) goes through ATen, so the same kernels serve CUDA.
 //
 // lowrank_max never holds more than a cache-sized tile of A @ B: on CPU it multiplies row blocks of A by
@@ -43,6 +46,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "small_eig_lanes.h"
 
 extern "C" {
 /* `import hooklens._C` loads this shared library, which runs the TORCH_LIBRARY static initialisers below.
@@ -369,51 +374,93 @@ Tensor eigvals_via_aten(const Tensor& C, at::ScalarType out_dtype) {
   return sort_eigvals_desc(at::where(finite.unsqueeze(-1), ev, nan)).to(out_dtype).contiguous();
 }
 
+// Writes the n eigenvalues wr[i * stride] + i wi[i * stride] to o, sorted like sort_eigvals_desc.
 template <typename scalar_t>
-void eigvals_small_cpu(const Tensor& C, Tensor& out, std::vector<char>& failed) {
+void write_sorted_eigvals(const double* wr, const double* wi, int stride, int n, c10::complex<scalar_t>* o) {
+  std::vector<double> mag(n);
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) mag[i] = std::abs(std::complex<double>(wr[i * stride], wi[i * stride]));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int i, int j) {
+    if (mag[i] != mag[j]) return mag[i] > mag[j];
+    return wi[i * stride] > wi[j * stride];
+  });
+  for (int i = 0; i < n; ++i) {
+    o[i] = c10::complex<scalar_t>(static_cast<scalar_t>(wr[order[i] * stride]),
+                                  static_cast<scalar_t>(wi[order[i] * stride]));
+  }
+}
+
+// Eigenvalues of C[b] (k x k, k <= kSmallEigK) for every b, in parallel over the batch. With AVX2 + FMA,
+// groups of four matrices go through the lane solver (small_eig_lanes.h); otherwise one at a time through
+// balance + hessenberg + hqr above. Either way: balancing first, double precision, eigenvalues only.
+// `lane_solver`: "auto" uses the lanes when the CPU has them, "scalar" never (tests compare the two).
+template <typename scalar_t>
+void eigvals_small_cpu(const Tensor& C, Tensor& out, std::vector<char>& failed, bool allow_lanes) {
   // C: [batch, k, k] contiguous double. out: [batch, k] contiguous complex<scalar_t>.
   const int64_t batch = C.size(0);
   const int k = static_cast<int>(C.size(1));
   const double* cdata = C.const_data_ptr<double>();
   auto* odata = out.mutable_data_ptr<c10::complex<scalar_t>>();
+#ifdef HOOKLENS_HAVE_LANE_SOLVER
+  const bool use_lanes = allow_lanes && k >= 3 && lanes::available();
+  constexpr int kGroup = lanes::kLanes;
+#else
+  const bool use_lanes = false;
+  constexpr int kGroup = 4;
+#endif
 
   // Work is handed out dynamically (an atomic counter) rather than in static halves: the cost per matrix
   // varies with its QR iteration count, and on a shared machine one thread may get less CPU than another.
   const int64_t cost = 10 * static_cast<int64_t>(k) * k * k + 1;  // ~flops per matrix
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / cost);
+  const int64_t chunk = use_lanes ? kGroup : std::max<int64_t>(1, (int64_t{1} << 16) / cost);
   const int64_t nitems = (batch + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
   auto work = [&](int64_t /*begin*/, int64_t /*end*/) {
-    std::vector<double> a(static_cast<size_t>(k) * k), wr(k), wi(k), mag(k), scratch(k);
-    std::vector<int> order(k);
+    std::vector<double> a(static_cast<size_t>(k) * k * kGroup), wr(k * kGroup), wi(k * kGroup), scratch(k);
     for (;;) {
       const int64_t item = next.fetch_add(1, std::memory_order_relaxed);
       if (item >= nitems) break;
-      for (int64_t b = item * chunk; b < std::min(batch, (item + 1) * chunk); ++b) {
-        std::copy(cdata + b * k * k, cdata + (b + 1) * k * k, a.begin());
+      const int64_t b0 = item * chunk, b1 = std::min(batch, (item + 1) * chunk);
+      // Balance each finite matrix; a matrix with a NaN or inf entry gets all-NaN eigenvalues.
+      std::vector<int64_t> todo;
+      for (int64_t b = b0; b < b1; ++b) {
+        double* m = a.data() + (todo.size() % kGroup) * k * k;
+        std::copy(cdata + b * k * k, cdata + (b + 1) * k * k, m);
         bool finite = true;
-        for (double v : a) finite = finite && std::isfinite(v);
-        c10::complex<scalar_t>* o = odata + b * k;
+        for (int64_t i = 0; i < static_cast<int64_t>(k) * k; ++i) finite = finite && std::isfinite(m[i]);
         if (!finite) {
-          std::fill(o, o + k, c10::complex<scalar_t>(NAN, NAN));
+          std::fill(odata + b * k, odata + (b + 1) * k, c10::complex<scalar_t>(NAN, NAN));
           continue;
         }
-        balance(a.data(), k);
-        hessenberg(a.data(), k, scratch.data());
-        if (!hqr(a.data(), k, wr.data(), wi.data())) {
-          failed[b] = 1;
+        balance(m, k);
+        if (!use_lanes) {
+          hessenberg(m, k, scratch.data());
+          if (!hqr(m, k, wr.data(), wi.data())) {
+            failed[b] = 1;
+            continue;
+          }
+          write_sorted_eigvals<scalar_t>(wr.data(), wi.data(), 1, k, odata + b * k);
           continue;
         }
-        for (int i = 0; i < k; ++i) mag[i] = std::abs(std::complex<double>(wr[i], wi[i]));
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int i, int j) {
-          if (mag[i] != mag[j]) return mag[i] > mag[j];
-          return wi[i] > wi[j];
-        });
-        for (int i = 0; i < k; ++i) {
-          o[i] = c10::complex<scalar_t>(static_cast<scalar_t>(wr[order[i]]), static_cast<scalar_t>(wi[order[i]]));
+        todo.push_back(b);
+      }
+#ifdef HOOKLENS_HAVE_LANE_SOLVER
+      if (use_lanes && !todo.empty()) {
+        const int used = static_cast<int>(todo.size());
+        const double* mats[kGroup];
+        bool lane_failed[kGroup];
+        for (int q = 0; q < used; ++q) mats[q] = a.data() + q * k * k;
+        lanes::solve_group(mats, used, k, wr.data(), wi.data(), lane_failed, kMaxQRIterations);
+        for (int q = 0; q < used; ++q) {
+          if (lane_failed[q]) {
+            failed[todo[q]] = 1;
+          } else {
+            write_sorted_eigvals<scalar_t>(wr.data() + q, wi.data() + q, kGroup, k, odata + todo[q] * k);
+          }
         }
       }
+#endif
     }
   };
   const int64_t workers = cost * batch < (int64_t{1} << 18) ? 1 : std::min<int64_t>(at::get_num_threads(), nitems);
@@ -428,34 +475,77 @@ void eigvals_small_cpu(const Tensor& C, Tensor& out, std::vector<char>& failed) 
 // Operators
 // ----------------------------------------------------------------------------------------------------
 
+// Checks C: [..., k, k] for the square-matrix eigenvalue operator.
+void check_square(const char* op, const Tensor& C) {
+  TORCH_CHECK(C.defined(), op, ": C must be a defined tensor");
+  TORCH_CHECK(C.dim() >= 2 && C.size(-1) == C.size(-2), op,
+              ": C must be a batch of square matrices [..., k, k], got shape ", C.sizes());
+  TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble, op,
+              ": only float32 and float64 are supported, got ", C.scalar_type());
+  TORCH_CHECK(C.layout() == at::kStrided, op, ": only dense (strided) tensors are supported");
+}
+
+enum class EigSolver { kAuto, kLanes, kScalar, kLapack };
+
+EigSolver parse_solver(c10::string_view solver) {
+  if (solver == "auto") return EigSolver::kAuto;
+  if (solver == "lanes") return EigSolver::kLanes;
+  if (solver == "scalar") return EigSolver::kScalar;
+  if (solver == "lapack") return EigSolver::kLapack;
+  TORCH_CHECK(false, "hooklens::small_eigvals: solver must be 'auto', 'lanes', 'scalar' or 'lapack', got '",
+              std::string(solver), "'");
+}
+
+bool lane_solver_available() {
+#ifdef HOOKLENS_HAVE_LANE_SOLVER
+  return lanes::available();
+#else
+  return false;
+#endif
+}
+
+// Eigenvalues of the double-precision [..., k, k] matrices C on CPU, as `out_dtype`, sorted.
+Tensor eigvals_cpu(const Tensor& C, at::ScalarType out_dtype, EigSolver solver) {
+  const int64_t k = C.size(-1);
+  if (k > kSmallEigK || solver == EigSolver::kLapack) return eigvals_via_aten(C, out_dtype);
+  TORCH_CHECK(solver != EigSolver::kLanes || lane_solver_available(), "hooklens::small_eigvals: solver='lanes' "
+              "needs an x86-64 CPU with AVX2 and FMA and a GCC build of the extension; use 'auto'");
+  Tensor out = at::empty(C.sizes().slice(0, C.dim() - 1), C.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  const Tensor C3 = C.reshape({-1, k, k}).contiguous();
+  Tensor out2 = out.view({-1, k});
+  std::vector<char> failed(static_cast<size_t>(C3.size(0)), 0);
+  const bool allow_lanes = solver != EigSolver::kScalar;
+  if (out_dtype == at::kComplexFloat) {
+    eigvals_small_cpu<float>(C3, out2, failed, allow_lanes);
+  } else {
+    eigvals_small_cpu<double>(C3, out2, failed, allow_lanes);
+  }
+  for (int64_t b = 0; b < C3.size(0); ++b) {  // rare: the QR iteration did not converge
+    if (failed[b]) out2[b].copy_(eigvals_via_aten(C3[b], out_dtype));
+  }
+  return out;
+}
+
 Tensor lowrank_eigvals_generic(const Tensor& A, const Tensor& B) {
   check_factors("hooklens::lowrank_eigvals", A, B, /*square=*/true);
   return eigvals_via_aten(core_matrix_double(A, B), complex_dtype_for(A.scalar_type()));
 }
 
 Tensor lowrank_eigvals_cpu(const Tensor& A, const Tensor& B) {
-  const auto batch_shape = check_factors("hooklens::lowrank_eigvals", A, B, /*square=*/true);
-  const int64_t k = A.size(-1);
-  const auto out_dtype = complex_dtype_for(A.scalar_type());
-  const Tensor C = core_matrix_double(A, B);  // [..., k, k]
-  if (k > kSmallEigK) return eigvals_via_aten(C, out_dtype);
+  check_factors("hooklens::lowrank_eigvals", A, B, /*square=*/true);
+  return eigvals_cpu(core_matrix_double(A, B), complex_dtype_for(A.scalar_type()), EigSolver::kAuto);
+}
 
-  std::vector<int64_t> out_shape(batch_shape);
-  out_shape.push_back(k);
-  Tensor out = at::empty(out_shape, A.options().dtype(out_dtype));
-  if (out.numel() == 0) return out;
-  const Tensor C3 = C.reshape({-1, k, k}).contiguous();
-  Tensor out2 = out.view({-1, k});
-  std::vector<char> failed(static_cast<size_t>(C3.size(0)), 0);
-  if (A.scalar_type() == at::kFloat) {
-    eigvals_small_cpu<float>(C3, out2, failed);
-  } else {
-    eigvals_small_cpu<double>(C3, out2, failed);
-  }
-  for (int64_t b = 0; b < C3.size(0); ++b) {  // rare: the QR iteration did not converge
-    if (failed[b]) out2[b].copy_(eigvals_via_aten(C3[b], out_dtype));
-  }
-  return out;
+Tensor small_eigvals_cpu(const Tensor& C, c10::string_view solver) {
+  check_square("hooklens::small_eigvals", C);
+  return eigvals_cpu(C.to(at::kDouble), complex_dtype_for(C.scalar_type()), parse_solver(solver));
+}
+
+Tensor small_eigvals_generic(const Tensor& C, c10::string_view solver) {
+  check_square("hooklens::small_eigvals", C);
+  parse_solver(solver);  // validates; off the CPU every choice is torch.linalg's solver
+  return eigvals_via_aten(C.to(at::kDouble), complex_dtype_for(C.scalar_type()));
 }
 
 std::tuple<Tensor, Tensor, Tensor> lowrank_svd_impl(const Tensor& A, const Tensor& B) {
@@ -690,6 +780,7 @@ TORCH_LIBRARY(hooklens, m) {
   m.def("lowrank_fro_norm(Tensor A, Tensor B) -> Tensor");
   m.def("lowrank_trace(Tensor A, Tensor B) -> Tensor");
   m.def("lowrank_max(Tensor A, Tensor B) -> (Tensor values, Tensor indices)");
+  m.def("small_eigvals(Tensor C, str solver=\"auto\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hooklens, CPU, m) {
@@ -698,6 +789,7 @@ TORCH_LIBRARY_IMPL(hooklens, CPU, m) {
   m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
   m.impl("lowrank_trace", &lowrank_trace_impl);
   m.impl("lowrank_max", &lowrank_max_cpu);
+  m.impl("small_eigvals", &small_eigvals_cpu);
 }
 
 // The same ATen-only kernels serve CUDA (eigenvalues through torch.linalg's solver).
@@ -707,6 +799,7 @@ TORCH_LIBRARY_IMPL(hooklens, CUDA, m) {
   m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
   m.impl("lowrank_trace", &lowrank_trace_impl);
   m.impl("lowrank_max", &lowrank_max_generic);
+  m.impl("small_eigvals", &small_eigvals_generic);
 }
 
 }  // namespace hooklens

@@ -162,8 +162,7 @@ class FactoredMatrix:
         BA = self.BA
         if BA.dtype in (torch.float16, torch.bfloat16):
             BA = BA.float()
-        eye = torch.eye(self.mdim, dtype=BA.dtype, device=BA.device)
-        return lowrank.eigvals(BA, eye)
+        return lowrank.small_eigvals(BA)
 
     @cached_property
     def _svd(self) -> Tuple[Tensor, Tensor, Tensor]:

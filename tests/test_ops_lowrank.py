@@ -155,6 +155,96 @@ def test_eigvals_broadcast_batch():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# small_eigvals: every CPU solver (SIMD lanes, scalar, LAPACK) against float64 torch.linalg
+# ---------------------------------------------------------------------------------------------------------
+
+CPU_SOLVERS = ["lanes", "scalar", "lapack"]
+
+
+@pytest.fixture(scope="module")
+def lanes_available():
+    ops.lowrank.load_extension(required=True)
+    try:
+        torch.ops.hooklens.small_eigvals(torch.eye(4, dtype=torch.float64), "lanes")
+    except RuntimeError as err:
+        assert "AVX2" in str(err)
+        return False
+    return True
+
+
+def _solvers(lanes_available):
+    return CPU_SOLVERS if lanes_available else ["scalar", "lapack"]
+
+
+@pytest.mark.parametrize("batch", [(), (1,), (3,), (5,), (2, 7)])  # lane groups of 4: full, partial, one
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 64, 128, 129])  # 129: above the small-solver limit (LAPACK)
+def test_small_eigvals_solvers_match_dense(batch, k, lanes_available):
+    if k >= 64 and len(batch) == 2:
+        batch = (2, 3)  # keep the test fast
+    C = torch.randn(*batch, k, k, generator=_gen(k), dtype=torch.float64)
+    want = torch.linalg.eigvals(C)
+    tol = eig_tol(C, torch.float64)
+    for solver in _solvers(lanes_available):
+        got = ops.small_eigvals(C, solver=solver)
+        assert got.shape == (*batch, k) and got.dtype == torch.complex128
+        for idx in np.ndindex(*batch):
+            match_eigvals(got[idx], want[idx], tol)
+        mags = got.abs()
+        assert (mags[..., :-1] >= mags[..., 1:] * (1 - 1e-9) - 1e-300).all(), solver
+
+
+def test_small_eigvals_special_matrices_in_one_lane_group(lanes_available):
+    # Matrices that converge at very different rates share one group of four lanes: a cyclic permutation
+    # (needs exceptional shifts), a nilpotent Jordan block, the zero matrix, a diagonal one, a rank-2 one,
+    # random ones; plus a NaN matrix and an inf matrix that must not disturb their neighbours.
+    n = 9
+    mats = [
+        torch.roll(torch.eye(n), 1, dims=0),
+        torch.diag(torch.ones(n - 1), 1),
+        torch.zeros(n, n),
+        torch.diag(torch.arange(1.0, n + 1)),
+        torch.randn(n, 2, generator=_gen(1)) @ torch.randn(2, n, generator=_gen(2)),
+        torch.randn(n, n, generator=_gen(3)),
+        torch.full((n, n), float("nan")),
+        torch.randn(n, n, generator=_gen(4)),
+        torch.randn(n, n, generator=_gen(5)) * 1e-200,  # tiny scale: balancing and the tests must cope
+    ]
+    mats[7][2, 3] = float("inf")
+    C = torch.stack(mats).double()
+    for solver in _solvers(lanes_available):
+        got = ops.small_eigvals(C, solver=solver)
+        assert got[6].isnan().all() and got[7].isnan().all(), solver
+        for i in [0, 1, 2, 3, 4, 5, 8]:
+            want = torch.linalg.eigvals(C[i])
+            scale = max(float(C[i].abs().max()), 1e-300)
+            # The Jordan block's eigenvalue 0 is defective: it is only determined to ~eps^(1/n).
+            tol = (1e-1 if i == 1 else 1e-9) * scale
+            match_eigvals(got[i], want, tol)
+
+
+def test_small_eigvals_float32_and_errors():
+    C = torch.randn(6, 10, 10, generator=_gen(7), dtype=torch.float64)
+    got = ops.small_eigvals(C.float())
+    assert got.dtype == torch.complex64
+    for i in range(6):
+        match_eigvals(got[i], torch.linalg.eigvals(C.float()[i].double()), 1e-5 * float(C.abs().max()))
+    with pytest.raises(ValueError, match="square matrices"):
+        ops.small_eigvals(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="solver must be one of"):
+        ops.small_eigvals(torch.eye(3), solver="fast")
+    with pytest.raises(RuntimeError, match="solver must be"):
+        torch.ops.hooklens.small_eigvals(torch.eye(3), "fast")
+
+
+def test_small_eigvals_gradient_and_opcheck():
+    C = torch.randn(3, 5, 5, generator=_gen(8), dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda c: torch.view_as_real(ops.small_eigvals(c, backend="cpp")), (C,))
+    torch.autograd.gradgradcheck(lambda c: ops.small_eigvals(c, backend="cpp").abs(), (C,))
+    torch.library.opcheck(torch.ops.hooklens.small_eigvals.default, (C,))
+    torch.library.opcheck(torch.ops.hooklens.small_eigvals.default, (C.detach().float(), "scalar"))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # svd
 # ---------------------------------------------------------------------------------------------------------
 

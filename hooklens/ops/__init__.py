@@ -10,9 +10,10 @@ from .lowrank import (
     fro_norm,
     load_extension,
     row_max,
+    small_eigvals,
     svd,
     topk_svd,
     trace,
 )
 
-__all__ = ["eigvals", "svd", "topk_svd", "fro_norm", "trace", "row_max", "load_extension", "extension_available"]
+__all__ = ["eigvals", "svd", "topk_svd", "fro_norm", "trace", "row_max", "small_eigvals", "load_extension", "extension_available"]
