@@ -565,6 +565,35 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_svd_impl(const Tensor& A, const Tenso
   return {U.expand(su).contiguous(), S.expand(ss).contiguous(), Vh.expand(sv).contiguous()};
 }
 
+// CPU: the same factorisations, in parallel over the batch. ATen's batched QR/SVD call LAPACK on one matrix
+// after another, and LAPACK's own threading does nothing for 768 x 64 matrices; here each thread runs
+// lowrank_svd_impl on its own slice of the batch (single-threaded inside the parallel region).
+std::tuple<Tensor, Tensor, Tensor> lowrank_svd_cpu(const Tensor& A, const Tensor& B) {
+  const auto batch_shape = check_factors("hooklens::lowrank_svd", A, B, /*square=*/false);
+  const int64_t batch = c10::multiply_integers(batch_shape);
+  if (batch < 2 || at::get_num_threads() < 2 || at::in_parallel_region()) return lowrank_svd_impl(A, B);
+  const int64_t m = A.size(-2), k = A.size(-1), n = B.size(-1), r = std::min({m, k, n});
+  std::vector<int64_t> a_shape(batch_shape), b_shape(batch_shape);
+  a_shape.insert(a_shape.end(), {m, k});
+  b_shape.insert(b_shape.end(), {k, n});
+  const Tensor A3 = A.expand(a_shape).reshape({batch, m, k});  // a view unless A is broadcast
+  const Tensor B3 = B.expand(b_shape).reshape({batch, k, n});
+  Tensor U = at::empty({batch, m, r}, A.options());
+  Tensor S = at::empty({batch, r}, A.options());
+  Tensor Vh = at::empty({batch, r, n}, A.options());
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    auto [u, s, vh] = lowrank_svd_impl(A3.narrow(0, begin, end - begin), B3.narrow(0, begin, end - begin));
+    U.narrow(0, begin, end - begin).copy_(u);
+    S.narrow(0, begin, end - begin).copy_(s);
+    Vh.narrow(0, begin, end - begin).copy_(vh);
+  });
+  std::vector<int64_t> su(batch_shape), ss(batch_shape), sv(batch_shape);
+  su.insert(su.end(), {m, r});
+  ss.push_back(r);
+  sv.insert(sv.end(), {r, n});
+  return {U.view(su), S.view(ss), Vh.view(sv)};
+}
+
 Tensor lowrank_fro_norm_impl(const Tensor& A, const Tensor& B) {
   const auto batch_shape = check_factors("hooklens::lowrank_fro_norm", A, B, /*square=*/false);
   const int64_t m = A.size(-2), k = A.size(-1), n = B.size(-1);
@@ -785,7 +814,7 @@ TORCH_LIBRARY(hooklens, m) {
 
 TORCH_LIBRARY_IMPL(hooklens, CPU, m) {
   m.impl("lowrank_eigvals", &lowrank_eigvals_cpu);
-  m.impl("lowrank_svd", &lowrank_svd_impl);
+  m.impl("lowrank_svd", &lowrank_svd_cpu);
   m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
   m.impl("lowrank_trace", &lowrank_trace_impl);
   m.impl("lowrank_max", &lowrank_max_cpu);

@@ -88,7 +88,7 @@ struct Batch {
 // Reduction to upper Hessenberg form by stabilised elementary similarity transforms (EISPACK elmhes), all
 // lanes at once: the pivot search and the row/column swap are per lane (O(n) each), the elimination and
 // its inverse on the right are vectorised over the lanes. Half the flops of the Householder reduction.
-static void hessenberg_elim(Batch& b, int lanes_used) {
+static __attribute__((noinline)) void hessenberg_elim(Batch& b, int lanes_used) {
   const int n = b.n;
   VecBuffer y(n);
   for (int m = 1; m + 1 < n; ++m) {
@@ -132,7 +132,7 @@ static void hessenberg_elim(Batch& b, int lanes_used) {
 // reflector -- the identity where it has none at that step). Updates outside a lane's active block only
 // touch its coupling blocks or its deflated part, which do not change its remaining eigenvalues.
 // wr/wi: [n][kLanes]. failed[q] set if lane q did not converge in max_its iterations per eigenvalue.
-static void hqr(Batch& b, int lanes_used, double* wr, double* wi, bool* failed, int max_its) {
+static __attribute__((noinline)) void hqr(Batch& b, int lanes_used, double* wr, double* wi, bool* failed, int max_its) {
   const int n = b.n;
   int nn[kLanes], its[kLanes], l_[kLanes], m_[kLanes];
   double t[kLanes], anorm[kLanes], p0[kLanes], q0[kLanes], r0[kLanes];

@@ -304,6 +304,25 @@ def test_topk_svd(backend):
         ops.topk_svd(A, B, 9, backend=backend)
 
 
+def test_svd_parallel_over_the_batch_matches_one_thread():
+    # On CPU with more than one thread the C++ operator splits the batch over threads (each slice through
+    # the same LAPACK calls): results equal the single-threaded ones, for a broadcast factor too.
+    A, B = factors((7,), 30, 5, 20, seed=21)
+    B1 = B[:1]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = [ops.svd(A, B, backend="cpp"), ops.svd(A, B1, backend="cpp")]
+        torch.set_num_threads(3)
+        parallel = [ops.svd(A, B, backend="cpp"), ops.svd(A, B1, backend="cpp")]
+    finally:
+        torch.set_num_threads(threads)
+    for one, many in zip(serial, parallel):
+        for x, y in zip(one, many):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
 def test_svd_broadcast_batch():
     A = torch.randn(3, 1, 12, 4, generator=_gen(1), dtype=torch.float64)
     B = torch.randn(5, 4, 9, generator=_gen(2), dtype=torch.float64)
