@@ -94,3 +94,22 @@ def test_python_dash_m_entry_point():
 
     result = subprocess.run([sys.executable, "-m", "hooklens", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "induction" in result.stdout and "patch" in result.stdout
+
+
+def test_top_1_accuracy_matches_the_dense_chunk_loop():
+    from hooklens import FactoredMatrix
+    from hooklens.cli import top_1_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    # A circuit whose diagonal wins in about half the rows: identity-like plus noise, deferred outer factors.
+    W = torch.randn(1500, 16, generator=g)
+    circuit = W @ FactoredMatrix(3 * torch.eye(16) + 0.3 * torch.randn(16, 4, generator=g) @ torch.randn(4, 16, generator=g),
+                                 torch.eye(16)) @ W.T
+    dense = circuit.AB
+    rows = torch.arange(1500)
+    expected = (dense.argmax(-1) == rows).float().mean().item()
+    assert 0.05 < expected < 0.95
+    assert top_1_accuracy(circuit, None, seed=0) == pytest.approx(expected, abs=1e-9)
+    sampled = torch.randperm(1500, generator=torch.Generator().manual_seed(3))[:200].sort().values
+    assert top_1_accuracy(circuit, 200, seed=3) == pytest.approx(
+        (dense[sampled].argmax(-1) == sampled).float().mean().item(), abs=1e-9)
