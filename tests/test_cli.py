@@ -109,7 +109,7 @@ def test_top_1_accuracy_matches_the_dense_chunk_loop():
     rows = torch.arange(1500)
     expected = (dense.argmax(-1) == rows).float().mean().item()
     assert 0.05 < expected < 0.95
-    assert top_1_accuracy(circuit, None, seed=0) == pytest.approx(expected, abs=1e-9)
+    assert top_1_accuracy(circuit, None, seed=0) == pytest.approx(expected, abs=1e-6)
     sampled = torch.randperm(1500, generator=torch.Generator().manual_seed(3))[:200].sort().values
     assert top_1_accuracy(circuit, 200, seed=3) == pytest.approx(
-        (dense[sampled].argmax(-1) == sampled).float().mean().item(), abs=1e-9)
+        (dense[sampled].argmax(-1) == sampled).float().mean().item(), abs=1e-6)
