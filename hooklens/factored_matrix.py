@@ -6,8 +6,10 @@ in `hooklens._C`, PyTorch reference beside it).
 
 Multiplying by a plain matrix on the outside (`W_E @ model.OV @ W_U`) is *deferred*: the outer factors are kept
 apart (`left @ A @ B @ right`) and only combined when something needs them. Eigenvalues then come from the small
-`B @ (right @ left) @ A`, never from the [50257 × k] products TransformerLens forms, and row slices
-(`fm[i:i+1000].AB`) only touch the rows they need.
+`B @ (right @ left) @ A`, never from the [50257 × k] products TransformerLens forms. Slicing rows or columns
+(`fm[i:i+1000].AB`) multiplies an outer factor into its side once, when that product is no larger than the
+factor (a [50257 × 64] A rather than W_E), and never for all heads of a batched matrix: `full_ov[l, h]` and
+`full_ov[l, h, rows]` only touch that head.
 
 Differences from TransformerLens 3.9, on purpose:
 * `svd()` returns `(U, S, Vh)` with `Vh` really V-transposed (`[..., k, n]`); TL's third output (and `.Vh`) was V.
@@ -292,11 +294,28 @@ class FactoredMatrix:
             row = _keep_dim(idx[-1])
         elif used == n_batch + 2:
             row, col = _keep_dim(idx[-2]), _keep_dim(idx[-1])
-        left, A, B, right = self._broadcast_factors()
-        if _is_full(col) and right is not None:
-            B, right = self.B, None  # reuse the materialized right side (row sweeps slice many times)
-        pick = lambda t: None if t is None else t[batch_idx]
-        left, A, B, right = pick(left), pick(A), pick(B), pick(right)
+        if any(not _is_full(i) for i in batch_idx):
+            # Leading dims first, on views: `full_ov[l, h]` must not materialize anything for all heads.
+            pick = lambda t: None if t is None else t[batch_idx]
+            left, A, B, right = (pick(t) for t in self._broadcast_factors())
+            picked = FactoredMatrix(A, B, left=left, right=right)
+            return picked._slice(row, col, materialize=False)
+        return self._slice(row, col, materialize=True)
+
+    def _slice(self, row: Any, col: Any, materialize: bool) -> "FactoredMatrix":
+        """Rows and columns of this matrix (no leading-dim index). With `materialize`, an outer factor is first
+        multiplied into its side once (`self.A` / `self.B` are cached) when the product is no larger than the outer
+        factor itself, as TL's factors are: a sweep over row chunks of `W_E @ QK @ W_E.T` then gathers rows of the
+        [ldim, mdim] A instead of multiplying a fresh [rows, d_model] slice of W_E each time. Not done for a
+        transient matrix (a leading-dim index was applied), whose cache would not outlive the call."""
+        if _is_full(row) and _is_full(col):
+            return self
+        left, A, B, right = self._left, self._A, self._B, self._right
+        batch = max(1, self.batch_shape.numel())
+        if materialize and right is not None and batch * self.mdim * self.rdim <= right.numel():
+            B, right = self.B, None
+        if materialize and left is not None and batch * self.ldim * self.mdim <= left.numel():
+            A, left = self.A, None
         if not _is_full(row):
             if left is not None:
                 left = left[..., row, :]

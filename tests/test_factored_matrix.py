@@ -241,3 +241,35 @@ def test_max_float32_and_half_inputs():
     assert torch.equal(indices[clear], dense.indices[clear])
     half = FactoredMatrix(A.bfloat16(), B.bfloat16())
     assert half.max(-1).values.dtype == torch.bfloat16
+
+
+def test_indexing_heads_of_a_batched_full_circuit_materializes_nothing_for_all_heads():
+    # `full_ov[l, h]` (and a row slice of it) must stay factored per head: multiplying W_U into B for all
+    # heads first would be [heads, d_head, vocab] (1.8 GB at GPT-2 size).
+    W_E, W_U = rand(300, 24, seed=1), rand(24, 280, seed=2)
+    OV = FactoredMatrix(rand(3, 4, 24, 5, seed=3), rand(3, 4, 5, 24, seed=4))
+    full = W_E @ OV @ W_U
+    head = full[1, 2]
+    assert head._A.shape == (24, 5) and head._B.shape == (5, 24)
+    assert head._left.shape == (300, 24) and head._right.shape == (24, 280)
+    assert "A" not in full.__dict__ and "B" not in full.__dict__  # nothing cached on the batched matrix
+    rows = full[1, 2, 10:20]
+    assert rows._left.shape == (10, 24) and rows._right.shape == (24, 280)
+    assert_close(rows.AB, (W_E @ OV.AB[1, 2] @ W_U)[10:20])
+    assert_close(full[1, 2, 10:20, 7:9].AB, (W_E @ OV.AB[1, 2] @ W_U)[10:20, 7:9])
+
+
+def test_row_sweeps_reuse_the_materialized_side():
+    # A single circuit (no leading dims): slicing rows multiplies W_E into A once ([vocab, k], smaller than
+    # W_E) and every later slice gathers rows of it, like TL's factors.
+    W_E = rand(400, 32, seed=5)
+    QK = FactoredMatrix(rand(32, 4, seed=6), rand(4, 32, seed=7))
+    circuit = W_E @ QK @ W_E.T
+    first, second = circuit[0:50], circuit[torch.arange(100, 150)]
+    assert "A" in circuit.__dict__ and "B" in circuit.__dict__
+    assert first._left is None and first._A.shape == (50, 4)
+    assert second._left is None and torch.equal(second._A, circuit.A[100:150])
+    dense = circuit.AB
+    assert_close(first.AB, dense[0:50])
+    assert_close(second.AB, dense[100:150])
+    assert torch.equal(circuit[torch.arange(100, 150)].argmax(-1), dense[100:150].argmax(-1))
