@@ -136,8 +136,13 @@ class FactoredMatrix:
         if other.shape[-2] != self.rdim:
             raise ValueError(f"Right matrix must match on inner dimension, shapes were self: {tuple(self.shape)}, "
                              f"other: {tuple(other.shape)}")
-        right = other if self._right is None else self._right @ other
-        return FactoredMatrix(self._A, self._B, left=self._left, right=right)
+        if self._right is None:
+            return FactoredMatrix(self._A, self._B, left=self._left, right=other)
+        # Two outer factors on the right: fold the smaller product. B @ right is [.., mdim, n_old] (64 x 64 for
+        # `... @ W_O.T @ X`); right @ other can be [d_model, vocab].
+        if _numel(self._B, self._right) <= _numel(self._right, other):
+            return FactoredMatrix(self._A, self._B @ self._right, left=self._left, right=other)
+        return FactoredMatrix(self._A, self._B, left=self._left, right=self._right @ other)
 
     def __rmatmul__(self, other: Tensor) -> Union["FactoredMatrix", Tensor]:
         if other.ndim < 2:  # vector @ matrix
@@ -145,8 +150,11 @@ class FactoredMatrix:
         if other.shape[-1] != self.ldim:
             raise ValueError(f"Left matrix must match on inner dimension, shapes were self: {tuple(self.shape)}, "
                              f"other: {tuple(other.shape)}")
-        left = other if self._left is None else other @ self._left
-        return FactoredMatrix(self._A, self._B, left=left, right=self._right)
+        if self._left is None:
+            return FactoredMatrix(self._A, self._B, left=other, right=self._right)
+        if _numel(self._left, self._A) <= _numel(other, self._left):
+            return FactoredMatrix(self._left @ self._A, self._B, left=other, right=self._right)
+        return FactoredMatrix(self._A, self._B, left=other @ self._left, right=self._right)
 
     def __mul__(self, scalar: Union[int, float, Tensor]) -> "FactoredMatrix":
         if isinstance(scalar, Tensor) and scalar.numel() != 1:
@@ -332,6 +340,12 @@ class FactoredMatrix:
         """Factors expanded to the full leading shape, so leading-dim indices apply to each of them."""
         expand = lambda t: None if t is None else t.broadcast_to(self.batch_shape + t.shape[-2:])
         return [expand(self._left), expand(self._A), expand(self._B), expand(self._right)]
+
+
+def _numel(a: Tensor, b: Tensor) -> int:
+    """Number of elements of `a @ b` (with broadcast leading dims)."""
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]).numel()
+    return max(1, batch) * a.shape[-2] * b.shape[-1]
 
 
 def _is_full(index: Any) -> bool:
