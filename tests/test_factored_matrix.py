@@ -273,3 +273,21 @@ def test_row_sweeps_reuse_the_materialized_side():
     assert_close(first.AB, dense[0:50])
     assert_close(second.AB, dense[100:150])
     assert torch.equal(circuit[torch.arange(100, 150)].argmax(-1), dense[100:150].argmax(-1))
+
+
+def test_a_second_outer_factor_folds_the_smaller_product():
+    # W_E @ QK @ (W_E @ OV).T: the right side gets W_O^T [d, k] then [k, vocab]; folding W_O^T into B keeps
+    # every stored factor at most [k, vocab] / [vocab, d] instead of forming a [d, vocab] right factor.
+    d, k, vocab = 24, 4, 300
+    W_E = rand(vocab, d, seed=1)
+    QK = FactoredMatrix(rand(d, k, seed=2), rand(k, d, seed=3))
+    OV = FactoredMatrix(rand(d, k, seed=4), rand(k, d, seed=5))
+    circuit = W_E @ QK @ (W_E @ OV).T
+    assert circuit._right.shape == (k, vocab) and circuit._B.shape == (k, k)
+    assert_close(circuit.AB, W_E @ QK.AB @ (W_E @ OV.AB).T)
+    # ...and the other way round on the left.
+    mirrored = (W_E @ OV) @ (W_E @ QK).T
+    assert_close(mirrored.AB, (W_E @ OV.AB) @ (W_E @ QK.AB).T)
+    left_chain = rand(7, vocab, seed=6) @ (W_E @ QK)
+    assert left_chain._left.shape == (7, d) and left_chain._A.shape == (d, k)  # X @ W_E is the smaller fold
+    assert_close(left_chain.AB, rand(7, vocab, seed=6) @ W_E @ QK.AB)
