@@ -777,8 +777,9 @@ std::tuple<Tensor, Tensor> lowrank_max_cpu(const Tensor& A, const Tensor& B) {
   return {values, indices};
 }
 
-// Any device: row chunks of A @ B of at most ~256 MiB, reduced with at::max.
-std::tuple<Tensor, Tensor> lowrank_max_generic(const Tensor& A, const Tensor& B) {
+// Any device: row chunks of A @ B of at most `chunk_bytes` (default 256 MiB), reduced with at::max.
+std::tuple<Tensor, Tensor> lowrank_max_chunked(const Tensor& A, const Tensor& B, int64_t chunk_bytes) {
+  TORCH_CHECK(chunk_bytes > 0, "hooklens::_lowrank_max_chunked: chunk_bytes must be positive, got ", chunk_bytes);
   const auto batch_shape = check_factors("hooklens::lowrank_max", A, B, /*square=*/false);
   const int64_t m = A.size(-2), n = B.size(-1);
   TORCH_CHECK(n > 0 || m == 0, "hooklens::lowrank_max: the maximum of an empty row (A @ B has 0 columns) "
@@ -789,7 +790,7 @@ std::tuple<Tensor, Tensor> lowrank_max_generic(const Tensor& A, const Tensor& B)
   Tensor indices = at::empty(out_shape, A.options().dtype(at::kLong));
   if (values.numel() == 0) return {values, indices};
   const int64_t batch = c10::multiply_integers(batch_shape);
-  const int64_t rows = std::max<int64_t>(1, (int64_t{256} << 20) / (A.element_size() * n * batch));
+  const int64_t rows = std::max<int64_t>(1, chunk_bytes / (A.element_size() * n * batch));
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t len = std::min(rows, m - r0);
     auto [v, i] = at::max(at::matmul(A.narrow(-2, r0, len), B), -1);
@@ -797,6 +798,10 @@ std::tuple<Tensor, Tensor> lowrank_max_generic(const Tensor& A, const Tensor& B)
     indices.narrow(-1, r0, len).copy_(i);
   }
   return {values, indices};
+}
+
+std::tuple<Tensor, Tensor> lowrank_max_generic(const Tensor& A, const Tensor& B) {
+  return lowrank_max_chunked(A, B, int64_t{256} << 20);
 }
 
 }  // namespace
@@ -810,6 +815,12 @@ TORCH_LIBRARY(hooklens, m) {
   m.def("lowrank_trace(Tensor A, Tensor B) -> Tensor");
   m.def("lowrank_max(Tensor A, Tensor B) -> (Tensor values, Tensor indices)");
   m.def("small_eigvals(Tensor C, str solver=\"auto\") -> Tensor");
+  // The CUDA kernel of lowrank_max (row chunks + at::max) on any device, so CPU tests cover its logic.
+  m.def("_lowrank_max_chunked(Tensor A, Tensor B, int chunk_bytes=268435456) -> (Tensor values, Tensor indices)");
+}
+
+TORCH_LIBRARY_IMPL(hooklens, CompositeExplicitAutograd, m) {
+  m.impl("_lowrank_max_chunked", &lowrank_max_chunked);
 }
 
 TORCH_LIBRARY_IMPL(hooklens, CPU, m) {

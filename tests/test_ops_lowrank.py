@@ -457,6 +457,20 @@ def test_row_max_matches_dense(backend, dtype, a_shape, b_shape):
         assert torch.equal(indices, dense.indices)
 
 
+def test_row_max_cuda_kernel_logic_on_cpu():
+    # lowrank_max's CUDA kernel (row chunks of A @ B reduced with at::max) is also registered as
+    # hooklens::_lowrank_max_chunked for every device: check it here, broadcast batch dims included.
+    A = torch.randn(3, 1, 70, 5, generator=_gen(3), dtype=torch.float64)
+    B = torch.randn(2, 5, 333, generator=_gen(4), dtype=torch.float64)
+    dense = (A @ B).max(-1)
+    for chunk_bytes in (256 << 20, 6 * 333 * 8 * 9, 1):  # one chunk; 9 rows per chunk (ragged end); one row
+        values, indices = torch.ops.hooklens._lowrank_max_chunked(A, B, chunk_bytes)
+        assert torch.equal(indices, dense.indices)
+        torch.testing.assert_close(values, dense.values)
+    values, indices = torch.ops.hooklens._lowrank_max_chunked(A[0, 0, :0], B[0])
+    assert values.shape == indices.shape == (0,)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_row_max_ties_nan_and_infinities(backend):
     # Ties: the first column wins, also across tiles (columns 3 and 700 hold the same maximum).

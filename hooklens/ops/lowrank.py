@@ -514,6 +514,7 @@ def _register_python_kernels() -> None:
     )
     torch.library.register_autograd("hooklens::lowrank_svd", _svd_backward, setup_context=_save_svd_context)
     torch.library.register_fake("hooklens::lowrank_max", _max_fake)
+    torch.library.register_fake("hooklens::_lowrank_max_chunked", lambda A, B, chunk_bytes=256 << 20: _max_fake(A, B))
     torch.library.register_fake("hooklens::small_eigvals", _small_eigvals_fake)
     torch.library.register_autograd(
         "hooklens::small_eigvals", _small_eigvals_backward, setup_context=_small_eigvals_setup
