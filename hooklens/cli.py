@@ -116,6 +116,7 @@ def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
         mlp_patching = torch.zeros(0, tokens.shape[1])
     else:
         mlp_patching = patching.get_act_patch_mlp_out(model, corrupted, clean_cache, second_half_logprob,
+                                                      metric_positions=range(seq_len, 2 * seq_len),
                                                       progress=not args.quiet)
         plotting.heatmap(mlp_patching, out / "mlp_patching.png", "MLP-output patching (second-half log-prob)",
                          x_title="position", y_labels=layer_labels, y_title="layer")

@@ -84,11 +84,13 @@ def _default_memory_budget(device: torch.device) -> int:
 
 
 def _variant_bytes(model: "HookedTransformer", batch: int, seq_len: int, n_logit_positions: int, act_numel: int) -> int:
-    """Rough peak memory of one variant: residual-sized tensors, one attention pattern, logits, its mask."""
+    """Rough peak memory of one variant: residual-sized tensors, one attention pattern, its slot of the
+    [variants, b, p, vocab] logits buffer plus the unembedding output at the metric's positions, its mask."""
     cfg = model.cfg
     per_token = 12 * cfg.d_model + 2 * (cfg.d_mlp or 0) + 2 * cfg.n_heads * seq_len
     element = torch.finfo(cfg.dtype).bits // 8
-    return batch * (seq_len * per_token + n_logit_positions * cfg.d_vocab_out + act_numel) * element + act_numel
+    logits = (seq_len + n_logit_positions) * cfg.d_vocab_out
+    return batch * (seq_len * per_token + logits + act_numel) * element + act_numel
 
 
 @torch.no_grad()
@@ -122,6 +124,9 @@ def run_sweep(
     chunk_size = max(1, budget // max(per_variant, 1))
 
     results = torch.full((len(sweep.indices),), float("nan"), dtype=corrupted_logits.dtype, device=device)
+    # One NaN-filled logits buffer for all chunks: every chunk rewrites the metric's positions and leaves the
+    # others NaN, so a sweep does not allocate (and NaN-fill) [variants, b, p, vocab] per chunk.
+    logits_buffer: Optional[Tensor] = None
     layers = sweep.indices[:, 0]
     chunks: List[Tensor] = []
     for layer in layers.unique().tolist():
@@ -149,8 +154,14 @@ def run_sweep(
             for index in range(layer, n_layers):
                 entry = kv_cache[index - layer] if kv_cache is not None else None
                 resid = model.blocks[index](resid, past_kv_cache_entry=entry)
-        logits = _assemble_logits(model, resid, corrupted_logits, logit_positions, start, n, batch)
+        if logits_buffer is None or logits_buffer.shape[0] < n:
+            logits_buffer = torch.full((n, batch, seq_len, corrupted_logits.shape[-1]), float("nan"),
+                                       dtype=corrupted_logits.dtype, device=device)
+        logits = _assemble_logits(model, resid, corrupted_logits, logit_positions, start, logits_buffer[:n])
+        version = logits_buffer._version
         results[chunk.to(device)] = _apply_metric(metric, logits).to(results.dtype)
+        if logits_buffer._version != version:  # the metric wrote into its logits: restore the NaNs
+            logits_buffer.fill_(float("nan"))
     return results
 
 
@@ -165,19 +176,17 @@ def _prefix_kv_cache(model, corrupted: Dict[str, Tensor], layer: int, start: int
     return entries
 
 
-def _assemble_logits(model, resid: Tensor, corrupted_logits: Tensor, positions: Tensor, start: int, n: int, batch: int) -> Tensor:
-    """[n, b, p, v] logits: computed at the metric's positions (corrupted values before `start`, which patches
-    cannot change), NaN where the metric said it does not read."""
-    seq_len = corrupted_logits.shape[1]
-    logits = torch.full((n, batch, seq_len, corrupted_logits.shape[-1]), float("nan"),
-                        dtype=corrupted_logits.dtype, device=corrupted_logits.device)
+def _assemble_logits(model, resid: Tensor, corrupted_logits: Tensor, positions: Tensor, start: int, out: Tensor) -> Tensor:
+    """Writes the [n, b, p, v] logits at the metric's positions into `out` (corrupted values before `start`,
+    which patches cannot change; computed after) and returns it; `out` is NaN where the metric does not read."""
+    n, batch = out.shape[:2]
     before = positions[positions < start]
     after = positions[positions >= start]
     if len(before):
-        logits[:, :, before] = corrupted_logits[:, before].unsqueeze(0)
+        out[:, :, before] = corrupted_logits[:, before].unsqueeze(0)
     if len(after):
         final = resid[:, after - start]  # [n*b, |after|, d]
         if model.cfg.normalization_type is not None:
             final = model.ln_final(final)
-        logits[:, :, after] = model.unembed(final).view(n, batch, len(after), -1)
-    return logits
+        out[:, :, after] = model.unembed(final).view(n, batch, len(after), -1)
+    return out

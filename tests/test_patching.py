@@ -130,6 +130,16 @@ def test_partial_logits_leave_unread_positions_nan(setup):
     values = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric, metric_positions=[-1],
                                               progress=False)
     assert torch.equal(values, torch.full_like(values, 2.0))
+    # Many small chunks share one logits buffer: still NaN at unread positions in every chunk, even when a
+    # metric scribbles over the positions it does not read.
+    def scribbling_metric(logits):
+        value = metric(logits)
+        logits[:, 1] = 0.0
+        return value
+
+    values = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, scribbling_metric,
+                                              metric_positions=[-1], memory_budget=1, progress=False)
+    assert torch.equal(values, torch.full_like(values, 2.0))
 
 
 def test_custom_setter_and_index_df(setup):
