@@ -84,9 +84,12 @@ class HookedTransformer(HookedRootModule):
         if self.cfg.seed is not None:
             torch.manual_seed(self.cfg.seed)
         mode, gain = self.cfg.init_mode, self.cfg.initializer_range
-        for name, param in self.named_parameters():
+        for name, stored in self.named_parameters():
             if "W_" not in name:
                 continue
+            # Drawn into a contiguous tensor, then copied: random fills follow memory order, and W_Q/W_K/W_V
+            # are stored head-major (components._head_major); TL's draws are in logical order.
+            param = torch.empty(stored.shape, dtype=stored.dtype, device=stored.device)
             fan_in, fan_out = _fan_in_and_fan_out(param)
             if mode == "gpt2":
                 nn.init.normal_(param, std=gain)
@@ -108,6 +111,8 @@ class HookedTransformer(HookedRootModule):
             else:
                 raise ValueError(f"Unknown init_mode {mode!r}; use gpt2, xavier_uniform, xavier_normal, "
                                  "kaiming_uniform, kaiming_normal or muP.")
+            with torch.no_grad():
+                stored.copy_(param)
 
     def to(self, *args: Any, **kwargs: Any) -> "HookedTransformer":
         """`nn.Module.to` that keeps `cfg.device` and `cfg.dtype` in sync (LayerNorm casts to `cfg.dtype`)."""
