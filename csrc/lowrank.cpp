@@ -11,6 +11,7 @@
 //                             solver: "auto" | "lanes" | "scalar" | "lapack" (which CPU solver; for tests)
 //   lowrank_max(A, B)      -> values [..., m], indices [..., m] (int64)   max of each row of A @ B and the
 //                             first column attaining it (torch.max(A @ B, dim=-1) semantics, NaN wins)
+//   _lowrank_max_chunked(A, B, chunk_bytes) -> lowrank_max's CUDA kernel, registered for every device (tests)
 //
 // Leading (batch) dimensions broadcast like torch.matmul. float32 and float64 are supported. A matrix with a
 // NaN or inf entry gets all-NaN eigenvalues.
@@ -18,15 +19,17 @@
 // CPU: lowrank_eigvals has its own solver for k <= 128 (balancing + Hessenberg reduction by stabilised
 // elementary similarity transforms + Francis double-shift QR, eigenvalues only: EISPACK balanc/elmhes/hqr),
 // run in double precision and in parallel over the batch; with AVX2 + FMA four matrices at a time, one per
-// SIMD lane (small_eig_lanes.h). Everything else (and eigvals for k > 128, or a
-// matrix on which the QR iteration does not converge) goes through ATen, so the same kernels serve CUDA.
+// SIMD lane (small_eig_lanes.h). lowrank_svd runs ATen's QR/SVD chain, on CPU in parallel over the batch.
+// Everything else (and eigvals for k > 128, or a matrix on which the QR iteration does not converge) goes
+// through ATen, so the same kernels serve CUDA.
 //
 // lowrank_max never holds more than a cache-sized tile of A @ B: on CPU it multiplies row blocks of A by
 // column blocks of B (BLAS through ATen) and folds each tile into running row maxima while it is still in
 // cache; on CUDA it takes row chunks of at most ~256 MiB of A @ B.
 //
-// The ops are forward-only in C++; hooklens/ops/lowrank.py registers the (trivial) backward formulas of
-// lowrank_trace and lowrank_fro_norm.
+// The ops are forward-only in C++; hooklens/ops/lowrank.py registers their backward formulas: closed forms
+// for lowrank_trace, lowrank_fro_norm and lowrank_max, a torch.linalg recomputation for the eigenvalue and
+// SVD ops.
 
 #include <Python.h>
 
