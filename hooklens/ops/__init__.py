@@ -1,8 +1,9 @@
 """Custom operators of hooklens.
 
-``hooklens.ops.lowrank``: eigenvalues, SVD, Frobenius norm, trace and row maxima of a factored matrix ``A @ B`` without
-forming it (e.g. an OV or QK circuit ``W_V @ W_O``). The C++ extension ``hooklens._C`` is loaded on first use,
-never at import time; without it the pure-PyTorch implementations run.
+``hooklens.ops.lowrank``: eigenvalues, SVD, Frobenius norm, trace and row maxima of a factored matrix ``A @ B``
+without forming it (e.g. an OV or QK circuit ``W_V @ W_O``), and eigenvalues of batches of small square matrices.
+``hooklens.ops.patching``: ``masked_patch``, the patch step of the batched patching engine. The C++ extension
+``hooklens._C`` is loaded on first use, never at import time; without it the pure-PyTorch implementations run.
 """
 from .lowrank import (
     eigvals,
@@ -16,4 +17,5 @@ from .lowrank import (
     trace,
 )
 
-__all__ = ["eigvals", "svd", "topk_svd", "fro_norm", "trace", "row_max", "small_eigvals", "load_extension", "extension_available"]
+__all__ = ["eigvals", "svd", "topk_svd", "fro_norm", "trace", "row_max", "small_eigvals", "load_extension",
+           "extension_available"]
