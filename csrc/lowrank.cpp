@@ -640,74 +640,73 @@ Tensor batch_entry(const Tensor& t, const std::vector<int64_t>& batch, int64_t f
   return out;
 }
 
+#if defined(__SSE2__)
+// The SSE2 operations scan_max needs, per element type (4 floats or 2 doubles per register).
 template <typename scalar_t>
-scalar_t scan_max_tail(const scalar_t* x, int64_t w, bool* any_nan) {
+struct Sse2;
+
+template <>
+struct Sse2<float> {
+  using V = __m128;
+  static constexpr int kWidth = 4;
+  static V set1(float x) { return _mm_set1_ps(x); }
+  static V zero() { return _mm_setzero_ps(); }
+  static V load(const float* p) { return _mm_loadu_ps(p); }
+  static V max(V a, V b) { return _mm_max_ps(a, b); }
+  static V unordered(V a) { return _mm_cmpunord_ps(a, a); }  // all ones where a is NaN
+  static V bit_or(V a, V b) { return _mm_or_ps(a, b); }
+  static bool any(V a) { return _mm_movemask_ps(a) != 0; }
+  static void store(float* p, V a) { _mm_storeu_ps(p, a); }
+};
+
+template <>
+struct Sse2<double> {
+  using V = __m128d;
+  static constexpr int kWidth = 2;
+  static V set1(double x) { return _mm_set1_pd(x); }
+  static V zero() { return _mm_setzero_pd(); }
+  static V load(const double* p) { return _mm_loadu_pd(p); }
+  static V max(V a, V b) { return _mm_max_pd(a, b); }
+  static V unordered(V a) { return _mm_cmpunord_pd(a, a); }
+  static V bit_or(V a, V b) { return _mm_or_pd(a, b); }
+  static bool any(V a) { return _mm_movemask_pd(a) != 0; }
+  static void store(double* p, V a) { _mm_storeu_pd(p, a); }
+};
+#endif
+
+// Maximum of x[0, w) and whether any entry is NaN, in one pass. With SSE2 (baseline on x86-64) four registers
+// per iteration (16 floats or 8 doubles); maxps alone drops NaNs, so they are tracked by an unordered compare.
+template <typename scalar_t>
+scalar_t scan_max(const scalar_t* x, int64_t w, bool* any_nan) {
   scalar_t m = -std::numeric_limits<scalar_t>::infinity();
   bool nan = false;
-  for (int64_t j = 0; j < w; ++j) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  using S = Sse2<scalar_t>;
+  constexpr int kW = S::kWidth;
+  typename S::V a0 = S::set1(m), a1 = a0, a2 = a0, a3 = a0, n0 = S::zero(), n1 = n0;
+  for (; j + 4 * kW <= w; j += 4 * kW) {
+    const auto v0 = S::load(x + j), v1 = S::load(x + j + kW), v2 = S::load(x + j + 2 * kW),
+               v3 = S::load(x + j + 3 * kW);
+    a0 = S::max(a0, v0);
+    a1 = S::max(a1, v1);
+    a2 = S::max(a2, v2);
+    a3 = S::max(a3, v3);
+    n0 = S::bit_or(n0, S::bit_or(S::unordered(v0), S::unordered(v1)));
+    n1 = S::bit_or(n1, S::bit_or(S::unordered(v2), S::unordered(v3)));
+  }
+  scalar_t lanes[kW];
+  S::store(lanes, S::max(S::max(a0, a1), S::max(a2, a3)));
+  for (scalar_t v : lanes) m = v > m ? v : m;
+  nan = S::any(S::bit_or(n0, n1));
+#endif
+  for (; j < w; ++j) {
     m = x[j] > m ? x[j] : m;
     nan |= x[j] != x[j];
   }
   *any_nan = nan;
   return m;
 }
-
-// Maximum of x[0, w) and whether any entry is NaN, in one pass. SSE2 (baseline on x86-64) does 16 floats or
-// 8 doubles per iteration; maxps alone drops NaNs, so they are tracked by an unordered compare.
-template <typename scalar_t>
-scalar_t scan_max(const scalar_t* x, int64_t w, bool* any_nan) {
-  return scan_max_tail(x, w, any_nan);
-}
-
-#if defined(__SSE2__)
-template <>
-float scan_max<float>(const float* x, int64_t w, bool* any_nan) {
-  __m128 a0 = _mm_set1_ps(-std::numeric_limits<float>::infinity()), a1 = a0, a2 = a0, a3 = a0;
-  __m128 n0 = _mm_setzero_ps(), n1 = n0;
-  int64_t j = 0;
-  for (; j + 16 <= w; j += 16) {
-    const __m128 v0 = _mm_loadu_ps(x + j), v1 = _mm_loadu_ps(x + j + 4);
-    const __m128 v2 = _mm_loadu_ps(x + j + 8), v3 = _mm_loadu_ps(x + j + 12);
-    a0 = _mm_max_ps(a0, v0);
-    a1 = _mm_max_ps(a1, v1);
-    a2 = _mm_max_ps(a2, v2);
-    a3 = _mm_max_ps(a3, v3);
-    n0 = _mm_or_ps(n0, _mm_or_ps(_mm_cmpunord_ps(v0, v0), _mm_cmpunord_ps(v1, v1)));
-    n1 = _mm_or_ps(n1, _mm_or_ps(_mm_cmpunord_ps(v2, v2), _mm_cmpunord_ps(v3, v3)));
-  }
-  alignas(16) float lanes[4];
-  _mm_store_ps(lanes, _mm_max_ps(_mm_max_ps(a0, a1), _mm_max_ps(a2, a3)));
-  bool tail_nan = false;
-  float m = scan_max_tail(x + j, w - j, &tail_nan);
-  for (float v : lanes) m = v > m ? v : m;
-  *any_nan = tail_nan || _mm_movemask_ps(_mm_or_ps(n0, n1)) != 0;
-  return m;
-}
-
-template <>
-double scan_max<double>(const double* x, int64_t w, bool* any_nan) {
-  __m128d a0 = _mm_set1_pd(-std::numeric_limits<double>::infinity()), a1 = a0, a2 = a0, a3 = a0;
-  __m128d n0 = _mm_setzero_pd(), n1 = n0;
-  int64_t j = 0;
-  for (; j + 8 <= w; j += 8) {
-    const __m128d v0 = _mm_loadu_pd(x + j), v1 = _mm_loadu_pd(x + j + 2);
-    const __m128d v2 = _mm_loadu_pd(x + j + 4), v3 = _mm_loadu_pd(x + j + 6);
-    a0 = _mm_max_pd(a0, v0);
-    a1 = _mm_max_pd(a1, v1);
-    a2 = _mm_max_pd(a2, v2);
-    a3 = _mm_max_pd(a3, v3);
-    n0 = _mm_or_pd(n0, _mm_or_pd(_mm_cmpunord_pd(v0, v0), _mm_cmpunord_pd(v1, v1)));
-    n1 = _mm_or_pd(n1, _mm_or_pd(_mm_cmpunord_pd(v2, v2), _mm_cmpunord_pd(v3, v3)));
-  }
-  alignas(16) double lanes[2];
-  _mm_store_pd(lanes, _mm_max_pd(_mm_max_pd(a0, a1), _mm_max_pd(a2, a3)));
-  bool tail_nan = false;
-  double m = scan_max_tail(x + j, w - j, &tail_nan);
-  for (double v : lanes) m = v > m ? v : m;
-  *any_nan = tail_nan || _mm_movemask_pd(_mm_or_pd(n0, n1)) != 0;
-  return m;
-}
-#endif
 
 // Folds the tile [rows, width] (row stride ld) of A @ B, whose first column is column `col0`, into the
 // running maxima. Strict `>` keeps the first column attaining the maximum; a NaN wins and stays.
@@ -733,16 +732,24 @@ void fold_tile_max(const scalar_t* tile, int64_t rows, int64_t width, int64_t ld
   }
 }
 
-std::tuple<Tensor, Tensor> lowrank_max_cpu(const Tensor& A, const Tensor& B) {
+// Checks lowrank_max's inputs; returns the broadcast leading dims and the (uninitialised) outputs
+// values [..., m] (A's dtype) and indices [..., m] (int64).
+std::tuple<std::vector<int64_t>, Tensor, Tensor> max_outputs(const Tensor& A, const Tensor& B) {
   const auto batch_shape = check_factors("hooklens::lowrank_max", A, B, /*square=*/false);
-  const int64_t m = A.size(-2), k = A.size(-1), n = B.size(-1);
-  std::vector<int64_t> out_shape(batch_shape);
-  out_shape.push_back(m);
+  const int64_t m = A.size(-2), n = B.size(-1);
   TORCH_CHECK(n > 0 || m == 0, "hooklens::lowrank_max: the maximum of an empty row (A @ B has 0 columns) "
               "is not defined; shapes were A ", A.sizes(), ", B ", B.sizes());
-  Tensor values = at::empty(out_shape, A.options());
-  Tensor indices = at::empty(out_shape, A.options().dtype(at::kLong));
+  std::vector<int64_t> out_shape(batch_shape);
+  out_shape.push_back(m);
+  return {batch_shape, at::empty(out_shape, A.options()), at::empty(out_shape, A.options().dtype(at::kLong))};
+}
+
+std::tuple<Tensor, Tensor> lowrank_max_cpu(const Tensor& A, const Tensor& B) {
+  std::vector<int64_t> batch_shape;
+  Tensor values, indices;
+  std::tie(batch_shape, values, indices) = max_outputs(A, B);
   const int64_t batch = c10::multiply_integers(batch_shape);
+  const int64_t m = A.size(-2), k = A.size(-1), n = B.size(-1);
   if (values.numel() == 0) return {values, indices};
   if (k == 0) {  // A @ B is all zeros
     values.zero_();
@@ -783,16 +790,10 @@ std::tuple<Tensor, Tensor> lowrank_max_cpu(const Tensor& A, const Tensor& B) {
 // Any device: row chunks of A @ B of at most `chunk_bytes` (default 256 MiB), reduced with at::max.
 std::tuple<Tensor, Tensor> lowrank_max_chunked(const Tensor& A, const Tensor& B, int64_t chunk_bytes) {
   TORCH_CHECK(chunk_bytes > 0, "hooklens::_lowrank_max_chunked: chunk_bytes must be positive, got ", chunk_bytes);
-  const auto batch_shape = check_factors("hooklens::lowrank_max", A, B, /*square=*/false);
-  const int64_t m = A.size(-2), n = B.size(-1);
-  TORCH_CHECK(n > 0 || m == 0, "hooklens::lowrank_max: the maximum of an empty row (A @ B has 0 columns) "
-              "is not defined; shapes were A ", A.sizes(), ", B ", B.sizes());
-  std::vector<int64_t> out_shape(batch_shape);
-  out_shape.push_back(m);
-  Tensor values = at::empty(out_shape, A.options());
-  Tensor indices = at::empty(out_shape, A.options().dtype(at::kLong));
-  if (values.numel() == 0) return {values, indices};
+  auto [batch_shape, values, indices] = max_outputs(A, B);
   const int64_t batch = c10::multiply_integers(batch_shape);
+  const int64_t m = A.size(-2), n = B.size(-1);
+  if (values.numel() == 0) return {values, indices};
   const int64_t rows = std::max<int64_t>(1, chunk_bytes / (A.element_size() * n * batch));
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t len = std::min(rows, m - r0);

@@ -290,13 +290,7 @@ class _KernelSoftmax(torch.autograd.Function):
         return _recompute_grads(_softmax_rows, ctx.saved_tensors, grad)[0], None
 
 
-class _KernelPattern(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, attn_scale, pos_offset, attention_mask, out):  # type: ignore[override]
-        ctx.save_for_backward(q, k)
-        ctx.args = (attn_scale, pos_offset, attention_mask)
-        return out.tensor
-
+class _KernelPattern(_KernelScores):  # the same forward (q, k -> kernel output); backward through the softmax too
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         fn = lambda q, k: _softmax_rows(_masked_scores(q, k, *ctx.args))  # noqa: E731

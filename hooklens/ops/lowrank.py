@@ -404,13 +404,14 @@ def _fro_norm_backward(ctx, grad):
     return gA, gB
 
 
-def _differentiable_inputs(ctx, create_graph: bool):
-    """The saved factors to recompute from: detached copies that require grad where the forward's inputs did,
-    or (for a differentiable backward, `create_graph=True`) the saved tensors themselves, keeping their history."""
-    A, B = ctx.saved_tensors[:2]
+def _differentiable_inputs(ctx, n_inputs: int, create_graph: bool):
+    """The first `n_inputs` saved tensors (the operator's inputs) to recompute from: detached copies that require
+    grad where the forward's inputs did, or (for a differentiable backward, `create_graph=True`) the saved tensors
+    themselves, keeping their history."""
+    inputs = ctx.saved_tensors[:n_inputs]
     if create_graph:
-        return A, B
-    return A.detach().requires_grad_(ctx.needs_input_grad[0]), B.detach().requires_grad_(ctx.needs_input_grad[1])
+        return inputs
+    return tuple(x.detach().requires_grad_(needs) for x, needs in zip(inputs, ctx.needs_input_grad))
 
 
 def _grads(ctx, outputs, inputs, grads, create_graph: bool):
@@ -436,14 +437,12 @@ def _small_eigvals_setup(ctx, inputs, output):
 
 
 def _small_eigvals_backward(ctx, grad):
-    C, out = ctx.saved_tensors
+    out = ctx.saved_tensors[1]
     create_graph = torch.is_grad_enabled()
-    if not create_graph:
-        C = C.detach().requires_grad_(True)
+    (C,) = _differentiable_inputs(ctx, 1, create_graph)
     with torch.enable_grad():
         matched = _match_eigvals(out, torch.linalg.eigvals(C.to(torch.float64)))
-    (gC,) = torch.autograd.grad(matched, [C], grad, materialize_grads=True, create_graph=create_graph)
-    return gC, None
+    return (*_grads(ctx, matched, (C,), grad, create_graph), None)  # no gradient for `solver`
 
 
 def _eigvals_backward(ctx, grad):
@@ -453,7 +452,7 @@ def _eigvals_backward(ctx, grad):
     # them in. Like torch.linalg.eigvals, gradients of repeated eigenvalues are not defined.
     out = ctx.saved_tensors[2]
     create_graph = torch.is_grad_enabled()  # backward(create_graph=True): make the gradient differentiable
-    A, B = _differentiable_inputs(ctx, create_graph)
+    A, B = _differentiable_inputs(ctx, 2, create_graph)
     with torch.enable_grad():
         ev = torch.linalg.eigvals(B.to(torch.float64) @ A.to(torch.float64))  # [..., k], LAPACK order
         matched = _match_eigvals(out, ev)
@@ -465,7 +464,7 @@ def _svd_backward(ctx, grad_U, grad_S, grad_Vh):
     # of each singular pair with the forward's, then differentiate through torch.linalg.
     U0 = ctx.saved_tensors[2]
     create_graph = torch.is_grad_enabled()  # backward(create_graph=True): make the gradient differentiable
-    A, B = _differentiable_inputs(ctx, create_graph)
+    A, B = _differentiable_inputs(ctx, 2, create_graph)
     with torch.enable_grad():
         U, S, Vh = _svd_torch(A, B, torch.broadcast_shapes(A.shape[:-2], B.shape[:-2]))
         sign = torch.where((U.detach() * U0).sum(-2) < 0, -1.0, 1.0).to(U.dtype)  # [..., r]
