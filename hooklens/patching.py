@@ -174,7 +174,8 @@ def generic_activation_patch(
     else:
         if index_axis_names is not None:
             raise ValueError("Give index_axis_names or index_df, not both.")
-        indices = torch.as_tensor(index_df.to_numpy(), dtype=torch.long)
+        # A copy: pandas' copy-on-write hands out read-only arrays, which torch warns about when it shares them.
+        indices = torch.tensor(index_df.to_numpy(), dtype=torch.long)
         out_shape = [len(index_df)]
     if patch_setter in _KNOWN_SETTERS:
         build, pos_column = _KNOWN_SETTERS[patch_setter]

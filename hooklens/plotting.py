@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,13 +34,15 @@ def heatmap(
     returned either way, so notebooks can display it.
     """
     plt = _pyplot()
-    data = torch.as_tensor(values).detach().float().cpu()
-    if data.dim() != 2:
+    # matplotlib gets a NumPy array: handing it a Tensor makes NumPy 2 warn about Tensor.__array__'s signature.
+    data = torch.as_tensor(values).detach().float().cpu().numpy()
+    if data.ndim != 2:
         raise ValueError(f"heatmap takes a 2-D tensor [rows, cols], got shape {tuple(data.shape)}")
     rows, cols = data.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 18), min(1.5 + 0.4 * rows, 14)))
     if diverging:
-        limit = float(data.abs().max()) or 1.0
+        finite = abs(data[np.isfinite(data)])  # NaN cells (e.g. positions a sweep skipped) must not set the scale
+        limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         image = ax.imshow(data, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     else:
         image = ax.imshow(data, cmap="viridis", aspect="auto")

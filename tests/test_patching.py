@@ -154,9 +154,12 @@ def test_custom_setter_and_index_df(setup):
     grid = torch.tensor([[l, p] for l in range(model.cfg.n_layers) for p in range(0, corrupted.shape[1] - 1, 3)])
     expected = naive_loop(model, corrupted, clean_cache, metric, double_pos_setter, "resid_mid", grid)
     df = pandas.DataFrame(grid.numpy(), columns=["layer", "pos"])
-    actual, returned_df = patching.generic_activation_patch(
-        model, corrupted, clean_cache, metric, double_pos_setter, "resid_mid", index_df=df, return_index_df=True,
-        progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual, returned_df = patching.generic_activation_patch(
+            model, corrupted, clean_cache, metric, double_pos_setter, "resid_mid", index_df=df,
+            return_index_df=True, progress=False)
+    assert not [w for w in caught if "not writable" in str(w.message)]  # pandas' read-only arrays are copied
     assert returned_df is df and actual.shape == (len(df),)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
