@@ -27,10 +27,29 @@ class CLIError(Exception):
     """A user-facing error: printed without a traceback."""
 
 
+def check_device(device: Optional[str]) -> None:
+    """Turn a --device this machine cannot use into a one-line error (instead of torch's traceback)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise CLIError(f"--device {device}: not a device name ({err}). Use cpu, cuda or cuda:N.") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+            raise CLIError(f"--device {device}: this torch ({torch.__version__}) {build}. Use --device cpu, or "
+                           "install a CUDA build of torch on a GPU machine.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible "
+                           f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
+
+
 def load_model(model: Optional[str], device: Optional[str], dtype: str):
     from hooklens import HookedTransformer
     from hooklens.loading import CheckpointError
 
+    check_device(device)
     torch_dtype = getattr(torch, dtype)
     try:
         if model is None:

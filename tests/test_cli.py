@@ -86,6 +86,19 @@ def test_clear_errors(tmp_path, capsys):
     assert "equal lengths" in capsys.readouterr().err
     assert main(["patch", "--out", str(tmp_path), "--answer", " Maryland and", "--quiet"]) == 2
     assert "exactly one" in capsys.readouterr().err
+    assert main(["patch", "--out", str(tmp_path), "--device", "gpu", "--quiet"]) == 2
+    assert "--device gpu: not a device name" in capsys.readouterr().err
+
+
+def test_unusable_cuda_device_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["induction", "--out", str(tmp_path), "--device", "cuda", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this torch" in err and "Use --device cpu" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["patch", "--out", str(tmp_path), "--device", "cuda:3", "--quiet"]) == 2
+    assert "only 1 GPU(s) visible (cuda:0 .. cuda:0)" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():
