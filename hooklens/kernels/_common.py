@@ -187,3 +187,42 @@ def cast_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, s2):
+    """One key tile of the streaming softmax (base 2): `s2` `[BLOCK_M, BLOCK_N]` scaled scores (-inf where not
+    visible), `m_i`/`l_i` the running row max and row sum. Returns the new max, the factor `alpha` that rescales
+    what was accumulated so far, the tile's unnormalized probabilities `p`, and the new row sum."""
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: avoid -inf - -inf
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s2 - m_use[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def row_lse2(m_i, l_i):
+    """Base-2 log-sum-exp of each row from the streaming max and sum; +inf for rows that see no key, so every
+    probability `exp2(s2 - lse2)` of such a row is 0 (TL's NaN -> 0)."""
+    has_key = l_i > 0
+    return tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+
+
+@triton.jit
+def pv_dot(p, v, V_DTYPE: tl.constexpr, INTERPRETED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """`p @ v` in float32 with p rounded to v's dtype first, as a same-dtype PyTorch `pattern @ v` does."""
+    p_v = cast_to(p, V_DTYPE, INTERPRETED)
+    if INTERPRETED:
+        p_v = p_v.to(tl.float32)
+    return tl.dot(p_v, v, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def store_z_tile(Z, acc, off_b, off_h, offs_m, offs_d, q_len, head_dim,
+                 stride_zb, stride_zt, stride_zh, stride_zd, INTERPRETED: tl.constexpr):
+    """Write the float32 `[BLOCK_M, BLOCK_D]` tile `acc` into z `[b, q, h, dh]` in z's dtype (ragged edges masked)."""
+    ptrs = (Z + off_b * stride_zb + off_h * stride_zh
+            + offs_m[:, None].to(tl.int64) * stride_zt + offs_d[None, :].to(tl.int64) * stride_zd)
+    tl.store(ptrs, cast_to(acc, Z.dtype.element_ty, INTERPRETED),
+             mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim))

@@ -37,7 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from hooklens.kernels._common import (
-    cast_to, check_out, check_qkv, launch_config, load_q_tile, load_v_tile, mask_arg, qk_tile, to_scale,
+    check_out, check_qkv, launch_config, load_q_tile, load_v_tile, mask_arg, online_softmax_step, pv_dot, qk_tile,
+    row_lse2, store_z_tile, to_scale,
 )
 
 
@@ -75,29 +76,18 @@ def _flash_attention_kernel(
         qk, valid, offs_n = qk_tile(q, k_base, mask_base, offs_m, start_n, offs_d, k_len, head_dim, pos_offset,
                                     stride_kt, stride_kd, stride_mt, HAS_MASK, INTERPRETED, INPUT_PRECISION, BLOCK_N)
         s2 = tl.where(valid, qk * qk_scale2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s2 - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, alpha, p, l_i = online_softmax_step(m_i, l_i, s2)
         v = load_v_tile(v_base, offs_n, offs_d, k_len, head_dim, stride_vt, stride_vd, INTERPRETED)
-        p_v = cast_to(p, V.dtype.element_ty, INTERPRETED)
-        if INTERPRETED:
-            p_v = p_v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=INPUT_PRECISION)
-        m_i = m_new
-    has_key = l_i > 0
-    acc = acc / tl.where(has_key, l_i, 1.0)[:, None]  # rows with no visible key: acc is 0, z = 0
-    z_ptrs = (Z + off_b * stride_zb + off_h * stride_zh
-              + offs_m[:, None].to(tl.int64) * stride_zt + offs_d[None, :].to(tl.int64) * stride_zd)
-    tl.store(z_ptrs, cast_to(acc, Z.dtype.element_ty, INTERPRETED),
-             mask=m_in[:, None] & (offs_d[None, :] < head_dim))
+        acc = acc * alpha[:, None] + pv_dot(p, v, V.dtype.element_ty, INTERPRETED, INPUT_PRECISION)
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows with no visible key: acc is 0, z = 0
+    store_z_tile(Z, acc, off_b, off_h, offs_m, offs_d, q_len, head_dim,
+                 stride_zb, stride_zt, stride_zh, stride_zd, INTERPRETED)
 
     if N_STATS > 0:
         # Pattern statistics: for each requested (mode, value) pair, the pattern entry of every query row at key
         # `row + value` (mode 0: a diagonal of the [q, k] pattern) or at key `value` (mode 1: a column), summed
         # over this block's rows. One partial sum per (stat, batch·head, query block); the launcher adds them up.
-        lse2 = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+        lse2 = row_lse2(m_i, l_i)
         qf = q.to(tl.float32)
         n_bh = tl.num_programs(0)
         n_mb = tl.num_programs(1)

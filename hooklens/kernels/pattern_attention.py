@@ -40,7 +40,8 @@ import triton.language as tl
 from torch import Tensor
 
 from hooklens.kernels._common import (
-    cast_to, check_out, check_qkv, launch_config, load_q_tile, load_v_tile, mask_arg, qk_tile, to_scale,
+    cast_to, check_out, check_qkv, launch_config, load_q_tile, load_v_tile, mask_arg, online_softmax_step, pv_dot,
+    qk_tile, row_lse2, store_z_tile, to_scale,
 )
 
 
@@ -83,12 +84,8 @@ def _pattern_attention_kernel(
         qk, valid, offs_n = qk_tile(q, k_base, mask_base, offs_m, start_n, offs_d, k_len, head_dim, pos_offset,
                                     stride_kt, stride_kd, stride_mt, HAS_MASK, INTERPRETED, INPUT_PRECISION, BLOCK_N)
         s2 = tl.where(valid, qk * qk_scale2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: avoid -inf - -inf
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s2 - m_use[:, None]), 1)
-        m_i = m_new
-    # rows that see no key: lse = +inf, so every p below is exp2(-inf) = 0 (TL's NaN -> 0)
-    lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+        m_i, _, _, l_i = online_softmax_step(m_i, l_i, s2)
+    lse2 = row_lse2(m_i, l_i)  # +inf for rows that see no key: every p below is 0
 
     # pass 2: exact probabilities, scores, z
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -104,10 +101,7 @@ def _pattern_attention_kernel(
             tl.store(s_base + offs_n[None, :].to(tl.int64) * stride_sk, cast_to(s, S.dtype.element_ty, INTERPRETED),
                      mask=out_mask)
         v = load_v_tile(v_base, offs_n, offs_d, k_len, head_dim, stride_vt, stride_vd, INTERPRETED)
-        p_v = cast_to(p, V.dtype.element_ty, INTERPRETED)
-        if INTERPRETED:
-            p_v = p_v.to(tl.float32)
-        acc += tl.dot(p_v, v, input_precision=INPUT_PRECISION)
+        acc += pv_dot(p, v, V.dtype.element_ty, INTERPRETED, INPUT_PRECISION)
     # key blocks above the diagonal: pattern 0, scores -inf
     for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, k_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -117,10 +111,8 @@ def _pattern_attention_kernel(
         if WRITE_SCORES:
             tl.store(s_base + offs_n[None, :].to(tl.int64) * stride_sk,
                      (zeros + float("-inf")).to(S.dtype.element_ty), mask=out_mask)
-    z_ptrs = (Z + off_b * stride_zb + off_h * stride_zh
-              + offs_m[:, None].to(tl.int64) * stride_zt + offs_d[None, :].to(tl.int64) * stride_zd)
-    tl.store(z_ptrs, cast_to(acc, Z.dtype.element_ty, INTERPRETED),
-             mask=m_in[:, None] & (offs_d[None, :] < head_dim))
+    store_z_tile(Z, acc, off_b, off_h, offs_m, offs_d, q_len, head_dim,
+                 stride_zb, stride_zt, stride_zh, stride_zd, INTERPRETED)
 
 
 def pattern_attention(
