@@ -167,8 +167,7 @@ def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
         "ov_copying_scores": ov_copying.tolist(),
         "seconds": time.perf_counter() - start,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _print_table("hooklens induction", [
+    _write_summary(out, "hooklens induction", summary, [
         ("model", summary["model"]),
         ("tokens", f"{args.batch} x (1 + 2 x {seq_len}) repeated random tokens"),
         ("log-prob first half", f"{summary['logprob_first_half']:.2f}"),
@@ -179,8 +178,6 @@ def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
         ("max |MLP patching effect|", f"{float(mlp_patching.abs().max()) if mlp_patching.numel() else 0:.3f}"),
         ("K-composition top-1 accuracy", f"{kcomp_top1:.3f} ({summary['kcomp_rows']} rows)"),
         ("best OV copying score", f"{float(ov_copying.max()):.2f}"),
-        ("figures + summary.json", str(out)),
-        ("seconds", f"{summary['seconds']:.1f}"),
     ])
     return summary
 
@@ -242,15 +239,18 @@ def run_patch(args: argparse.Namespace) -> Dict[str, Any]:
         "top_head": [top_layer, top_head],
         "seconds": time.perf_counter() - start,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _print_table("hooklens patch", [
+    _write_summary(out, "hooklens patch", summary, [
         ("model", summary["model"]),
         ("clean / corrupted logit diff", f"{float(clean_diff):.3f} / {float(corrupted_diff):.3f}"),
         ("strongest head (output patching)", f"L{top_layer}H{top_head}  {float(heads.flatten()[heads.abs().argmax()]):+.3f}"),
-        ("figures + summary.json", str(out)),
-        ("seconds", f"{summary['seconds']:.1f}"),
     ])
     return summary
+
+
+def _write_summary(out: Path, title: str, summary: dict, rows: Sequence[tuple]) -> None:
+    """Save `summary.json` beside the figures and print the result table (rows + where the files are + time)."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_table(title, [*rows, ("figures + summary.json", str(out)), ("seconds", f"{summary['seconds']:.1f}")])
 
 
 def _print_table(title: str, rows: Sequence[tuple]) -> None:
