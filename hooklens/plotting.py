@@ -18,6 +18,11 @@ def _pyplot():
     return plt
 
 
+def _as_array(values) -> np.ndarray:
+    """float32 NumPy copy for matplotlib: handing it a Tensor makes NumPy 2 warn about Tensor.__array__'s signature."""
+    return torch.as_tensor(values).detach().float().cpu().numpy()
+
+
 def heatmap(
     values: Union[Tensor, Sequence[Sequence[float]]],
     path: Optional[Union[str, Path]] = None,
@@ -34,8 +39,7 @@ def heatmap(
     returned either way, so notebooks can display it.
     """
     plt = _pyplot()
-    # matplotlib gets a NumPy array: handing it a Tensor makes NumPy 2 warn about Tensor.__array__'s signature.
-    data = torch.as_tensor(values).detach().float().cpu().numpy()
+    data = _as_array(values)
     if data.ndim != 2:
         raise ValueError(f"heatmap takes a 2-D tensor [rows, cols], got shape {tuple(data.shape)}")
     rows, cols = data.shape
@@ -62,9 +66,8 @@ def line(values: Tensor, path: Optional[Union[str, Path]] = None, title: str = "
          y_title: str = ""):
     """A simple line plot of a 1-D tensor (e.g. loss by position)."""
     plt = _pyplot()
-    data = torch.as_tensor(values).detach().float().cpu()
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(data.numpy())
+    ax.plot(_as_array(values))
     ax.set_xlabel(x_title)
     ax.set_ylabel(y_title)
     ax.set_title(title)
