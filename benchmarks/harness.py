@@ -98,6 +98,8 @@ class Case:
     warmup: Optional[int] = None
     repeats: Optional[int] = None
     note: str = ""
+    # Called after timing, for notes that depend on what the run measured (e.g. peak memory); appended to `note`.
+    note_fn: Optional[Callable[[], str]] = None
 
 
 @dataclass
@@ -226,13 +228,16 @@ def run_workload(w: Workload, ctx: Context, log: Callable[[str], None] = print) 
         spread = f", min {min(samples[name]) * 1e3:.1f} max {max(samples[name]) * 1e3:.1f}" if repeats > 1 else ""
         log(f"  time  {w.name} {name}: {times[name] * 1e3:.1f} ms (median of {repeats}{spread})")
 
+    note = "; ".join(part for part in (case.note, case.note_fn() if case.note_fn else "") if part)
+    if note:
+        log(f"  note  {w.name}: {note}")
     records = []
     for ref in w.references:
         ok, diff = checks[ref]
         records.append(Record(
             workload=w.name, shape=case.shape, dtype=ctx.dtype_name, hooklens_s=times[HOOKLENS], reference=ref,
             reference_s=times[ref], ratio=times[ref] / times[HOOKLENS], checked=ok, max_abs_diff=diff,
-            hooklens_min_s=min(samples[HOOKLENS]), reference_min_s=min(samples[ref]), repeats=repeats, note=case.note,
+            hooklens_min_s=min(samples[HOOKLENS]), reference_min_s=min(samples[ref]), repeats=repeats, note=note,
         ))
     return records
 
@@ -250,7 +255,14 @@ def device_slug(device: str) -> str:
 
 
 def git_commit(root: Path = REPO_ROOT) -> Optional[str]:
-    """`git rev-parse --short HEAD`, plus "-dirty" if tracked or untracked files differ from it."""
+    """`git rev-parse --short HEAD`, plus "-dirty" if tracked or untracked files differ from it.
+
+    Without a git checkout (a copied working tree on a GPU machine) the environment variable HOOKLENS_COMMIT,
+    set by whoever copied the tree (`benchmarks/gpu_session.sh` passes it through), names the commit."""
+    import os
+
+    if os.environ.get("HOOKLENS_COMMIT"):
+        return os.environ["HOOKLENS_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()

@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (the check call counts as one)")
     parser.add_argument("--patch-positions", type=int, default=None, help="positions per layer in patching_loop")
     parser.add_argument("--patch-repeats", type=int, default=None, help="timed calls of patching_loop")
+    parser.add_argument("--streamed-rows", type=int, default=9901,
+                        help="rows of 101 tokens in induction_scores_streamed (default 9901: 1,000,001 tokens)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--timer", default="wall", choices=["wall", "cpu"],
                         help="wall: perf_counter (default). cpu: thread CPU time with 1 torch thread, for a CPU run on "
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         options={"patch_positions": args.patch_positions or defaults["patch_positions"]},
     )
+    ctx.options["streamed_rows"] = args.streamed_rows
     ctx.options["patch_repeats"] = args.patch_repeats or min(ctx.repeats, defaults["patch_repeats"])
     print(f"device {harness.device_slug(device)} ({torch.get_num_threads()} CPU threads), dtype {ctx.dtype_name}, "
           f"batch {ctx.batch} x seq {ctx.seq}, warmup {ctx.warmup}, repeats {ctx.repeats}, timer {args.timer}")

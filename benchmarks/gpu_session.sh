@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# One GPU session on a bare CUDA machine (issue 7): install hooklens against the machine's own torch/triton,
+# build the C++ extension, run the test suite with CUDA visible, then the benchmark harness.
+#
+#   HOOKLENS_COMMIT=$(git rev-parse --short HEAD) OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]
+#
+# PHASE is any of: setup, tests, kernels, and the benchmark groups attention, bf16, core, sweeps, circuits (below)
+# (default: all, in that order; `setup` always runs first). A 10-minute device call holds setup + about two
+# phases, so a whole session is e.g. `kernels tests`, then `attention bf16 core`, then `sweeps circuits`. Everything is written under $OUT (default /tmp/hooklens-gpu):
+#   setup.log, tests.log, kernels.log, bench.log, summary.txt and results.tar.gz (the benchmark .json/.md files)
+# The machine has no network: Python packages missing from its image (TransformerLens 3.9 and the parts of its
+# dependency tree the image lacks) travel as wheels in .whl/ (see benchmarks/NOTES.md for the download command)
+# and are installed with --no-index into /tmp/site. Each phase runs under `timeout` so one hang cannot eat the
+# lease; the per-phase limits below fit a 10-minute device call when the phases are split over two calls.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/hooklens-gpu}
+RES=/tmp/hooklens-gpu-results  # tarred into $OUT/results.tar.gz (the device tool returns at most 8 files)
+rm -rf "$RES"; mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1 HOOKLENS_COMMIT=${HOOKLENS_COMMIT:-unknown}
+PY=${PYTHON:-python3}
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(kernels tests attention bf16 core sweeps circuits)
+stamp() { date -u +%H:%M:%S; }
+summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+run_setup() {
+  {
+    echo "== $(date -u) commit $HOOKLENS_COMMIT"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
+    if compgen -G ".whl/*.whl" >/dev/null; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    fi
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    rm -rf build hooklens/_C*.so
+    time MAX_JOBS=8 $PY -m pip install -q --no-build-isolation --no-deps -e .
+    $PY - <<'EOF'
+import torch, triton, transformers
+import hooklens, hooklens.ops
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
+      "transformers", transformers.__version__, "device", torch.cuda.get_device_name())
+print("hooklens C++ extension loaded:", hooklens.ops.extension_available())
+try:
+    import transformer_lens
+    print("transformer_lens", transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "ok")
+except Exception as e:  # the benchmarks' TL references and the parity tests need it
+    print("transformer_lens import FAILED:", type(e).__name__, e)
+EOF
+  } >"$OUT/setup.log" 2>&1
+  local rc=$?
+  summary "[$(stamp)] setup rc=$rc: $(grep -E '^torch |extension loaded|transformer_lens' "$OUT/setup.log" | tr '\n' ' ')"
+}
+
+run_tests() {
+  # The whole suite with CUDA visible: the kernel / attention-backend / head-score tests run on the GPU, the rest
+  # on the CPU as in CI. 8 workers (16 cores); one test may take at most 240 s.
+  timeout ${TESTS_LIMIT:-330} $PY -m pytest -q -n 8 --dist loadfile --timeout 240 -p no:cacheprovider \
+    >"$OUT/tests.log" 2>&1
+  summary "[$(stamp)] tests rc=$?: $(tail -1 "$OUT/tests.log")"
+}
+
+run_kernels() {
+  # The GPU-only tests once more, serially and verbose (their names and times), and the large-T shapes.
+  timeout ${KERNELS_LIMIT:-150} $PY -m pytest -q --durations=15 -p no:cacheprovider \
+    tests/test_kernels.py tests/test_attention_backend.py tests/test_head_scores.py >"$OUT/kernels.log" 2>&1
+  summary "[$(stamp)] kernel tests rc=$?: $(tail -1 "$OUT/kernels.log")"
+}
+
+# Benchmark groups: one run.py call each (each writes its own result files, so a group cut short by its time
+# limit loses only itself). GPT-2 small shape, batch 8 x 1024 (the CUDA defaults) unless the workload fixes its own.
+declare -A GROUP=(
+  [core]="forward,run_with_cache_all,run_with_cache_patterns,patching_loop"
+  [attention]="pattern_attention_kernel,flash_attention_kernel,run_with_cache_vs_forward,induction_scores,induction_scores_streamed"
+  [circuits]="ov_eigenvalues,full_ov_eigenvalues,ov_svd,composition_scores,kcomp_top1"
+  [sweeps]="ioi_resid_pre_sweep,head_out_all_pos_sweep,head_out_by_pos_sweep"
+  [bf16]="forward,pattern_attention_kernel,flash_attention_kernel,run_with_cache_vs_forward"
+)
+run_bench() {  # $1: group name
+  local dtype=float32
+  [ "$1" = bf16 ] && dtype=bfloat16
+  timeout ${BENCH_LIMIT:-240} $PY benchmarks/run.py --device cuda --dtype $dtype --workloads "${GROUP[$1]}" \
+    --out "$RES/$1" >>"$OUT/bench.log" 2>&1
+  summary "[$(stamp)] bench $1 ($dtype) rc=$?"
+}
+
+run_setup
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+for phase in "${phases[@]}"; do
+  case "$phase" in
+    setup) ;;
+    tests) run_tests ;;
+    kernels) run_kernels ;;
+    core|attention|circuits|sweeps|bf16) run_bench "$phase" ;;
+    *) summary "unknown phase $phase" ;;
+  esac
+  tar czf "$OUT/results.tar.gz" -C "$RES" .  # after every phase: what finished comes back even if a later one is cut
+done
+grep -h -A40 "^| workload" "$RES"/*/*.md 2>/dev/null | grep "^|" || true
+cat "$OUT/summary.txt"
