@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from core import within_tolerance
 from harness import Case, Context, WorkloadSkipped, workload
 
 
@@ -83,8 +84,8 @@ def run_with_cache_vs_forward(ctx: Context) -> Case:
     tokens = ctx.get("tokens", lambda: models.random_tokens(ctx, ctx.batch, ctx.seq))
 
     def check(ours, reference) -> Tuple[bool, float]:
-        diff = float((ours[0].float() - reference.float()).abs().max())
-        return diff < 1e-3, diff
+        # Different attention kernels (pattern-emitting vs flash): logits agree to the dtype's rounding.
+        return within_tolerance(ours[0], reference, ctx.dtype)
 
     return Case(impls={"hooklens": lambda: model.run_with_cache(tokens), "unhooked_forward": lambda: model(tokens)},
                 check=check, shape=f"{ctx.batch}x{ctx.seq}")
