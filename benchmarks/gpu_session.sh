@@ -4,7 +4,7 @@
 #
 #   HOOKLENS_COMMIT=$(git rev-parse --short HEAD) OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]
 #
-# PHASE is any of: setup, tests, kernels, and the benchmark groups attention, bf16, core, sweeps, circuits (below)
+# PHASE is any of: setup, tests, kernels, tune (tune_attention.py), and the benchmark groups attention, bf16, core, sweeps, circuits (below)
 # (default: all, in that order; `setup` always runs first). A 10-minute device call holds setup + about two
 # phases, so a whole session is e.g. `kernels tests`, then `attention bf16 core`, then `sweeps circuits`. Everything is written under $OUT (default /tmp/hooklens-gpu):
 #   setup.log, tests.log, kernels.log, bench.log, summary.txt and results.tar.gz (the benchmark .json/.md files)
@@ -53,10 +53,20 @@ EOF
 
 run_tests() {
   # The whole suite with CUDA visible: the kernel / attention-backend / head-score tests run on the GPU, the rest
-  # on the CPU as in CI. 8 workers (16 cores); one test may take at most 240 s.
-  timeout ${TESTS_LIMIT:-330} $PY -m pytest -q -n 8 --dist loadfile --timeout 240 -p no:cacheprovider \
+  # on the CPU as in CI (tests/conftest.py pins the default device). 15 workers with one thread each; -v so that
+  # the per-test lines survive a cut: the summary counts them.
+  OMP_NUM_THREADS=1 timeout ${TESTS_LIMIT:-330} $PY -m pytest -v -n 15 --tb=short --timeout 240 -p no:cacheprovider \
     >"$OUT/tests.log" 2>&1
-  summary "[$(stamp)] tests rc=$?: $(tail -1 "$OUT/tests.log")"
+  local rc=$?
+  summary "[$(stamp)] tests rc=$rc: $(grep -c ' PASSED ' "$OUT/tests.log") passed, $(grep -c ' FAILED ' "$OUT/tests.log") \
+failed, $(grep -c ' SKIPPED ' "$OUT/tests.log") skipped; $(tail -1 "$OUT/tests.log")"
+  grep ' FAILED ' "$OUT/tests.log" | sed 's/.* FAILED //' | sort -u | head -40 | tee -a "$OUT/summary.txt"
+}
+
+run_tune() {  # block / warp / stage sweep of the Triton kernels (benchmarks/tune_attention.py)
+  timeout ${TUNE_LIMIT:-300} $PY benchmarks/tune_attention.py --dtypes "${TUNE_DTYPES:-float32,bfloat16}" \
+    --out "$RES/tune" >"$OUT/tune.log" 2>&1
+  summary "[$(stamp)] tune rc=$?"
 }
 
 run_kernels() {
@@ -90,6 +100,7 @@ for phase in "${phases[@]}"; do
     setup) ;;
     tests) run_tests ;;
     kernels) run_kernels ;;
+    tune) run_tune ;;
     core|attention|circuits|sweeps|bf16) run_bench "$phase" ;;
     *) summary "unknown phase $phase" ;;
   esac

@@ -13,6 +13,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
+def default_device() -> str:
+    """Where a model goes when no device is given: "cuda" when PyTorch sees a GPU, else "cpu" (TL 3.9's rule)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "solu_ln")
 SUPPORTED_NORMALIZATION = ("LN", "LNPre", None)
 
@@ -124,7 +129,7 @@ class HookedTransformerConfig:
         if self.default_prepend_bos not in (True, False):
             raise ValueError(f"default_prepend_bos must be True or False, got {self.default_prepend_bos!r}")
         if self.device is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = default_device()
         if isinstance(self.dtype, str):
             self.dtype = getattr(torch, self.dtype)
         self.n_params = self.n_layers * (self.d_model * self.d_head * self.n_heads * 4)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from hooklens import config as hooklens_config
 from hooklens import tokenizer as tok
 from hooklens.config import HookedTransformerConfig, config_from_hf
 
@@ -422,7 +423,7 @@ def load_pretrained(
     else:
         cfg = config_from_hf(hf_config, dtype=dtype, model_name=name)
     cfg.default_prepend_bos = default_prepend_bos
-    cfg.device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.device = str(device) if device is not None else hooklens_config.default_device()
     for key, value in config_overrides.items():
         if not hasattr(cfg, key):
             raise TypeError(f"from_pretrained got an unknown argument {key!r}.")
