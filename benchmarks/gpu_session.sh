@@ -66,14 +66,16 @@ failed, $(grep -c ' SKIPPED ' "$OUT/tests.log") skipped; $(tail -1 "$OUT/tests.l
 run_tune() {  # block / warp / stage sweep of the Triton kernels (benchmarks/tune_attention.py)
   timeout ${TUNE_LIMIT:-300} $PY benchmarks/tune_attention.py --dtypes "${TUNE_DTYPES:-float32,bfloat16}" \
     --out "$RES/tune" >"$OUT/tune.log" 2>&1
-  summary "[$(stamp)] tune rc=$?"
+  local rc=$?
+  summary "[$(stamp)] tune rc=$rc (124: cut by its time limit)"
 }
 
 run_kernels() {
   # The GPU-only tests once more, serially and verbose (their names and times), and the large-T shapes.
   timeout ${KERNELS_LIMIT:-150} $PY -m pytest -q --durations=15 -p no:cacheprovider \
     tests/test_kernels.py tests/test_attention_backend.py tests/test_head_scores.py >"$OUT/kernels.log" 2>&1
-  summary "[$(stamp)] kernel tests rc=$?: $(tail -1 "$OUT/kernels.log")"
+  local rc=$?  # saved first: $(stamp) below would reset $?
+  summary "[$(stamp)] kernel tests rc=$rc: $(tail -1 "$OUT/kernels.log")"
 }
 
 # Benchmark groups: one run.py call each (each writes its own result files, so a group cut short by its time
@@ -90,7 +92,8 @@ run_bench() {  # $1: group name
   [ "$1" = bf16 ] && dtype=bfloat16
   timeout ${BENCH_LIMIT:-240} $PY benchmarks/run.py --device cuda --dtype $dtype --workloads "${GROUP[$1]}" \
     --out "$RES/$1" >>"$OUT/bench.log" 2>&1
-  summary "[$(stamp)] bench $1 ($dtype) rc=$?"
+  local rc=$?
+  summary "[$(stamp)] bench $1 ($dtype) rc=$rc (124: cut by its time limit; run.py writes its files only at the end)"
 }
 
 run_setup

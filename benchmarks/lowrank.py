@@ -22,7 +22,7 @@ def _copying(eigenvalues: torch.Tensor) -> torch.Tensor:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-3) -> Tuple[bool, float]:
-    diff = float((a.double() - b.double()).abs().max())
+    diff = float((a.detach().cpu().double() - b.detach().cpu().double()).abs().max())
     return diff <= atol, diff
 
 
@@ -68,7 +68,8 @@ def composition_scores(ctx: Context) -> Case:
 def _top_1_acc(full_circuit: Any, batch_size: int = 1000) -> float:
     """The demo's loop: for each chunk of rows, is the diagonal entry the row's argmax?"""
     total = 0
-    for indices in torch.split(torch.arange(full_circuit.shape[-2]), batch_size):
+    device = full_circuit.A.device  # the demo ran on CPU; on CUDA the indices must live beside the circuit
+    for indices in torch.split(torch.arange(full_circuit.shape[-2], device=device), batch_size):
         total += (full_circuit[indices].AB.argmax(dim=-1) == indices).float().sum().item()
     return total / full_circuit.shape[-2]
 
@@ -85,7 +86,7 @@ def kcomp_top1(ctx: Context) -> Case:
 
     def run_hooklens():
         circuit = _kcomp_circuit(hl)
-        return (circuit.argmax(-1) == torch.arange(circuit.ldim)).sum() / circuit.ldim
+        return (circuit.argmax(-1) == torch.arange(circuit.ldim, device=circuit.A.device)).sum() / circuit.ldim
 
     return Case(impls={"hooklens": run_hooklens, "transformer_lens": lambda: torch.tensor(_top_1_acc(_kcomp_circuit(tl)))},
                 check=lambda a, b: _close(a, b, atol=1e-4), shape="50257 rows x 50257", warmup=0, repeats=1)

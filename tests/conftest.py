@@ -13,21 +13,31 @@ from typing import Dict
 import pytest
 import torch
 
-# Where models built without an explicit device go during tests. hooklens (like TL 3.9) defaults to "cuda" when
-# PyTorch sees a GPU; the suite's references (HF models, TL twins, hand-written loops) are built on the CPU, so on a
+# Where models built without an explicit device go during tests (hooklens's and TL's). Both libraries default to
+# "cuda" when PyTorch sees a GPU; the suite's references (HF models, TL twins, hand-written loops) are built on the CPU, so on a
 # GPU machine the default is pinned to the CPU as in CI. Tests of CUDA paths ask for "cuda" explicitly (the kernel,
 # attention-backend and head-score tests). HOOKLENS_TEST_DEVICE=cuda lifts the pin (exploration only: CPU-built
 # references then meet CUDA models).
 TEST_DEFAULT_DEVICE = os.environ.get("HOOKLENS_TEST_DEVICE", "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _pin_default_device(monkeypatch):
-    if TEST_DEFAULT_DEVICE != "cuda":
-        import hooklens.config
+@pytest.fixture(autouse=True, scope="session")
+def _pin_default_device():
+    # Session scope: module- and session-scoped model fixtures are built before any function-scoped fixture runs.
+    if TEST_DEFAULT_DEVICE == "cuda":
+        yield
+        return
+    import hooklens.config
 
-        monkeypatch.setattr(hooklens.config, "default_device", lambda: TEST_DEFAULT_DEVICE)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hooklens.config, "default_device", lambda: TEST_DEFAULT_DEVICE)
+        try:  # TL 3.9's configs pick "cuda" the same way; its models are references here, so they stay beside ours
+            import transformer_lens.config.hooked_transformer_config as tl_config
+        except ImportError:
+            pass
+        else:
+            patch.setattr(tl_config, "get_device", lambda: TEST_DEFAULT_DEVICE)
+        yield
 
 
 # Tolerances per dtype for comparisons against a reference computed in the same dtype.

@@ -97,7 +97,8 @@ def test_backend_context_manager_nests_and_validates():
 
 
 def test_import_hooklens_does_not_import_triton():
-    # hooklens's own code must not import Triton (or hooklens.kernels) on import or on a CPU forward. A dependency
+    # hooklens's own code must not import Triton (or hooklens.kernels) on import or on a CPU forward (the model is
+    # put on the CPU explicitly: on a GPU machine the default device is CUDA, where the kernels are meant to run). A dependency
     # may (on a CUDA machine, torch 2.11 + transformers 5.17 did), so the check records which file issued each
     # import of triton and fails only when that file belongs to hooklens.
     code = (
@@ -112,7 +113,8 @@ def test_import_hooklens_does_not_import_triton():
         "sys.meta_path.insert(0, Spy())\n"
         "import hooklens\n"
         "from hooklens import HookedTransformer, HookedTransformerConfig\n"
-        "cfg = HookedTransformerConfig(n_layers=1, d_model=32, d_head=8, n_ctx=16, d_vocab=11, act_fn='relu')\n"
+        "cfg = HookedTransformerConfig(n_layers=1, d_model=32, d_head=8, n_ctx=16, d_vocab=11, act_fn='relu',\n"
+        "                              device='cpu')\n"
         "m = HookedTransformer(cfg)\n"
         "m(torch.zeros(1, 5, dtype=torch.long)); m.run_with_cache(torch.zeros(1, 5, dtype=torch.long))\n"
         "package = os.path.dirname(hooklens.__file__)\n"
