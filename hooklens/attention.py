@@ -11,15 +11,21 @@ Backend (`with hooklens.attention_backend("auto" | "triton" | "torch"):`, a cont
   or CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1 set before the kernels are first imported;
   this is how CI tests the kernels). Inputs the kernels cannot take (float64, d_head > 128, CPU without the
   interpreter, Triton not installed) raise an error saying so.
-* "auto": "triton" for CUDA tensors of a supported dtype / d_head when Triton imports, "torch" otherwise.
+* "auto": "triton" for CUDA tensors of a supported dtype / d_head when Triton imports, "torch" otherwise, except
+  for attention nothing reads the pattern of: that runs PyTorch's `scaled_dot_product_attention` on every device.
+  On an H100 SDPA (FlashAttention-2 / cuDNN kernels) was faster than hooklens's Triton flash kernel for GPT-2
+  small at 8 x 1024 (bf16 50 us vs 64-94 us per layer, float32 0.5 ms vs 1.9 ms; `benchmarks/NOTES.md`), so the
+  flash kernel runs only when asked for with "triton".
 
 What runs (`attend`):
 
 | active hooks / request                  | torch backend                       | triton backend                   |
 |-----------------------------------------|-------------------------------------|----------------------------------|
-| nothing on attn_scores / pattern        | `sdpa_attention` (no pattern)       | `flash_attention` kernel         |
+| nothing on attn_scores / pattern        | `sdpa_attention` (no pattern)       | `flash_attention` kernel (*)     |
 | any hook there (caching or user)        | `reference_attention` (TL's eager)  | `pattern_attention` kernel+hooks |
 | `pattern_stats(...)` (head_scores)      | reference + pattern line sums       | `attention_stats` kernel         |
+
+(*) "auto" runs `sdpa_attention` here (see above); `pattern_stats` still uses the kernel, which SDPA cannot replace.
 
 Triton path with hooks (`triton_pattern_attention`): one fused kernel writes `pattern` (and `attn_scores` when
 that hook point has hooks) and `z`. Then `hook_attn_scores` runs on the scores tensor; if a hook returned a
@@ -441,4 +447,6 @@ def attend(
         z, pattern = _reference_with_pattern(attn, q, k, v, pos_offset, attention_mask)
         stats.add(attn.layer_id, pattern_line_sums(pattern.detach(), stats.specs), from_kernel=False)
         return z
+    if _backend.get() == "auto":  # SDPA beat the flash kernel on an H100 (module docstring)
+        return sdpa_attention(attn, q, k, v, pos_offset, attention_mask)
     return triton_flash_attention(attn, q, k, v, pos_offset, attention_mask)

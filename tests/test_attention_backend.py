@@ -218,6 +218,27 @@ def test_no_pattern_hooks_runs_flash(model, tokens, monkeypatch):
     assert flash.calls == model.cfg.n_layers and fused.calls == 0
 
 
+def test_auto_runs_sdpa_when_no_hook_reads_the_pattern(model, tokens, monkeypatch):
+    # The policy on CUDA, checked on any device by pretending the kernels apply: un-hooked attention goes to SDPA
+    # under "auto" and to the flash kernel only under "triton"; a pattern hook still gets the fused kernel.
+    monkeypatch.setattr(A, "uses_triton", lambda device, dtype, d_head: True)
+    sdpa = Counter(monkeypatch, A, "sdpa_attention")
+    flash_calls = []
+    monkeypatch.setattr(A, "triton_flash_attention", lambda *args: flash_calls.append(1) or args[1].clone())
+    fused_calls = []
+    monkeypatch.setattr(A, "triton_pattern_attention",
+                        lambda attn, q, k, v, *rest: fused_calls.append(1) or A._reference_with_pattern(attn, q, k, v,
+                                                                                                       *rest))
+    with torch.no_grad():
+        model(tokens)
+        assert sdpa.calls == model.cfg.n_layers and not flash_calls
+        with attention_backend("triton"):
+            model(tokens)
+        assert sdpa.calls == model.cfg.n_layers and len(flash_calls) == model.cfg.n_layers
+        model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+        assert len(fused_calls) == model.cfg.n_layers and sdpa.calls == model.cfg.n_layers
+
+
 @needs_kernels
 def test_cache_holds_the_kernels_buffers(model, tokens, monkeypatch):
     """Zero-copy handoff: the cached pattern / scores are the very tensors the fused kernel wrote."""

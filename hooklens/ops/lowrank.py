@@ -225,8 +225,21 @@ def eigvals(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> torch
     """
     _check("hooklens.ops.eigvals", A, B, square=True)
     if _use_cpp(backend, "hooklens.ops.eigvals", A, B):
+        if A.device.type == "cuda":
+            return _eigvals_on_host(B.to(torch.float64) @ A.to(torch.float64), _complex_of(A.dtype))
         return torch.ops.hooklens.lowrank_eigvals(A, B)
     return _eigvals_torch(A, B)
+
+
+def _eigvals_on_host(C: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Eigenvalues of the small square matrices ``C`` (float64, any device) with the C++ CPU solver, returned on
+    ``C``'s device. For CUDA tensors: torch.linalg.eigvals on CUDA runs a hybrid MAGMA solver one matrix at a time
+    (it synchronizes too), which took ~500 ms for GPT-2 small's 144 OV cores (64 x 64) on an H100; copying the
+    4.7 MB of cores to the host and running the batched CPU solver is the faster route
+    (`benchmarks/results/2026-11-22-h100/call3-bench.log`: hooklens 503 ms vs TL 616 ms before this change).
+    The copy is one transfer per call, not per matrix."""
+    ev = torch.ops.hooklens.small_eigvals(C.to("cpu", torch.float64), "auto")  # complex128 [..., k]
+    return ev.to(device=C.device, dtype=out_dtype)
 
 
 SOLVERS = ("auto", "lanes", "scalar", "lapack")
@@ -237,8 +250,9 @@ def small_eigvals(C: torch.Tensor, *, solver: str = "auto", backend: str = "auto
     (descending magnitude, ties by descending imaginary part); complex64 for float32 ``C``, computed in float64.
 
     ``solver`` picks the C++ CPU solver: ``"auto"`` (the SIMD-lane solver where the CPU has AVX2 + FMA, else
-    the scalar one; LAPACK for ``k > 128``), ``"lanes"``, ``"scalar"`` or ``"lapack"`` (torch.linalg). Off
-    the CPU, and with ``backend="torch"``, torch.linalg computes them. A matrix with a NaN or inf entry gets
+    the scalar one; LAPACK for ``k > 128``), ``"lanes"``, ``"scalar"`` or ``"lapack"`` (torch.linalg). CUDA
+    matrices are copied to the host for the CPU solver (except with ``"lapack"``) and the eigenvalues copied
+    back; with ``backend="torch"``, torch.linalg computes them on the matrices' device. A matrix with a NaN or inf entry gets
     all-NaN eigenvalues. Differentiable (the backward pass recomputes with torch.linalg).
     """
     name = "hooklens.ops.small_eigvals"
@@ -251,6 +265,8 @@ def small_eigvals(C: torch.Tensor, *, solver: str = "auto", backend: str = "auto
     if solver not in SOLVERS:
         raise ValueError(f"{name}: solver must be one of {SOLVERS}, got {solver!r}")
     if _use_cpp(backend, name, C, C):
+        if C.device.type == "cuda" and solver != "lapack":
+            return _eigvals_on_host(C.to(torch.float64), _complex_of(C.dtype))
         return torch.ops.hooklens.small_eigvals(C, solver)
     return _small_eigvals_torch(C)
 
