@@ -392,11 +392,12 @@ class PatternStats:
         for spec in specs:
             line_entries(torch.zeros(1, 1, 1, 1), spec)  # validate
         self.specs: List[StatSpec] = [(str(kind), int(value)) for kind, value in specs]
-        self.sums: Dict[int, Tensor] = {}  # layer -> float64 [n_stats, h] on CPU
+        self.sums: Dict[int, Tensor] = {}  # layer -> float64 [n_stats, h] on the activations' device
         self.from_kernel: Dict[int, bool] = {}  # layer -> whether the in-kernel statistics produced it
 
     def add(self, layer: int, sums: Tensor, from_kernel: bool) -> None:
-        sums = sums.detach().double().cpu()
+        # Kept on the device: a copy to the host here would synchronize once per layer inside the forward.
+        sums = sums.detach().double()
         self.sums[layer] = self.sums[layer] + sums if layer in self.sums else sums
         self.from_kernel[layer] = from_kernel
 

@@ -95,10 +95,11 @@ def head_scores(
     cfg = model.cfg
     param = next(model.parameters())
     use_triton = uses_triton(param.device, param.dtype, cfg.d_head)
-    sums = torch.zeros(cfg.n_layers, len(specs), cfg.n_heads, dtype=torch.float64)
+    # Accumulated on the model's device and read once at the end (no synchronization per layer or chunk).
+    sums = torch.zeros(cfg.n_layers, len(specs), cfg.n_heads, dtype=torch.float64, device=param.device)
 
     def save_sums(pattern: Tensor, hook) -> None:
-        sums[hook.layer()] += pattern_line_sums(pattern.detach(), specs).cpu()
+        sums[hook.layer()] += pattern_line_sums(pattern.detach(), specs)
 
     from tqdm.auto import tqdm
 
@@ -116,5 +117,5 @@ def head_scores(
                     model(chunk, return_type=None)
 
     counts = torch.tensor([line_length(spec, length, length) for spec in specs], dtype=torch.float64) * n_rows
-    means = (sums / counts[None, :, None]).to(torch.float32)  # [layers, kinds, heads]
+    means = (sums.cpu() / counts[None, :, None]).to(torch.float32)  # [layers, kinds, heads]
     return {kind: means[:, i].clone() for i, kind in enumerate(kinds)}
