@@ -4,14 +4,21 @@
 #
 #   HOOKLENS_COMMIT=$(git rev-parse --short HEAD) OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]
 #
-# PHASE is any of: setup, tests, kernels, tune (tune_attention.py), and the benchmark groups attention, bf16, core, sweeps, circuits (below)
-# (default: all, in that order; `setup` always runs first). A 10-minute device call holds setup + about two
-# phases, so a whole session is e.g. `kernels tests`, then `attention bf16 core`, then `sweeps circuits`. Everything is written under $OUT (default /tmp/hooklens-gpu):
-#   setup.log, tests.log, kernels.log, bench.log, summary.txt and results.tar.gz (the benchmark .json/.md files)
+# PHASE is any of: setup, tests, kernels, tune (tune_attention.py), and the benchmark groups attention, bf16, core,
+# sweeps, circuits (below); default: all of them in that order. `setup` (install + C++ build, ~65 s on an H100
+# machine) always runs first. Phase times seen on an H100 (2026-11-22): kernels 120 s, tests 82 s (-n 15), tune
+# (bf16 only) ~60 s, attention 63 s, bf16 24 s, core 75 s; sweeps needs ~200 s (TL's 2160 forwards in
+# head_out_by_pos), circuits ~120 s. A device call runs at most 10 minutes, so a session is two calls:
+#   bash benchmarks/gpu_session.sh kernels tests tune           # ~7.5 min
+#   bash benchmarks/gpu_session.sh attention bf16 core sweeps circuits   # ~9.5 min
+# Everything is written under $OUT (default /tmp/hooklens-gpu): setup.log, tests.log, kernels.log, tune.log,
+# bench.log, summary.txt and results.tar.gz (the benchmark .json/.md files and tune-attention.json).
 # The machine has no network: Python packages missing from its image (TransformerLens 3.9 and the parts of its
 # dependency tree the image lacks) travel as wheels in .whl/ (see benchmarks/NOTES.md for the download command)
-# and are installed with --no-index into /tmp/site. Each phase runs under `timeout` so one hang cannot eat the
-# lease; the per-phase limits below fit a 10-minute device call when the phases are split over two calls.
+# and are installed with --no-index into /tmp/site. Each phase runs under `timeout` (limits below, each
+# overridable: TESTS_LIMIT, KERNELS_LIMIT, TUNE_LIMIT, BENCH_LIMIT for every benchmark group) so one hang cannot eat
+# the lease; a benchmark group cut by its limit loses its result files (run.py writes them at the end) but not
+# its log lines in bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/hooklens-gpu}
@@ -20,7 +27,7 @@ rm -rf "$RES"; mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 HOOKLENS_COMMIT=${HOOKLENS_COMMIT:-unknown}
 PY=${PYTHON:-python3}
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(kernels tests attention bf16 core sweeps circuits)
+[ ${#phases[@]} -eq 0 ] && phases=(kernels tests tune attention bf16 core sweeps circuits)
 stamp() { date -u +%H:%M:%S; }
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
@@ -55,7 +62,7 @@ run_tests() {
   # The whole suite with CUDA visible: the kernel / attention-backend / head-score tests run on the GPU, the rest
   # on the CPU as in CI (tests/conftest.py pins the default device). 15 workers with one thread each; -v so that
   # the per-test lines survive a cut: the summary counts them.
-  OMP_NUM_THREADS=1 timeout ${TESTS_LIMIT:-330} $PY -m pytest -v -n 15 --tb=short --timeout 240 -p no:cacheprovider \
+  OMP_NUM_THREADS=1 timeout ${TESTS_LIMIT:-200} $PY -m pytest -v -n 15 --tb=short --timeout 240 -p no:cacheprovider \
     >"$OUT/tests.log" 2>&1
   local rc=$?
   summary "[$(stamp)] tests rc=$rc: $(grep -c ' PASSED ' "$OUT/tests.log") passed, $(grep -c ' FAILED ' "$OUT/tests.log") \
@@ -64,7 +71,7 @@ failed, $(grep -c ' SKIPPED ' "$OUT/tests.log") skipped; $(tail -1 "$OUT/tests.l
 }
 
 run_tune() {  # block / warp / stage sweep of the Triton kernels (benchmarks/tune_attention.py)
-  timeout ${TUNE_LIMIT:-300} $PY benchmarks/tune_attention.py --dtypes "${TUNE_DTYPES:-float32,bfloat16}" \
+  timeout ${TUNE_LIMIT:-240} $PY benchmarks/tune_attention.py --dtypes "${TUNE_DTYPES:-float32,bfloat16}" \
     --out "$RES/tune" >"$OUT/tune.log" 2>&1
   local rc=$?
   summary "[$(stamp)] tune rc=$rc (124: cut by its time limit)"
@@ -72,7 +79,7 @@ run_tune() {  # block / warp / stage sweep of the Triton kernels (benchmarks/tun
 
 run_kernels() {
   # The GPU-only tests once more, serially and verbose (their names and times), and the large-T shapes.
-  timeout ${KERNELS_LIMIT:-150} $PY -m pytest -q --durations=15 -p no:cacheprovider \
+  timeout ${KERNELS_LIMIT:-180} $PY -m pytest -q --durations=15 -p no:cacheprovider \
     tests/test_kernels.py tests/test_attention_backend.py tests/test_head_scores.py >"$OUT/kernels.log" 2>&1
   local rc=$?  # saved first: $(stamp) below would reset $?
   summary "[$(stamp)] kernel tests rc=$rc: $(tail -1 "$OUT/kernels.log")"
@@ -87,10 +94,11 @@ declare -A GROUP=(
   [sweeps]="ioi_resid_pre_sweep,head_out_all_pos_sweep,head_out_by_pos_sweep"
   [bf16]="forward,pattern_attention_kernel,flash_attention_kernel,run_with_cache_vs_forward"
 )
+declare -A GROUP_LIMIT=([core]=120 [attention]=120 [bf16]=60 [sweeps]=220 [circuits]=150)
 run_bench() {  # $1: group name
   local dtype=float32
   [ "$1" = bf16 ] && dtype=bfloat16
-  timeout ${BENCH_LIMIT:-240} $PY benchmarks/run.py --device cuda --dtype $dtype --workloads "${GROUP[$1]}" \
+  timeout ${BENCH_LIMIT:-${GROUP_LIMIT[$1]}} $PY benchmarks/run.py --device cuda --dtype $dtype --workloads "${GROUP[$1]}" \
     --out "$RES/$1" >>"$OUT/bench.log" 2>&1
   local rc=$?
   summary "[$(stamp)] bench $1 ($dtype) rc=$rc (124: cut by its time limit; run.py writes its files only at the end)"
