@@ -671,6 +671,7 @@ def test_host_solver_route_for_cuda_matches_reference(dtype):
     B = torch.randn(4, 3, 8, 40, generator=gen, dtype=dtype)
     C = (B.double() @ A.double()).requires_grad_(True)
     got = L._eigvals_on_host(C, L._complex_of(dtype))
+    torch.testing.assert_close(L._eigvals_on_host(C.detach(), L._complex_of(dtype), "scalar"), got.detach())
     assert got.dtype == L._complex_of(dtype) and got.shape == (4, 3, 8) and got.device == A.device
     want = L._eigvals_torch(A, B)
     torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-5)

@@ -231,14 +231,14 @@ def eigvals(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> torch
     return _eigvals_torch(A, B)
 
 
-def _eigvals_on_host(C: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _eigvals_on_host(C: torch.Tensor, out_dtype: torch.dtype, solver: str = "auto") -> torch.Tensor:
     """Eigenvalues of the small square matrices ``C`` (float64, any device) with the C++ CPU solver, returned on
     ``C``'s device. For CUDA tensors: torch.linalg.eigvals on CUDA runs a hybrid MAGMA solver one matrix at a time
     (it synchronizes too), which took ~500 ms for GPT-2 small's 144 OV cores (64 x 64) on an H100; copying the
     4.7 MB of cores to the host and running the batched CPU solver is the faster route
     (`benchmarks/results/2026-11-22-h100/call3-bench.log`: hooklens 503 ms vs TL 616 ms before this change).
     The copy is one transfer per call, not per matrix."""
-    ev = torch.ops.hooklens.small_eigvals(C.to("cpu", torch.float64), "auto")  # complex128 [..., k]
+    ev = torch.ops.hooklens.small_eigvals(C.to("cpu", torch.float64), solver)  # complex128 [..., k]
     return ev.to(device=C.device, dtype=out_dtype)
 
 
@@ -266,7 +266,7 @@ def small_eigvals(C: torch.Tensor, *, solver: str = "auto", backend: str = "auto
         raise ValueError(f"{name}: solver must be one of {SOLVERS}, got {solver!r}")
     if _use_cpp(backend, name, C, C):
         if C.device.type == "cuda" and solver != "lapack":
-            return _eigvals_on_host(C.to(torch.float64), _complex_of(C.dtype))
+            return _eigvals_on_host(C.to(torch.float64), _complex_of(C.dtype), solver)
         return torch.ops.hooklens.small_eigvals(C, solver)
     return _small_eigvals_torch(C)
 
