@@ -4,12 +4,12 @@
 #
 #   HOOKLENS_COMMIT=$(git rev-parse --short HEAD) OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]
 #
-# PHASE is any of: setup, tests, kernels, tune (tune_attention.py), and the benchmark groups attention, bf16, core,
+# PHASE is any of: setup, tests, kernels, cpp_errors (check_cpp_errors.py), tune (tune_attention.py), and the benchmark groups attention, bf16, core,
 # sweeps, circuits (below); default: all of them in that order. `setup` (install + C++ build, ~65 s on an H100
 # machine) always runs first. Phase times seen on an H100 (2026-11-22): kernels 120 s, tests 82 s (-n 15), tune
 # (bf16 only) ~60 s, attention 63 s, bf16 24 s, core 75 s; sweeps needs ~200 s (TL's 2160 forwards in
 # head_out_by_pos), circuits ~120 s. A device call runs at most 10 minutes, so a session is two calls:
-#   bash benchmarks/gpu_session.sh kernels tests tune           # ~7.5 min
+#   bash benchmarks/gpu_session.sh kernels cpp_errors tests tune   # ~8 min
 #   bash benchmarks/gpu_session.sh attention bf16 core sweeps circuits   # ~9.5 min
 # Everything is written under $OUT (default /tmp/hooklens-gpu): setup.log, tests.log, kernels.log, tune.log,
 # bench.log, summary.txt and results.tar.gz (the benchmark .json/.md files and tune-attention.json).
@@ -27,7 +27,7 @@ rm -rf "$RES"; mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 HOOKLENS_COMMIT=${HOOKLENS_COMMIT:-unknown}
 PY=${PYTHON:-python3}
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(kernels tests tune attention bf16 core sweeps circuits)
+[ ${#phases[@]} -eq 0 ] && phases=(kernels cpp_errors tests tune attention bf16 core sweeps circuits)
 stamp() { date -u +%H:%M:%S; }
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
@@ -68,6 +68,12 @@ run_tests() {
   summary "[$(stamp)] tests rc=$rc: $(grep -c ' PASSED ' "$OUT/tests.log") passed, $(grep -c ' FAILED ' "$OUT/tests.log") \
 failed, $(grep -c ' SKIPPED ' "$OUT/tests.log") skipped; $(tail -1 "$OUT/tests.log")"
   grep ' FAILED ' "$OUT/tests.log" | sed 's/.* FAILED //' | sort -u | head -40 | tee -a "$OUT/summary.txt"
+}
+
+run_cpp_errors() {  # the device-build crash of the C++ operators' error paths (benchmarks/NOTES.md)
+  timeout 150 $PY benchmarks/check_cpp_errors.py >"$OUT/cpp_errors.log" 2>&1
+  local rc=$?
+  summary "[$(stamp)] cpp_errors rc=$rc (1: some bad-input call crashed the interpreter; see cpp_errors.log)"
 }
 
 run_tune() {  # block / warp / stage sweep of the Triton kernels (benchmarks/tune_attention.py)
@@ -112,6 +118,7 @@ for phase in "${phases[@]}"; do
     tests) run_tests ;;
     kernels) run_kernels ;;
     tune) run_tune ;;
+    cpp_errors) run_cpp_errors ;;
     core|attention|circuits|sweeps|bf16) run_bench "$phase" ;;
     *) summary "unknown phase $phase" ;;
   esac

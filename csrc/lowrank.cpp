@@ -50,7 +50,6 @@
 #include <tuple>
 #include <vector>
 
-#include "format.h"
 #include "small_eig_lanes.h"
 
 extern "C" {
@@ -85,10 +84,10 @@ constexpr int kMaxQRIterations = 60;  // per eigenvalue, before falling back to 
 std::vector<int64_t> check_factors(const char* op, const Tensor& A, const Tensor& B, bool square) {
   TORCH_CHECK(A.defined() && B.defined(), op, ": A and B must be defined tensors");
   TORCH_CHECK(A.dim() >= 2, op, ": A must have shape [..., m, k] (at least 2 dimensions), got shape ",
-              shape_str(A));
+              A.sizes());
   TORCH_CHECK(B.dim() >= 2, op, ": B must have shape [..., k, n] (at least 2 dimensions), got shape ",
-              shape_str(B));
-  TORCH_CHECK(A.device() == B.device(), op, ": A and B must be on the same device, got A on ", device_str(A),
+              B.sizes());
+  TORCH_CHECK(A.device() == B.device(), op, ": A and B must be on the same device, got A on ", A.device(),
               " and B on ", B.device());
   TORCH_CHECK(A.scalar_type() == B.scalar_type(), op, ": A and B must have the same dtype, got A ",
               A.scalar_type(), " and B ", B.scalar_type());
@@ -97,11 +96,11 @@ std::vector<int64_t> check_factors(const char* op, const Tensor& A, const Tensor
   TORCH_CHECK(A.layout() == at::kStrided && B.layout() == at::kStrided, op,
               ": only dense (strided) tensors are supported");
   TORCH_CHECK(A.size(-1) == B.size(-2), op, ": inner dimensions must match: A is [..., m, k] with shape ",
-              shape_str(A), " and B is [..., k, n] with shape ", shape_str(B), " (k = ", A.size(-1), " vs ",
+              A.sizes(), " and B is [..., k, n] with shape ", B.sizes(), " (k = ", A.size(-1), " vs ",
               B.size(-2), ")");
   if (square) {
-    TORCH_CHECK(A.size(-2) == B.size(-1), op, ": A @ B must be square (m == n): A has shape ", shape_str(A),
-                " and B has shape ", shape_str(B), " (m = ", A.size(-2), ", n = ", B.size(-1), ")");
+    TORCH_CHECK(A.size(-2) == B.size(-1), op, ": A @ B must be square (m == n): A has shape ", A.sizes(),
+                " and B has shape ", B.sizes(), " (m = ", A.size(-2), ", n = ", B.size(-1), ")");
   }
   // Broadcast the batch dimensions like torch.matmul, with an error that names the operands.
   const int64_t da = A.dim() - 2, db = B.dim() - 2, nd = std::max(da, db);
@@ -110,8 +109,8 @@ std::vector<int64_t> check_factors(const char* op, const Tensor& A, const Tensor
     const int64_t ia = i - (nd - da), ib = i - (nd - db);
     const int64_t sa = ia >= 0 ? A.size(ia) : 1, sb = ib >= 0 ? B.size(ib) : 1;
     TORCH_CHECK(sa == sb || sa == 1 || sb == 1, op,
-                ": the batch (leading) dimensions of A and B do not broadcast: A has shape ", shape_str(A),
-                " and B has shape ", shape_str(B));
+                ": the batch (leading) dimensions of A and B do not broadcast: A has shape ", A.sizes(),
+                " and B has shape ", B.sizes());
     batch[i] = sa == 1 ? sb : sa;
   }
   return batch;
@@ -483,7 +482,7 @@ void eigvals_small_cpu(const Tensor& C, Tensor& out, std::vector<char>& failed, 
 void check_square(const char* op, const Tensor& C) {
   TORCH_CHECK(C.defined(), op, ": C must be a defined tensor");
   TORCH_CHECK(C.dim() >= 2 && C.size(-1) == C.size(-2), op,
-              ": C must be a batch of square matrices [..., k, k], got shape ", shape_str(C));
+              ": C must be a batch of square matrices [..., k, k], got shape ", C.sizes());
   TORCH_CHECK(C.scalar_type() == at::kFloat || C.scalar_type() == at::kDouble, op,
               ": only float32 and float64 are supported, got ", C.scalar_type());
   TORCH_CHECK(C.layout() == at::kStrided, op, ": only dense (strided) tensors are supported");
@@ -739,7 +738,7 @@ std::tuple<std::vector<int64_t>, Tensor, Tensor> max_outputs(const Tensor& A, co
   const auto batch_shape = check_factors("hooklens::lowrank_max", A, B, /*square=*/false);
   const int64_t m = A.size(-2), n = B.size(-1);
   TORCH_CHECK(n > 0 || m == 0, "hooklens::lowrank_max: the maximum of an empty row (A @ B has 0 columns) "
-              "is not defined; shapes were A ", shape_str(A), ", B ", shape_str(B));
+              "is not defined; shapes were A ", A.sizes(), ", B ", B.sizes());
   std::vector<int64_t> out_shape(batch_shape);
   out_shape.push_back(m);
   return {batch_shape, at::empty(out_shape, A.options()), at::empty(out_shape, A.options().dtype(at::kLong))};

@@ -14,8 +14,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "format.h"
-
 #include <vector>
 
 namespace hooklens {
@@ -26,14 +24,14 @@ at::Tensor masked_patch_impl(const at::Tensor& act, const at::Tensor& clean, con
               mask.scalar_type());
   TORCH_CHECK(act.dim() >= 1 && act.dim() == clean.dim() && act.dim() == mask.dim(),
               "hooklens::masked_patch: act [n*b, ...], clean [b, ...] and mask [n, ...] need the same number of "
-              "dimensions, got ", shape_str(act), ", ", shape_str(clean), ", ", shape_str(mask));
+              "dimensions, got ", act.sizes(), ", ", clean.sizes(), ", ", mask.sizes());
   const int64_t n = mask.size(0);
   const int64_t b = clean.size(0);
   TORCH_CHECK(act.size(0) == n * b, "hooklens::masked_patch: act has ", act.size(0), " rows, expected n*b = ", n,
               "*", b, " = ", n * b);
   for (int64_t d = 1; d < act.dim(); ++d) {
     TORCH_CHECK(act.size(d) == clean.size(d) && act.size(d) == mask.size(d), "hooklens::masked_patch: dimension ",
-                d, " differs: act ", shape_str(act), ", clean ", shape_str(clean), ", mask ", shape_str(mask));
+                d, " differs: act ", act.sizes(), ", clean ", clean.sizes(), ", mask ", mask.sizes());
   }
   std::vector<int64_t> stacked{n, b};
   for (int64_t d = 1; d < act.dim(); ++d) stacked.push_back(act.size(d));

@@ -13,7 +13,7 @@ Backend (`with hooklens.attention_backend("auto" | "triton" | "torch"):`, a cont
   interpreter, Triton not installed) raise an error saying so.
 * "auto": "triton" for CUDA tensors of a supported dtype / d_head when Triton imports, "torch" otherwise, except
   for attention nothing reads the pattern of: that runs PyTorch's `scaled_dot_product_attention` on every device.
-  On an H100 SDPA (FlashAttention-2 / cuDNN kernels) was faster than hooklens's Triton flash kernel for GPT-2
+  On an H100 SDPA (PyTorch's fused attention kernels) was faster than hooklens's Triton flash kernel for GPT-2
   small at 8 x 1024 (bf16 50 us vs 64-94 us per layer, float32 0.5 ms vs 1.9 ms; `benchmarks/NOTES.md`), so the
   flash kernel runs only when asked for with "triton".
 

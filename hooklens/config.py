@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+
 def default_device() -> str:
     """Where a model goes when no device is given: "cuda" when PyTorch sees a GPU, else "cpu" (TL 3.9's rule)."""
     return "cuda" if torch.cuda.is_available() else "cpu"

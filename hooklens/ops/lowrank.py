@@ -252,8 +252,8 @@ def small_eigvals(C: torch.Tensor, *, solver: str = "auto", backend: str = "auto
     ``solver`` picks the C++ CPU solver: ``"auto"`` (the SIMD-lane solver where the CPU has AVX2 + FMA, else
     the scalar one; LAPACK for ``k > 128``), ``"lanes"``, ``"scalar"`` or ``"lapack"`` (torch.linalg). CUDA
     matrices are copied to the host for the CPU solver (except with ``"lapack"``) and the eigenvalues copied
-    back; with ``backend="torch"``, torch.linalg computes them on the matrices' device. A matrix with a NaN or inf entry gets
-    all-NaN eigenvalues. Differentiable (the backward pass recomputes with torch.linalg).
+    back; with ``backend="torch"``, torch.linalg computes them on the matrices' device. A matrix with a NaN or
+    inf entry gets all-NaN eigenvalues. Differentiable (the backward pass recomputes with torch.linalg).
     """
     name = "hooklens.ops.small_eigvals"
     if not isinstance(C, torch.Tensor):
