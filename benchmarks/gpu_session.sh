@@ -5,8 +5,8 @@
 #   HOOKLENS_COMMIT=$(git rev-parse --short HEAD) OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]
 #
 # PHASE is any of: setup, tests, kernels, cpp_errors (check_cpp_errors.py), tune (tune_attention.py), and the
-# benchmark groups attention, bf16, core, sweeps, circuits (below); default: all of them in that order. `setup` (install + C++ build, ~65 s on an H100
-# machine) always runs first. Phase times seen on an H100 (2026-11-22): kernels 120 s, tests 82 s (-n 15), tune
+# benchmark groups attention, bf16, core, sweeps, circuits (below); default: all of them in that order.
+# `setup` (install + C++ build, ~65 s on an H100 machine) always runs first. Phase times seen on an H100 (2026-11-22): kernels 120 s, tests 82 s (-n 15), tune
 # (bf16 only) ~60 s, attention 63 s, bf16 24 s, core 75 s; sweeps needs ~200 s (TL's 2160 forwards in
 # head_out_by_pos), circuits ~120 s. A device call runs at most 10 minutes, so a session is two calls:
 #   bash benchmarks/gpu_session.sh kernels cpp_errors tests tune   # ~8 min
