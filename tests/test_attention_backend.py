@@ -96,22 +96,27 @@ def test_backend_context_manager_nests_and_validates():
     assert get_attention_backend() == "auto"
 
 
+# Run first in a subprocess: records, in `importers`, the file that issued each import of triton.
+TRITON_IMPORT_SPY = (
+    "import os, sys, traceback, importlib.abc\n"
+    "importers = []\n"
+    "class Spy(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'triton':\n"
+    "            frames = [f for f in traceback.extract_stack() if '<frozen' not in f.filename]\n"
+    "            importers.append(frames[-2].filename)\n"
+    "        return None\n"
+    "sys.meta_path.insert(0, Spy())\n"
+)
+
+
 def test_import_hooklens_does_not_import_triton():
     # hooklens's own code must not import Triton (or hooklens.kernels) on import or on a CPU forward (the model is
-    # put on the CPU explicitly: on a GPU machine the default device is CUDA, where the kernels are meant to run). A dependency
-    # may (on a CUDA machine, torch 2.11 + transformers 5.17 did), so the check records which file issued each
-    # import of triton and fails only when that file belongs to hooklens.
-    code = (
-        "import os, sys, traceback, importlib.abc, torch\n"
-        "importers = []\n"
-        "class Spy(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'triton':\n"
-        "            frames = [f for f in traceback.extract_stack() if '<frozen' not in f.filename]\n"
-        "            importers.append(frames[-2].filename)\n"
-        "        return None\n"
-        "sys.meta_path.insert(0, Spy())\n"
-        "import hooklens\n"
+    # put on the CPU explicitly: on a GPU machine the default device is CUDA, where the kernels are meant to run).
+    # A dependency may (on a CUDA machine, torch 2.11 + transformers 5.17 did), so the check fails only when the
+    # file that imported triton belongs to hooklens.
+    code = TRITON_IMPORT_SPY + (
+        "import torch, hooklens\n"
         "from hooklens import HookedTransformer, HookedTransformerConfig\n"
         "cfg = HookedTransformerConfig(n_layers=1, d_model=32, d_head=8, n_ctx=16, d_vocab=11, act_fn='relu',\n"
         "                              device='cpu')\n"
@@ -127,19 +132,10 @@ def test_import_hooklens_does_not_import_triton():
 
 
 def test_the_triton_import_check_can_fail():
-    # The spy above must see an import that hooklens issues: importing hooklens.kernels from hooklens code does.
+    # The spy must see an import that hooklens issues: importing hooklens.kernels from hooklens code does.
     if not HAS_TRITON:
         pytest.skip("needs Triton")
-    code = (
-        "import os, sys, traceback, importlib.abc\n"
-        "importers = []\n"
-        "class Spy(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'triton':\n"
-        "            frames = [f for f in traceback.extract_stack() if '<frozen' not in f.filename]\n"
-        "            importers.append(frames[-2].filename)\n"
-        "        return None\n"
-        "sys.meta_path.insert(0, Spy())\n"
+    code = TRITON_IMPORT_SPY + (
         "import hooklens.attention\n"
         "hooklens.attention.triton_available()\n"
         "package = os.path.dirname(hooklens.__file__)\n"
