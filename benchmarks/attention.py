@@ -107,36 +107,49 @@ def run_with_cache_vs_forward(ctx: Context) -> Case:
                 check=check, shape=f"{ctx.batch}x{ctx.seq}")
 
 
+SEQ_LEN = 50  # induction workloads: BOS + SEQ_LEN random tokens + the same tokens again
+
+
+def _repeated_prompts(ctx: Context, rows: int) -> torch.Tensor:
+    """[rows, 1 + 2 * SEQ_LEN] on the CPU: BOS, SEQ_LEN random tokens, the same tokens again."""
+    generator = torch.Generator().manual_seed(ctx.seed)
+    half = torch.randint(100, 20000, (rows, SEQ_LEN), generator=generator)
+    return torch.cat([torch.full((rows, 1), 50256), half, half], dim=1)
+
+
+def _tl_induction_scores(tl, tokens: torch.Tensor, chunk: int, device) -> torch.Tensor:
+    """The demo's way with TL: run_with_hooks with a pattern hook per chunk of rows, mean of the induction stripe
+    (the offset-(1 - SEQ_LEN) diagonal) over rows and entries. [n_layers, n_heads]."""
+    scores = torch.zeros(tl.cfg.n_layers, tl.cfg.n_heads, device=device)
+
+    def hook(pattern, hook):
+        scores[hook.layer()] += pattern.diagonal(offset=1 - SEQ_LEN, dim1=-2, dim2=-1).sum(dim=(0, -1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for start in range(0, tokens.shape[0], chunk):
+            tl.run_with_hooks(tokens[start:start + chunk].to(device), return_type=None,
+                              fwd_hooks=[(lambda n: n.endswith("pattern"), hook)])
+    stripe_len = tokens.shape[1] - (SEQ_LEN - 1)  # entries on that diagonal
+    return scores / (tokens.shape[0] * stripe_len)
+
+
+def _check_scores(ours, reference) -> Tuple[bool, float]:
+    diff = float((ours.float().cpu() - reference.float().cpu()).abs().max())
+    return diff < 1e-4, diff
+
+
 @workload("induction_scores", references=("transformer_lens",),
           description="Induction scores of every head: hooklens.head_scores vs TL run_with_hooks + pattern hook.")
 def induction_scores(ctx: Context) -> Case:
     import hooklens
 
     model, tl = models.hooklens_model(ctx), models.tl_model(ctx)
-    seq_len, batch = 50, 30
-    generator = torch.Generator().manual_seed(ctx.seed)
-    half = torch.randint(100, 20000, (batch, seq_len), generator=generator)
-    tokens = torch.cat([torch.full((batch, 1), 50256), half, half], dim=1).to(ctx.device)
-
-    def tl_scores():
-        scores = torch.zeros(tl.cfg.n_layers, tl.cfg.n_heads, device=ctx.device)
-
-        def hook(pattern, hook):
-            scores[hook.layer()] = pattern.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1).mean(dim=(0, -1))
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tl.run_with_hooks(tokens, return_type=None, fwd_hooks=[(lambda n: n.endswith("pattern"), hook)])
-        return scores
-
-    def check(ours, reference) -> Tuple[bool, float]:
-        diff = float((ours.float().cpu() - reference.float().cpu()).abs().max())
-        return diff < 1e-4, diff
-
-    return Case(impls={"hooklens": lambda: hooklens.head_scores(model, tokens, kinds="induction", seq_len=seq_len,
+    tokens = _repeated_prompts(ctx, 30).to(ctx.device)
+    return Case(impls={"hooklens": lambda: hooklens.head_scores(model, tokens, kinds="induction", seq_len=SEQ_LEN,
                                                                 progress=False)["induction"],
-                       "transformer_lens": tl_scores},
-                check=check, shape=f"{batch}x{1 + 2 * seq_len}")
+                       "transformer_lens": lambda: _tl_induction_scores(tl, tokens, len(tokens), ctx.device)},
+                check=_check_scores, shape=f"{len(tokens)}x{tokens.shape[1]}")
 
 
 @workload("induction_scores_streamed", references=("transformer_lens",),
@@ -148,10 +161,8 @@ def induction_scores_streamed(ctx: Context) -> Case:
     import hooklens
 
     model, tl = models.hooklens_model(ctx), models.tl_model(ctx)
-    seq_len, rows, chunk = 50, int(ctx.options.get("streamed_rows", 9901)), 100
-    generator = torch.Generator().manual_seed(ctx.seed)
-    half = torch.randint(100, 20000, (rows, seq_len), generator=generator)
-    tokens = torch.cat([torch.full((rows, 1), 50256), half, half], dim=1)  # CPU: streamed to the device per chunk
+    rows, chunk = int(ctx.options.get("streamed_rows", 9901)), 100
+    tokens = _repeated_prompts(ctx, rows)  # CPU: streamed to the device per chunk
     peak = {}
 
     def ours():
@@ -160,34 +171,17 @@ def induction_scores_streamed(ctx: Context) -> Case:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        out = hooklens.head_scores(model, tokens, kinds="induction", seq_len=seq_len, batch_size=chunk,
+        out = hooklens.head_scores(model, tokens, kinds="induction", seq_len=SEQ_LEN, batch_size=chunk,
                                    progress=False)["induction"]
         if cuda:
             peak["bytes"] = torch.cuda.max_memory_allocated() - base
         return out
 
-    def tl_scores():
-        scores = torch.zeros(tl.cfg.n_layers, tl.cfg.n_heads, device=ctx.device)
-
-        def hook(pattern, hook):
-            scores[hook.layer()] += pattern.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1).sum(dim=(0, -1))
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for start in range(0, rows, chunk):
-                tl.run_with_hooks(tokens[start:start + chunk].to(ctx.device), return_type=None,
-                                  fwd_hooks=[(lambda n: n.endswith("pattern"), hook)])
-        diagonal_len = (1 + 2 * seq_len) - (seq_len - 1)  # entries on the offset-(1 - seq_len) diagonal
-        return scores / (rows * diagonal_len)
-
-    def check(ours_out, reference) -> Tuple[bool, float]:
-        diff = float((ours_out.float().cpu() - reference.float().cpu()).abs().max())
-        return diff < 1e-4, diff
-
-    t = 1 + 2 * seq_len
+    t = tokens.shape[1]
     pattern_bytes = chunk * 12 * t * t * 4
-    case = Case(impls={"hooklens": ours, "transformer_lens": tl_scores}, check=check,
-                shape=f"{rows}x{t} ({rows * t:,} tokens), chunks of {chunk}", warmup=0, repeats=1)
+    tl_scores = lambda: _tl_induction_scores(tl, tokens, chunk, ctx.device)  # noqa: E731
+    case = Case(impls={"hooklens": ours, "transformer_lens": tl_scores}, check=_check_scores, shape=f"{rows}x{t} ({rows * t:,} tokens), chunks of {chunk}", warmup=0,
+                repeats=1)
     case.note_fn = lambda: (f"hooklens peak device memory above model+inputs: {peak['bytes'] / 1e6:.1f} MB; one "
                             f"layer's float32 pattern per chunk would be {pattern_bytes / 1e6:.1f} MB"
                             if "bytes" in peak else "")

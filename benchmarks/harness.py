@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import os
 import re
 import shlex
 import statistics
@@ -259,8 +260,6 @@ def git_commit(root: Path = REPO_ROOT) -> Optional[str]:
 
     Without a git checkout (a copied working tree on a GPU machine) the environment variable HOOKLENS_COMMIT,
     set by whoever copied the tree (`benchmarks/gpu_session.sh` passes it through), names the commit."""
-    import os
-
     if os.environ.get("HOOKLENS_COMMIT"):
         return os.environ["HOOKLENS_COMMIT"]
     try:

@@ -110,9 +110,9 @@ def main(argv=None) -> int:
         warmup=defaults["warmup"] if args.warmup is None else args.warmup,
         repeats=args.repeats or defaults["repeats"],
         seed=args.seed,
-        options={"patch_positions": args.patch_positions or defaults["patch_positions"]},
+        options={"patch_positions": args.patch_positions or defaults["patch_positions"],
+                 "streamed_rows": args.streamed_rows},
     )
-    ctx.options["streamed_rows"] = args.streamed_rows
     ctx.options["patch_repeats"] = args.patch_repeats or min(ctx.repeats, defaults["patch_repeats"])
     print(f"device {harness.device_slug(device)} ({torch.get_num_threads()} CPU threads), dtype {ctx.dtype_name}, "
           f"batch {ctx.batch} x seq {ctx.seq}, warmup {ctx.warmup}, repeats {ctx.repeats}, timer {args.timer}")
