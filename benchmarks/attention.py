@@ -180,8 +180,8 @@ def induction_scores_streamed(ctx: Context) -> Case:
     t = tokens.shape[1]
     pattern_bytes = chunk * 12 * t * t * 4
     tl_scores = lambda: _tl_induction_scores(tl, tokens, chunk, ctx.device)  # noqa: E731
-    case = Case(impls={"hooklens": ours, "transformer_lens": tl_scores}, check=_check_scores, shape=f"{rows}x{t} ({rows * t:,} tokens), chunks of {chunk}", warmup=0,
-                repeats=1)
+    case = Case(impls={"hooklens": ours, "transformer_lens": tl_scores}, check=_check_scores,
+                shape=f"{rows}x{t} ({rows * t:,} tokens), chunks of {chunk}", warmup=0, repeats=1)
     case.note_fn = lambda: (f"hooklens peak device memory above model+inputs: {peak['bytes'] / 1e6:.1f} MB; one "
                             f"layer's float32 pattern per chunk would be {pattern_bytes / 1e6:.1f} MB"
                             if "bytes" in peak else "")

@@ -16,8 +16,8 @@ import torch
 # Where models built without an explicit device go during tests (hooklens's and TL's). Both libraries default to
 # "cuda" when PyTorch sees a GPU; the suite's references (HF models, TL twins, hand-written loops) are built on the
 # CPU, so on a GPU machine the default is pinned to the CPU as in CI. Tests of CUDA paths ask for "cuda"
-# explicitly (the kernel, attention-backend and head-score tests). HOOKLENS_TEST_DEVICE=cuda lifts the pin (exploration only: CPU-built
-# references then meet CUDA models).
+# explicitly (the kernel, attention-backend and head-score tests). HOOKLENS_TEST_DEVICE=cuda lifts the pin
+# (exploration only: CPU-built references then meet CUDA models).
 TEST_DEFAULT_DEVICE = os.environ.get("HOOKLENS_TEST_DEVICE", "cpu")
 
 
