@@ -369,17 +369,24 @@ class HookedTransformer(HookedRootModule):
             residual = self.blocks[index](residual, entry, attention_mask)  # [b, p, d]
         if stop_at_layer is not None:
             return residual
-        if self.cfg.normalization_type is not None:
-            residual = self.ln_final(residual)
         if return_type is None:
+            if self.cfg.normalization_type is not None:
+                self.ln_final(residual)  # its hooks fire as in TL
             return None
-        logits = self.unembed(residual)  # [b, p, v]
+        logits = self.logits_from_resid(residual)  # [b, p, v]
         if return_type == "logits":
             return logits
         if tokens is None:
             raise ValueError("return_type 'loss'/'both' with start_at_layer needs tokens=... for the targets.")
         loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
+
+    def logits_from_resid(self, resid: Tensor) -> Tensor:
+        """The final step of the forward: `ln_final` (when the model has one), then `unembed`. `[..., p, d]` ->
+        `[..., p, v]`; the one place the residual stream becomes logits (sweeps and attribution call it too)."""
+        if self.cfg.normalization_type is not None:
+            resid = self.ln_final(resid)
+        return self.unembed(resid)
 
     def loss_fn(self, logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None, per_token: bool = False) -> Tensor:
         """Next-token cross-entropy (mean, or `[b, p-1]` with `per_token=True`); padding is ignored."""
