@@ -2,6 +2,8 @@
 import warnings
 
 import matplotlib
+import matplotlib.image
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +18,18 @@ def test_heatmap_and_line_from_tensors_without_warnings(tmp_path, dtype):
         fig = plotting.heatmap(values * 2, tmp_path / "map.png", title="t", x_labels=list("abcde"))
         line_fig = plotting.line(values[0] * 2, tmp_path / "line.png")
     assert isinstance(fig, matplotlib.figure.Figure) and isinstance(line_fig, matplotlib.figure.Figure)
-    assert (tmp_path / "map.png").stat().st_size > 1000 and (tmp_path / "line.png").stat().st_size > 1000
+    # The figures draw the given numbers, on the labelled axes.
+    want = (values * 2).detach().float()
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), want.numpy())
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list("abcde")
+    assert fig.axes[0].get_title() == "t"
+    np.testing.assert_allclose(line_fig.axes[0].lines[0].get_ydata(), want[0].numpy())
+    # The saved files are real PNGs of the figure's size (110 dpi) that show more than one colour.
+    for name, figure in (("map.png", fig), ("line.png", line_fig)):
+        pixels = matplotlib.image.imread(tmp_path / name)  # [height, width, RGBA]
+        width, height = figure.get_size_inches() * 110
+        assert abs(pixels.shape[0] - height) < 1 and abs(pixels.shape[1] - width) < 1, name  # whole pixels
+        assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 10, name
 
 
 def test_heatmap_colour_scale_ignores_nan_cells():
