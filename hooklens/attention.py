@@ -1,8 +1,13 @@
-"""The attention seam: which attention computation runs for this call.
+"""Attention ops: TL's eager attention as small reference steps, SDPA, the Triton kernels' wrappers, the backend.
 
-`Attention.forward` computes q, k, v and then asks `attend(...)` for `z`. Only this module decides how. The choice
-is made per call from two things: the **backend** and what the **active hooks** on `hook_attn_scores` /
-`hook_pattern` need.
+Every function here takes tensors and scalars — q `[b, q, h, dh]`, k / v `[b, k, h, dh]` (TL's hook_q / hook_k /
+hook_v layout, k = cached + new positions), `attn_scale` (TL's divisor: scores = q.k / attn_scale), `pos_offset`
+(number of cached keys before the first query) and an optional `attention_mask` `[b, k]` (1 = real token). None of
+them knows a module or a hook point: `Attention.forward` (hooklens/components.py) fires the hooks and picks, per
+call, which of these ops to run.
+
+Reference (TL 3.9's eager attention, the one ground truth for the CPU path, the kernel tests and the benchmarks):
+`attention_scores` -> `softmax_pattern` -> `z_from_pattern`, composed by `reference_attention`.
 
 Backend (`with hooklens.attention_backend("auto" | "triton" | "torch"):`, a context variable, default "auto"):
 
@@ -12,29 +17,30 @@ Backend (`with hooklens.attention_backend("auto" | "triton" | "torch"):`, a cont
   this is how CI tests the kernels). Inputs the kernels cannot take (float64, d_head > 128, CPU without the
   interpreter, Triton not installed) raise an error saying so.
 * "auto": "triton" for CUDA tensors of a supported dtype / d_head when Triton imports, "torch" otherwise, except
-  for attention nothing reads the pattern of: that runs PyTorch's `scaled_dot_product_attention` on every device.
-  On an H100 SDPA (PyTorch's fused attention kernels) was faster than hooklens's Triton flash kernel for GPT-2
-  small at 8 x 1024 (bf16 50 us vs 64-94 us per layer, float32 0.5 ms vs 1.9 ms; `benchmarks/NOTES.md`), so the
-  flash kernel runs only when asked for with "triton".
+  for attention nothing reads the pattern of: that runs PyTorch's `scaled_dot_product_attention` on every device,
+  because PyTorch's fused attention kernels are faster than hooklens's flash kernel for GPT-2 shapes. The flash
+  kernel runs only when asked for with "triton".
 
-What runs (`attend`):
+What `Attention.forward` runs:
 
-| active hooks / request                  | torch backend                       | triton backend                   |
-|-----------------------------------------|-------------------------------------|----------------------------------|
-| nothing on attn_scores / pattern        | `sdpa_attention` (no pattern)       | `flash_attention` kernel (*)     |
-| any hook there (caching or user)        | `reference_attention` (TL's eager)  | `pattern_attention` kernel+hooks |
-| `pattern_stats(...)` (head_scores)      | reference + pattern line sums       | `attention_stats` kernel         |
+| hooks on attn_scores / pattern     | torch backend                       | triton backend                        |
+|------------------------------------|-------------------------------------|---------------------------------------|
+| none                               | `sdpa_attention` (z only)           | `triton_flash_attention` (*)          |
+| any (caching or user hooks)        | the reference steps, hooks between  | `triton_pattern_attention`, hooks     |
+| none, inside `pattern_stats(...)`  | the reference steps + line sums     | `triton_attention_stats` (**)         |
 
-(*) "auto" runs `sdpa_attention` here (see above); `pattern_stats` still uses the kernel, which SDPA cannot replace.
+(*) via `attention_without_pattern`: "auto" runs `sdpa_attention` here (see above).
+(**) the flash kernel sums the requested pattern lines in its epilogue, so no pattern is materialized. The stats
+kernel has no backward: while autograd records, the pattern kernel runs and the sums come from its pattern.
 
-Triton path with hooks (`triton_pattern_attention`): one fused kernel writes `pattern` (and `attn_scores` when
-that hook point has hooks) and `z`. Then `hook_attn_scores` runs on the scores tensor; if a hook returned a
-different tensor or edited it in place (its `_version` changed), the rest is TL's eager tail from the edited
-scores (softmax, NaN -> 0, `hook_pattern`, `pattern @ v`). Otherwise `hook_pattern` runs on the kernel's pattern,
-and `z` is recomputed as `pattern @ v` (`_z_from_pattern`) only if a hook returned a different tensor or edited it
-in place. Hooks that only read — caching hooks included — cost no recomputation.
+Triton path with hooks: one kernel call writes `pattern` (and `attn_scores` when that hook point has hooks) and `z`
+into fresh buffers (`PatternKernelOutputs`). The hooks run on those buffers. If a hook returned a different tensor
+or edited it in place (its `_version` changed), the kernel's later outputs are stale and the rest is recomputed
+from the edited tensor with the reference steps (edited scores: `softmax_pattern`, `hook_pattern`,
+`z_from_pattern`; edited pattern: `z_from_pattern`). Hooks that only read — caching hooks included — cost no
+recomputation.
 
-Cache-buffer handoff: the pattern / scores the hooks receive are the kernel's output buffers themselves.
+Cache-buffer hand-off: the pattern / scores the hooks receive are the kernel's output buffers themselves.
 `run_with_cache`'s caching hook stores `activation.detach()`, a view of that same storage, so the cache holds the
 buffer the kernel wrote — no copy, and no need to identify caching hooks (read-only-ness is detected generically
 through identity + `_version`). Copies happen only where the caching hook itself makes them (`device=`, a list
@@ -43,9 +49,9 @@ tensors (inference tensors have no version counter). An edit made through `.data
 is not detected; edit the tensor itself or return a new one.
 
 Autograd: the kernels run without autograd. When autograd records (grad enabled and q/k/v require grad), their
-outputs are wrapped in autograd.Functions whose backward recomputes with PyTorch ops: the fused path gets TL's graph
-q, k -> scores -> pattern -> z with the hook points in between (so gradients and backward hooks on
-`hook_attn_scores` / `hook_pattern` are TL's), and the flash path gets one Function for q, k, v -> z.
+outputs are wrapped in autograd.Functions whose backward recomputes with the reference steps: the pattern kernel's
+outputs get TL's graph q, k -> scores -> pattern -> z with the hook points in between (so gradients and backward
+hooks on `hook_attn_scores` / `hook_pattern` are TL's), and the flash kernel gets one Function for q, k, v -> z.
 
 Torch ops and Triton kernels differ only by float rounding (the kernels softmax in float32 for every dtype).
 """
@@ -53,18 +59,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from hooklens.components import Attention
-
 BACKENDS = ("auto", "triton", "torch")
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TRITON_MAX_D_HEAD = 128
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_MAX_D_HEAD = 128
 
 _backend: ContextVar[str] = ContextVar("hooklens_attention_backend", default="auto")
 _stats: ContextVar[Optional["PatternStats"]] = ContextVar("hooklens_pattern_stats", default=None)
@@ -93,7 +96,10 @@ _kernels_error: Optional[BaseException] = None
 
 
 def _load_kernels():
-    """`hooklens.kernels`, imported on first use; None (remembering why) if Triton is missing or broken."""
+    """`hooklens.kernels`, imported on first use; None (remembering why) if Triton is missing or broken.
+
+    Imported lazily because importing it imports Triton, a heavy optional dependency `import hooklens` must not
+    pull in (and Triton's interpreter switch must still be settable after `import hooklens`)."""
     global _kernels_module, _kernels_error
     if _kernels_module is None and _kernels_error is None:
         try:
@@ -117,7 +123,7 @@ def uses_triton(device: torch.device, dtype: torch.dtype, d_head: int) -> bool:
     if backend == "torch":
         return False
     device = torch.device(device)
-    supported = dtype in _TRITON_DTYPES and 1 <= d_head <= _TRITON_MAX_D_HEAD
+    supported = dtype in TRITON_DTYPES and 1 <= d_head <= TRITON_MAX_D_HEAD
     if backend == "auto":
         return device.type == "cuda" and supported and _load_kernels() is not None
     kernels = _load_kernels()
@@ -128,8 +134,8 @@ def uses_triton(device: torch.device, dtype: torch.dtype, d_head: int) -> bool:
         )
     if not supported:
         raise ValueError(
-            f"attention_backend('triton'): the kernels support dtypes {_TRITON_DTYPES} and d_head <= "
-            f"{_TRITON_MAX_D_HEAD}, got {dtype} and d_head={d_head}. Use attention_backend('auto'|'torch')."
+            f"attention_backend('triton'): the kernels support dtypes {TRITON_DTYPES} and d_head <= "
+            f"{TRITON_MAX_D_HEAD}, got {dtype} and d_head={d_head}. Use attention_backend('auto'|'torch')."
         )
     if not kernels.kernels_runnable_on(device):
         raise RuntimeError(
@@ -139,15 +145,17 @@ def uses_triton(device: torch.device, dtype: torch.dtype, d_head: int) -> bool:
     return True
 
 
-def _grad_recording(*tensors: Tensor) -> bool:
+def grad_recording(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on these tensors (the kernels themselves are not differentiable)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-# -- torch ops --------------------------------------------------------------------------------------------------
+# -- the reference: TL's eager attention, step by step ----------------------------------------------------------
 def causal_mask(
     query_len: int, key_len: int, pos_offset: int, attention_mask: Optional[Tensor], device: torch.device
 ) -> Tensor:
-    """Boolean mask, True where query i may attend key j: `[1, 1, q, k]`, or `[b, 1, q, k]` with padding."""
+    """Boolean mask, True where query i may attend key j (j <= i + pos_offset, key not padding): `[1, 1, q, k]`,
+    or `[b, 1, q, k]` with an `attention_mask` `[b, >= k]` (nonzero = real token)."""
     query_pos = torch.arange(pos_offset, pos_offset + query_len, device=device)
     key_pos = torch.arange(key_len, device=device)
     mask = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, q, k]
@@ -156,8 +164,8 @@ def causal_mask(
     return mask
 
 
-def _masked_scores(
-    q: Tensor, k: Tensor, attn_scale: float, pos_offset: int, attention_mask: Optional[Tensor]
+def attention_scores(
+    q: Tensor, k: Tensor, attn_scale: float, pos_offset: int = 0, attention_mask: Optional[Tensor] = None
 ) -> Tensor:
     """TL's attention scores `[b, h, q, k]`: `q @ k^T / attn_scale`, -inf where a key is invisible."""
     q_ = q.permute(0, 2, 1, 3)  # [b, h, q, dh]
@@ -167,39 +175,34 @@ def _masked_scores(
     return torch.where(mask, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
 
 
-def _softmax_rows(scores: Tensor) -> Tensor:
-    """TL's softmax: rows with no visible key (all -inf, NaN after softmax) become 0."""
+def softmax_pattern(scores: Tensor) -> Tensor:
+    """TL's pattern `[b, h, q, k]`: softmax over keys; rows with no visible key (all -inf, NaN after softmax) -> 0."""
     pattern = F.softmax(scores, dim=-1)
     return torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
 
 
-def _pattern_from_scores(attn: "Attention", scores: Tensor) -> Tensor:
-    """TL's tail after `hook_attn_scores`: softmax, NaN rows (nothing visible) -> 0, `hook_pattern`."""
-    return attn.hook_pattern(_softmax_rows(scores))  # [b, h, q, k]
-
-
-def _z_from_pattern(pattern: Tensor, v: Tensor) -> Tensor:
+def z_from_pattern(pattern: Tensor, v: Tensor) -> Tensor:
     """`z = pattern @ v`: pattern `[b, h, q, k]`, v `[b, k, h, dh]` -> z `[b, q, h, dh]` (a permuted view)."""
     return (pattern.to(dtype=v.dtype) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
 
 
-def _reference_with_pattern(
-    attn: "Attention", q: Tensor, k: Tensor, v: Tensor, pos_offset: int, attention_mask: Optional[Tensor]
-) -> Tuple[Tensor, Tensor]:
-    scores = attn.hook_attn_scores(_masked_scores(q, k, attn.cfg.attn_scale, pos_offset, attention_mask))
-    pattern = _pattern_from_scores(attn, scores)
-    return _z_from_pattern(pattern, v), pattern
-
-
 def reference_attention(
-    attn: "Attention", q: Tensor, k: Tensor, v: Tensor, pos_offset: int, attention_mask: Optional[Tensor]
+    q: Tensor, k: Tensor, v: Tensor, attn_scale: float, pos_offset: int = 0, attention_mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """TL 3.9's eager attention in q's dtype (pass float64 tensors for a ground truth): `(z [b, q, h, dh],
+    pattern [b, h, q, k])`. Exactly the steps `Attention.forward` runs on the torch backend, without the hooks."""
+    pattern = softmax_pattern(attention_scores(q, k, attn_scale, pos_offset, attention_mask))
+    return z_from_pattern(pattern, v), pattern
+
+
+# -- fused attention without a pattern --------------------------------------------------------------------------
+def sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_scale: float, pos_offset: int = 0, attention_mask: Optional[Tensor] = None
 ) -> Tensor:
-    """TL 3.9's eager attention. q: [b, q, h, dh], k/v: [b, k, h, dh] -> z: [b, q, h, dh] (a permuted view)."""
-    return _reference_with_pattern(attn, q, k, v, pos_offset, attention_mask)[0]
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, pos_offset: int, attention_mask: Optional[Tensor]) -> Tensor:
+    """PyTorch's `scaled_dot_product_attention`: z `[b, q, h, dh]`, equal to `reference_attention`'s up to
+    rounding, without materializing the pattern."""
     q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, t, dh]
+    scale = 1.0 / attn_scale
     if attention_mask is None and pos_offset == 0 and q.shape[1] == k.shape[1]:
         z = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale)
         return z.transpose(1, 2)  # [b, q, h, dh]
@@ -210,47 +213,22 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, pos_offset: int, attent
     safe_mask = mask | ~row_has_key
     z = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=safe_mask, scale=scale)  # [b, h, q, dh]
     z = torch.where(row_has_key, z, torch.zeros((), dtype=z.dtype, device=z.device))
-    return z.transpose(1, 2)
+    return z.transpose(1, 2)  # [b, q, h, dh]
 
 
-def sdpa_attention(
-    attn: "Attention", q: Tensor, k: Tensor, v: Tensor, pos_offset: int, attention_mask: Optional[Tensor]
+def attention_without_pattern(
+    q: Tensor, k: Tensor, v: Tensor, attn_scale: float, pos_offset: int, attention_mask: Optional[Tensor],
+    use_triton: bool,
 ) -> Tensor:
-    """Fused attention without a pattern. Same shapes and (up to rounding) values as `reference_attention`."""
-    return _sdpa(q, k, v, 1.0 / attn.cfg.attn_scale, pos_offset, attention_mask)
+    """z `[b, q, h, dh]` from one fused op, for attention no hook reads the pattern of: the flash kernel when
+    `attention_backend("triton")` is forced, else SDPA. "auto" picks SDPA even where the kernels could run,
+    because PyTorch's fused attention kernels are faster than the flash kernel for GPT-2 shapes."""
+    if use_triton and _backend.get() == "triton":
+        return triton_flash_attention(q, k, v, attn_scale, pos_offset, attention_mask)
+    return sdpa_attention(q, k, v, attn_scale, pos_offset, attention_mask)
 
 
 # -- Triton kernels ---------------------------------------------------------------------------------------------
-class _FlashAttentionFn(torch.autograd.Function):
-    """The flash kernel forward; backward recomputes attention with PyTorch ops (T×T memory in backward only)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, pos_offset, attention_mask):  # type: ignore[override]
-        ctx.save_for_backward(q, k, v)
-        ctx.scale, ctx.pos_offset, ctx.attention_mask = scale, pos_offset, attention_mask
-        return _load_kernels().flash_attention(q, k, v, scale, pos_offset, attention_mask)
-
-    @staticmethod
-    def backward(ctx, grad_z):  # type: ignore[override]
-        fn = lambda q, k, v: _sdpa(q, k, v, ctx.scale, ctx.pos_offset, ctx.attention_mask)  # noqa: E731
-        return (*_recompute_grads(fn, ctx.saved_tensors, grad_z), None, None, None)
-
-
-def triton_flash_attention(
-    attn: "Attention", q: Tensor, k: Tensor, v: Tensor, pos_offset: int, attention_mask: Optional[Tensor]
-) -> Tensor:
-    """z `[b, q, h, dh]` from the flash kernel (differentiable through a recomputing backward)."""
-    scale = 1.0 / attn.cfg.attn_scale
-    if _grad_recording(q, k, v):
-        return _FlashAttentionFn.apply(q, k, v, scale, pos_offset, attention_mask)
-    return _load_kernels().flash_attention(q, k, v, scale, pos_offset, attention_mask)
-
-
-def _edited(hooked: Tensor, original: Tensor, version: int) -> bool:
-    """Whether the hooks replaced the tensor or modified it in place."""
-    return hooked is not original or original._version != version
-
-
 class _Precomputed:
     """A kernel output handed to an autograd.Function without being one of its (differentiated) inputs."""
 
@@ -268,10 +246,34 @@ def _recompute_grads(fn, inputs: Sequence[Tensor], grad_out: Tensor) -> Tuple[Op
         return torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
 
 
-# The fused kernel computes scores, pattern and z in one go without autograd. When autograd records, these
+class _FlashAttentionFn(torch.autograd.Function):
+    """The flash kernel forward; backward recomputes attention with SDPA (T×T memory in backward only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_scale, pos_offset, attention_mask):  # type: ignore[override]
+        ctx.save_for_backward(q, k, v)
+        ctx.args = (attn_scale, pos_offset, attention_mask)
+        return _load_kernels().flash_attention(q, k, v, 1.0 / attn_scale, pos_offset, attention_mask)
+
+    @staticmethod
+    def backward(ctx, grad_z):  # type: ignore[override]
+        fn = lambda q, k, v: sdpa_attention(q, k, v, *ctx.args)  # noqa: E731
+        return (*_recompute_grads(fn, ctx.saved_tensors, grad_z), None, None, None)
+
+
+def triton_flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_scale: float, pos_offset: int = 0, attention_mask: Optional[Tensor] = None
+) -> Tensor:
+    """z `[b, q, h, dh]` from the flash kernel (differentiable through a recomputing backward)."""
+    if grad_recording(q, k, v):
+        return _FlashAttentionFn.apply(q, k, v, attn_scale, pos_offset, attention_mask)
+    return _load_kernels().flash_attention(q, k, v, 1.0 / attn_scale, pos_offset, attention_mask)
+
+
+# The pattern kernel computes scores, pattern and z in one go without autograd. When autograd records, these
 # Functions give the kernel's outputs the graph TL's eager code would have (q, k -> scores -> pattern -> z, with
 # the hook points in between), so gradients and backward hooks on hook_attn_scores / hook_pattern are TL's.
-# Each backward recomputes its step with PyTorch ops.
+# Each backward recomputes its step with the reference ops.
 class _KernelScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, attn_scale, pos_offset, attention_mask, out):  # type: ignore[override]
@@ -281,7 +283,7 @@ class _KernelScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        grads = _recompute_grads(lambda q, k: _masked_scores(q, k, *ctx.args), ctx.saved_tensors, grad)
+        grads = _recompute_grads(lambda q, k: attention_scores(q, k, *ctx.args), ctx.saved_tensors, grad)
         return (*grads, None, None, None, None)
 
 
@@ -293,13 +295,13 @@ class _KernelSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return _recompute_grads(_softmax_rows, ctx.saved_tensors, grad)[0], None
+        return _recompute_grads(softmax_pattern, ctx.saved_tensors, grad)[0], None
 
 
 class _KernelPattern(_KernelScores):  # the same forward (q, k -> kernel output); backward through the softmax too
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        fn = lambda q, k: _softmax_rows(_masked_scores(q, k, *ctx.args))  # noqa: E731
+        fn = lambda q, k: softmax_pattern(attention_scores(q, k, *ctx.args))  # noqa: E731
         return (*_recompute_grads(fn, ctx.saved_tensors, grad), None, None, None, None)
 
 
@@ -311,48 +313,71 @@ class _KernelPatternV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        fn = lambda p, v: (p.to(v.dtype) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)  # noqa: E731
-        return (*_recompute_grads(fn, ctx.saved_tensors, grad), None)
+        return (*_recompute_grads(z_from_pattern, ctx.saved_tensors, grad), None)
+
+
+class PatternKernelOutputs:
+    """What one pattern-kernel call wrote, handed out as TL's intermediate tensors.
+
+    `scores` (None unless asked for), `pattern_after(scores)` and `z_after(pattern)` are the kernel's buffers
+    themselves (no copy). While autograd records, each carries TL's graph edge (q, k -> scores -> pattern -> z,
+    backward recomputed with the reference steps); `pattern_after` / `z_after` take the tensors the edge starts
+    from, which must be this call's own `scores` / pattern, unedited."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, attn_scale: float, pos_offset: int,
+                 attention_mask: Optional[Tensor], scores: Optional[Tensor], pattern: Tensor, z: Tensor):
+        self._q, self._k, self._v = q, k, v
+        self._args = (attn_scale, pos_offset, attention_mask)
+        self._grad = grad_recording(q, k, v)
+        self._pattern, self._z = pattern, z
+        if self._grad and scores is not None:
+            scores = _KernelScores.apply(q, k, *self._args, _Precomputed(scores))
+        self.scores = scores  # [b, h, q, k] or None
+
+    def pattern_after(self, scores: Optional[Tensor]) -> Tensor:
+        """The pattern `[b, h, q, k]`, as `softmax_pattern(scores)` (of q, k when no scores were written)."""
+        if not self._grad:
+            return self._pattern
+        if scores is None:
+            return _KernelPattern.apply(self._q, self._k, *self._args, _Precomputed(self._pattern))
+        return _KernelSoftmax.apply(scores, _Precomputed(self._pattern))
+
+    def z_after(self, pattern: Tensor) -> Tensor:
+        """z `[b, q, h, dh]`, as `z_from_pattern(pattern, v)`."""
+        if not self._grad:
+            return self._z
+        return _KernelPatternV.apply(pattern, self._v, _Precomputed(self._z))
 
 
 def triton_pattern_attention(
-    attn: "Attention", q: Tensor, k: Tensor, v: Tensor, pos_offset: int, attention_mask: Optional[Tensor]
-) -> Tuple[Tensor, Tensor]:
-    """Fused kernel for (scores,) pattern and z, then the hooks; downstream is recomputed only after an edit.
-    Returns `(z, pattern as the hooks left it)`."""
-    write_scores = attn.hook_attn_scores.has_hooks()
+    q: Tensor, k: Tensor, v: Tensor, attn_scale: float, pos_offset: int, attention_mask: Optional[Tensor],
+    with_scores: bool,
+) -> PatternKernelOutputs:
+    """One pattern-kernel call: pattern (and scores when `with_scores`) `[b, h, q, k]` and z `[b, q, h, dh]`."""
     b, tq, h, _ = q.shape
     # Buffers the hooks (and the cache) receive. Inside torch.inference_mode they are allocated as normal
     # tensors, because inference tensors have no version counter to detect in-place edits with.
     with torch.inference_mode(False):
         pattern_buf = q.new_empty((b, h, tq, k.shape[1]))
-        scores_buf = q.new_empty((b, h, tq, k.shape[1])) if write_scores else None
+        scores_buf = q.new_empty((b, h, tq, k.shape[1])) if with_scores else None
     with torch.no_grad():
         scores, pattern, z = _load_kernels().pattern_attention(
-            q.detach(), k.detach(), v.detach(), 1.0 / attn.cfg.attn_scale, pos_offset, attention_mask,
+            q.detach(), k.detach(), v.detach(), 1.0 / attn_scale, pos_offset, attention_mask,
             pattern_out=pattern_buf, scores_out=scores_buf,
         )
-    grad = _grad_recording(q, k, v)
-    graph_args = (attn.cfg.attn_scale, pos_offset, attention_mask)
-    if scores is not None:
-        if grad:
-            scores = _KernelScores.apply(q, k, *graph_args, _Precomputed(scores))
-        version = scores._version
-        hooked_scores = attn.hook_attn_scores(scores)
-        if _edited(hooked_scores, scores, version):  # TL's tail from the edited scores
-            pattern = _pattern_from_scores(attn, hooked_scores)
-            return _z_from_pattern(pattern, v), pattern
-        if grad:
-            pattern = _KernelSoftmax.apply(scores, _Precomputed(pattern))
-    elif grad:
-        pattern = _KernelPattern.apply(q, k, *graph_args, _Precomputed(pattern))
-    version = pattern._version
-    hooked = attn.hook_pattern(pattern)
-    if _edited(hooked, pattern, version):
-        return _z_from_pattern(hooked, v), hooked
-    if grad:
-        z = _KernelPatternV.apply(pattern, v, _Precomputed(z))
-    return z, pattern
+    return PatternKernelOutputs(q, k, v, attn_scale, pos_offset, attention_mask, scores, pattern, z)
+
+
+def triton_attention_stats(
+    q: Tensor, k: Tensor, v: Tensor, specs: Sequence["StatSpec"], attn_scale: float, pos_offset: int,
+    attention_mask: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """The flash kernel with pattern-line sums in its epilogue (no autograd, no pattern materialized):
+    `(z [b, q, h, dh], sums [n_stats, h])`, each line summed over batch and entries."""
+    z, sums = _load_kernels().attention_stats(
+        q, k, v, specs, 1.0 / attn_scale, pos_offset, attention_mask, reduction="sum"
+    )  # sums: [n_stats, b, h]
+    return z, sums.sum(1)
 
 
 # -- pattern statistics (head_scores) ---------------------------------------------------------------------------
@@ -386,7 +411,8 @@ def pattern_line_sums(pattern: Tensor, specs: Sequence[StatSpec]) -> Tensor:
 
 
 class PatternStats:
-    """Per-layer sums (over batch and line entries) of pattern lines, filled in by `attend` during a forward."""
+    """Per-layer sums (over batch and line entries) of pattern lines, added by `Attention.forward` while a
+    `pattern_stats(...)` block is active."""
 
     def __init__(self, specs: Sequence[StatSpec]):
         for spec in specs:
@@ -414,40 +440,6 @@ def pattern_stats(specs: Sequence[StatSpec]) -> Iterator[PatternStats]:
         _stats.reset(token)
 
 
-# -- the seam ---------------------------------------------------------------------------------------------------
-def needs_pattern(attn: "Attention") -> bool:
-    """Whether any hook (a user hook or a caching hook) reads or edits the scores or the pattern."""
-    return attn.hook_attn_scores.has_hooks() or attn.hook_pattern.has_hooks()
-
-
-def attend(
-    attn: "Attention", q: Tensor, k: Tensor, v: Tensor, pos_offset: int, attention_mask: Optional[Tensor]
-) -> Tensor:
-    """Compute z `[b, q, h, dh]` for one layer with the cheapest op that still serves every active hook."""
-    if attention_mask is not None:
-        attention_mask = attention_mask[:, : k.shape[1]]
-    use_triton = uses_triton(q.device, q.dtype, q.shape[-1])
-    stats = _stats.get()
-    if needs_pattern(attn) or (stats is not None and not use_triton):
-        if use_triton:
-            z, pattern = triton_pattern_attention(attn, q, k, v, pos_offset, attention_mask)
-        else:
-            z, pattern = _reference_with_pattern(attn, q, k, v, pos_offset, attention_mask)
-        if stats is not None:
-            stats.add(attn.layer_id, pattern_line_sums(pattern.detach(), stats.specs), from_kernel=False)
-        return z
-    if not use_triton:
-        return sdpa_attention(attn, q, k, v, pos_offset, attention_mask)
-    if stats is not None and not _grad_recording(q, k, v):
-        z, sums = _load_kernels().attention_stats(
-            q, k, v, stats.specs, 1.0 / attn.cfg.attn_scale, pos_offset, attention_mask, reduction="sum"
-        )  # sums: [n_stats, b, h]
-        stats.add(attn.layer_id, sums.sum(1), from_kernel=True)
-        return z
-    if stats is not None:  # autograd recording: z through the differentiable path, stats from the pattern
-        z, pattern = _reference_with_pattern(attn, q, k, v, pos_offset, attention_mask)
-        stats.add(attn.layer_id, pattern_line_sums(pattern.detach(), stats.specs), from_kernel=False)
-        return z
-    if _backend.get() == "auto":  # SDPA beat the flash kernel on an H100 (module docstring)
-        return sdpa_attention(attn, q, k, v, pos_offset, attention_mask)
-    return triton_flash_attention(attn, q, k, v, pos_offset, attention_mask)
+def pattern_stats_request() -> Optional[PatternStats]:
+    """The `PatternStats` of the innermost active `pattern_stats(...)` block, or None."""
+    return _stats.get()

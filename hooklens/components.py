@@ -7,15 +7,16 @@ TL's to float rounding.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from hooklens.attention import attend
+from hooklens import attention as attn_ops
 from hooklens.config import HookedTransformerConfig
+from hooklens.factored_matrix import FactoredMatrix
 from hooklens.hook_points import HookPoint
 
 
@@ -127,10 +128,21 @@ def make_norm(cfg: HookedTransformerConfig, length: Optional[int] = None) -> nn.
 def _head_major(h: int, d: int, dh: int, dtype: torch.dtype) -> Tensor:
     """An uninitialised [h, d, dh] tensor (TL's shape for W_Q/W_K/W_V) stored as [h, dh, d]: F.linear's [h*dh, d]
     weight is then a view (`W.permute(0, 2, 1).reshape(h * dh, d)`), not a 2.4 MB copy per projection per
-    forward (GPT-2 small), which made a 1-token forward twice as slow. Values, shapes, state-dict keys and the
+    forward (GPT-2 small), which would dominate the cost of a 1-token forward. Values, shapes, state-dict keys and the
     numerics are unchanged; only the strides differ. `state_dict()` hands out TL's contiguous layout (see
     `Attention._save_to_state_dict`)."""
     return torch.empty(h, dh, d, dtype=dtype).transpose(1, 2)
+
+
+def _run_hook(hook_point: HookPoint, activation: Tensor) -> Tuple[Tensor, bool]:
+    """`hook_point(activation)` and whether a hook edited it: returned another tensor, or changed it in place (its
+    `_version` moved). An inference tensor has no version counter, so it counts as edited (only the torch
+    backend passes such tensors, and it recomputes nothing either way)."""
+    if activation.is_inference():
+        return hook_point(activation), True
+    version = activation._version
+    hooked = hook_point(activation)
+    return hooked, hooked is not activation or activation._version != version
 
 
 class Attention(nn.Module):
@@ -193,7 +205,47 @@ class Attention(nn.Module):
         if past_kv_cache_entry is not None:
             pos_offset = past_kv_cache_entry.past_keys.shape[1]
             k, v = past_kv_cache_entry.append(k, v)  # [b, past + p, h, dh]
-        z = self.hook_z(attend(self, q, k, v, pos_offset, attention_mask))  # [b, p, h, dh]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, : k.shape[1]]  # [b, past + p]
+        scale = self.cfg.attn_scale
+        use_triton = attn_ops.uses_triton(q.device, q.dtype, q.shape[-1])  # the backend (attention.py)
+        stats = attn_ops.pattern_stats_request()  # set by `with pattern_stats(...)` (head_scores), else None
+        pattern_hooked = self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
+        if not pattern_hooked and stats is None:
+            # Nothing reads or edits the scores / pattern: one fused op, no [q, k] tensor is made.
+            z = attn_ops.attention_without_pattern(q, k, v, scale, pos_offset, attention_mask, use_triton)
+            return self._project_out(self.hook_z(z))
+        if not pattern_hooked and use_triton and not attn_ops.grad_recording(q, k, v):
+            # Only pattern statistics: the flash kernel sums the requested pattern lines, no pattern is made.
+            z, sums = attn_ops.triton_attention_stats(q, k, v, stats.specs, scale, pos_offset, attention_mask)
+            stats.add(self.layer_id, sums, from_kernel=True)
+            return self._project_out(self.hook_z(z))
+
+        # TL's sequence: scores -> hook_attn_scores -> pattern -> hook_pattern -> z -> hook_z. On the triton
+        # backend one kernel call has already written scores (only if hooked), pattern and z into fresh buffers:
+        # the hooks receive those buffers, and run_with_cache keeps them without a copy. A hook that returns
+        # another tensor or edits one in place makes the kernel's later outputs stale (`kernel = None`): from
+        # there on the reference steps recompute from the edited tensor. Hooks that only read cost nothing.
+        kernel = None
+        if use_triton:
+            with_scores = self.hook_attn_scores.has_hooks()
+            kernel = attn_ops.triton_pattern_attention(q, k, v, scale, pos_offset, attention_mask, with_scores)
+            scores = kernel.scores  # None when hook_attn_scores has no hooks (nothing would see it)
+        else:
+            scores = attn_ops.attention_scores(q, k, scale, pos_offset, attention_mask)  # [b, h, q, k]
+        if scores is not None:
+            scores, edited = _run_hook(self.hook_attn_scores, scores)  # [b, h, q, k]
+            kernel = None if edited else kernel
+        pattern = kernel.pattern_after(scores) if kernel is not None else attn_ops.softmax_pattern(scores)
+        pattern, edited = _run_hook(self.hook_pattern, pattern)  # [b, h, q, k]
+        kernel = None if edited else kernel
+        z = kernel.z_after(pattern) if kernel is not None else attn_ops.z_from_pattern(pattern, v)  # [b, p, h, dh]
+        if stats is not None:
+            stats.add(self.layer_id, attn_ops.pattern_line_sums(pattern.detach(), stats.specs), from_kernel=False)
+        return self._project_out(self.hook_z(z))
+
+    def _project_out(self, z: Tensor) -> Tensor:
+        """z `[b, p, h, dh]` -> `[b, p, d]` through W_O, b_O (per head through `hook_result` when enabled)."""
         batch, pos, h, dh = z.shape
         if not self.cfg.use_attn_result:
             z_flat = z.reshape(batch * pos, h * dh)  # [b*p, h*dh]
@@ -201,21 +253,14 @@ class Attention(nn.Module):
         result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))  # [b, p, h, d], without b_O
         return result.sum(dim=-2) + self.b_O
 
-
-
-
     @property
-    def OV(self):
+    def OV(self) -> FactoredMatrix:
         """`FactoredMatrix` W_V @ W_O, `[n_heads, d_model, d_model]`."""
-        from hooklens.factored_matrix import FactoredMatrix
-
         return FactoredMatrix(self.W_V, self.W_O)
 
     @property
-    def QK(self):
+    def QK(self) -> FactoredMatrix:
         """`FactoredMatrix` W_Q @ W_K^T, `[n_heads, d_model, d_model]`."""
-        from hooklens.factored_matrix import FactoredMatrix
-
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
 

@@ -17,10 +17,11 @@ definition) and `pattern[..., :, 0].mean()` for BOS. For "induction" and "duplic
 be BOS followed by a random sequence x of length seq_len repeated twice (T = 2 * seq_len + 1); `seq_len` defaults
 to `(T - 1) // 2`. "previous_token", "current_token" and "bos" need no structure.
 
-On the triton backend the scores come from the flash kernel's epilogue (`hooklens.kernels.attention_stats`): no
-pattern is materialized. On the torch backend (CPU, or no Triton) a read-only hook on every `hook_pattern`
-reduces the TL pattern. Both give the same numbers up to float rounding. Large inputs are streamed in chunks of
-`batch_size` rows with a tqdm progress bar; only the `[n_layers, kinds, n_heads]` sums are kept.
+Every attention layer adds its line sums to a `pattern_stats(...)` request (`hooklens.attention`): on the triton
+backend they come from the flash kernel's epilogue (`hooklens.kernels.attention_stats`) and no pattern is
+materialized; on the torch backend (CPU, or no Triton) from TL's pattern, computed and reduced layer by layer.
+Both give the same numbers up to float rounding. Large inputs are streamed in chunks of `batch_size` rows with a
+tqdm progress bar; only the `[n_layers, kinds, n_heads]` sums are kept.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from hooklens.attention import line_length, pattern_line_sums, pattern_stats, uses_triton
+from hooklens.attention import line_length, pattern_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from hooklens.model import HookedTransformer
@@ -93,28 +95,16 @@ def head_scores(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
     cfg = model.cfg
-    param = next(model.parameters())
-    use_triton = uses_triton(param.device, param.dtype, cfg.d_head)
+    device = next(model.parameters()).device
     # Accumulated on the model's device and read once at the end (no synchronization per layer or chunk).
-    sums = torch.zeros(cfg.n_layers, len(specs), cfg.n_heads, dtype=torch.float64, device=param.device)
-
-    def save_sums(pattern: Tensor, hook) -> None:
-        sums[hook.layer()] += pattern_line_sums(pattern.detach(), specs)
-
-    from tqdm.auto import tqdm
-
+    sums = torch.zeros(cfg.n_layers, len(specs), cfg.n_heads, dtype=torch.float64, device=device)
     chunks = range(0, n_rows, batch_size)
     with torch.no_grad():
         for start in tqdm(chunks, desc="head_scores", disable=not progress, total=len(chunks)):
-            chunk = tokens[start : start + batch_size].to(param.device)
-            if use_triton:
-                with pattern_stats(specs) as stats:
-                    model(chunk, return_type=None)
-                for layer, layer_sums in stats.sums.items():
-                    sums[layer] += layer_sums
-            else:
-                with model.hooks(fwd_hooks=[(lambda name: name.endswith("attn.hook_pattern"), save_sums)]):
-                    model(chunk, return_type=None)
+            with pattern_stats(specs) as stats:
+                model(tokens[start : start + batch_size].to(device), return_type=None)
+            for layer, layer_sums in stats.sums.items():
+                sums[layer] += layer_sums
 
     counts = torch.tensor([line_length(spec, length, length) for spec in specs], dtype=torch.float64) * n_rows
     means = (sums.cpu() / counts[None, :, None]).to(torch.float32)  # [layers, kinds, heads]

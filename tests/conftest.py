@@ -13,6 +13,13 @@ from typing import Dict
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run in Triton's interpreter, which is chosen when a kernel is decorated, i.e. when
+# hooklens.kernels is first imported. Setting it here, before any test module is imported, makes the kernel mode the
+# same whichever test file is collected first. The switch's name is INTERPRETER_ENV_VAR (subprocess tests drop it).
+INTERPRETER_ENV_VAR = "TRITON_INTERPRET"
+if not torch.cuda.is_available():
+    os.environ.setdefault(INTERPRETER_ENV_VAR, "1")
+
 # Where models built without an explicit device go during tests (hooklens's and TL's). Both libraries default to
 # "cuda" when PyTorch sees a GPU; the suite's references (HF models, TL twins, hand-written loops) are built on the
 # CPU, so on a GPU machine the default is pinned to the CPU as in CI. Tests of CUDA paths ask for "cuda"

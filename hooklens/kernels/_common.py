@@ -109,10 +109,10 @@ def mask_arg(key_padding_mask: Optional[Tensor], q: Tensor) -> Tuple[Tensor, int
 
 def launch_config(kernel, q: Tensor, tq: int, tk: int, dh: int) -> dict:
     """Block sizes and flags: 64×64 tiles (smaller for short sequences; 64×32 for d_head > 64 on GPU), 4 warps, 3
-    pipeline stages for 16-bit inputs and 2 for float32, IEEE
-    float32 dots for float32 inputs unless PyTorch allows TF32 for matmuls, and INTERPRETED, which switches on
-    two workarounds for Triton's interpreter: dot operands upcast to float32 (its bf16 dots are wrong and its
-    fp16 dots accumulate in fp16) and round-to-nearest-even float32 -> bfloat16 casts (it truncates)."""
+    pipeline stages for 16-bit inputs and 2 for float32, IEEE float32 dots for float32 inputs unless PyTorch
+    allows TF32 for matmuls, and INTERPRETED, which switches on two workarounds for Triton's interpreter: dot
+    operands upcast to float32 (its bf16 dots are wrong and its fp16 dots accumulate in fp16) and
+    round-to-nearest-even float32 -> bfloat16 casts (it truncates)."""
     interpreted = is_interpreted(kernel)
     block_d = max(16, triton.next_power_of_2(dh))
     block_m = min(64, max(16, triton.next_power_of_2(tq)))
@@ -123,10 +123,8 @@ def launch_config(kernel, q: Tensor, tq: int, tk: int, dh: int) -> dict:
         INPUT_PRECISION="tf32" if tf32 else "ieee",
     )
     if not interpreted:
-        # 16-bit inputs: a third pipeline stage hides more of the k/v tile loads. H100, GPT-2 small, 8 x 1024, bf16
-        # (benchmarks/results/2026-11-22-h100/call3-tune-attention-bf16.log): flash kernel 94 -> 64 us, pattern
-        # kernel 155 -> 147 us; 64 x 64 tiles with 4 warps stayed the best of the 17 configurations tried.
-        # float32 (IEEE dots) was not swept and keeps two stages.
+        # 16-bit inputs get a third pipeline stage, which hides more of the k/v tile loads; float32 tiles (twice
+        # the bytes, IEEE dots) keep two. benchmarks/tune_attention.py re-tunes tiles, warps and stages for a GPU.
         cfg.update(num_warps=4, num_stages=3 if q.element_size() == 2 else 2)
     return cfg
 

@@ -19,8 +19,8 @@ the launcher sums (deterministic; no atomics). No T×T memory.
 
 Supported: as `flash_attention` (float32 / bfloat16 / float16, d_head <= 128, any length, padding mask,
 pos_offset; the diagonal index is the row index of the `[q, k]` pattern, not the absolute position). At most 16
-statistics per call. Differences from the reference (`attention_stats_reference`: TL's pattern in q's dtype,
-then torch.diagonal means): the probabilities are float32 whatever the input dtype.
+statistics per call. Differences from the reference (TL's pattern from `hooklens.attention.reference_attention` in
+q's dtype, then torch.diagonal means): the probabilities are float32 whatever the input dtype.
 """
 from __future__ import annotations
 
@@ -86,26 +86,3 @@ def attention_stats(
         return z, sums
     denom = (stat_counts(stats, q.shape[1], k.shape[1]) * b).to(torch.float32).to(q.device)
     return z, sums.sum(1) / denom[:, None]
-
-
-def line_entries(pattern: Tensor, spec: StatSpec) -> Tensor:
-    """The entries of one statistic's line of a `[..., q, k]` pattern: `[..., n_entries]`."""
-    kind, value = spec
-    if kind == "column":
-        if value >= pattern.shape[-1]:
-            return pattern.new_zeros(pattern.shape[:-2] + (0,))
-        return pattern[..., :, value]
-    return pattern.diagonal(value, dim1=-2, dim2=-1)
-
-
-def attention_stats_reference(
-    q: Tensor, k: Tensor, v: Tensor, stats: Sequence[StatSpec], scale: Optional[float] = None,
-    pos_offset: int = 0, key_padding_mask: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
-    """TL's pattern in q's dtype, then the mean of each line over batch and entries: `(z, [n_stats, h])`."""
-    from hooklens.kernels.pattern_attention import pattern_attention_reference
-
-    _encode(stats, q.device)  # same validation
-    _, pattern, z = pattern_attention_reference(q, k, v, scale, pos_offset, key_padding_mask)
-    means = [line_entries(pattern, spec).transpose(0, 1).reshape(pattern.shape[1], -1).mean(-1) for spec in stats]
-    return z, torch.stack(means)

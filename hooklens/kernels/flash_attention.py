@@ -20,9 +20,9 @@ Supported: float32 / bfloat16 / float16 (q, k, v one dtype; z any of these), d_h
 of two >= 16 and masked), any lengths >= 1 (ragged edges masked, int64 offsets). CUDA tensors, or CPU tensors
 when Triton's interpreter is on (TRITON_INTERPRET=1 before `hooklens.kernels` is imported).
 
-Differences from the PyTorch reference (`flash_attention_reference` = TL's eager computation without the
-pattern): float32 scores and softmax for every input dtype; the unnormalized `p` is rounded to v's dtype before
-`p @ v` (as in FlashAttention); float32 dots use IEEE precision unless
+Differences from the PyTorch reference (`hooklens.attention.reference_attention`, TL's eager computation, which
+the tests hold the kernel to): float32 scores and softmax for every input dtype; the unnormalized `p` is rounded
+to v's dtype before `p @ v` (as in FlashAttention); float32 dots use IEEE precision unless
 `torch.backends.cuda.matmul.allow_tf32` is set; in the interpreter dot operands are upcast to float32. No autograd
 inside the kernel: `hooklens.attention` wraps it in an autograd.Function whose backward recomputes the
 attention with PyTorch ops.
@@ -37,8 +37,18 @@ import triton.language as tl
 from torch import Tensor
 
 from hooklens.kernels._common import (
-    check_out, check_qkv, launch_config, load_q_tile, load_v_tile, mask_arg, online_softmax_step, pv_dot, qk_tile,
-    row_lse2, store_z_tile, to_scale,
+    check_out,
+    check_qkv,
+    launch_config,
+    load_q_tile,
+    load_v_tile,
+    mask_arg,
+    online_softmax_step,
+    pv_dot,
+    qk_tile,
+    row_lse2,
+    store_z_tile,
+    to_scale,
 )
 
 
@@ -145,13 +155,3 @@ def _launch(q, k, v, scale, pos_offset, key_padding_mask, z_out, stat_spec: Opti
         HAS_MASK=key_padding_mask is not None, N_STATS=n_stats, **cfg,
     )
     return z, partial
-
-
-def flash_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, pos_offset: int = 0,
-    key_padding_mask: Optional[Tensor] = None,
-) -> Tensor:
-    """TL's eager computation (in q's dtype; pass float64 for a ground truth), returning z only."""
-    from hooklens.kernels.pattern_attention import pattern_attention_reference
-
-    return pattern_attention_reference(q, k, v, scale, pos_offset, key_padding_mask)[2]

@@ -22,7 +22,7 @@ rounding the float32 result), d_head 1..128 (tiles are padded to a power of two 
 q / k length >= 1 (ragged edges masked; offsets are int64 so `b*h*q*k` may exceed 2**31). CUDA tensors, or CPU
 tensors when Triton's interpreter is on (TRITON_INTERPRET=1 before `hooklens.kernels` is imported).
 
-Differences from the PyTorch reference (`pattern_attention_reference`, which is TL's computation): scores are
+Differences from the PyTorch reference (`hooklens.attention.reference_attention`, TL's computation): scores are
 accumulated and softmaxed in float32 even for bf16/fp16 inputs (the reference rounds scores and pattern to the
 input dtype), so low-precision results are closer to the float64 truth than the reference is; `p` is rounded to
 v's dtype before `p @ v` (as flash kernels and the reference do). float32 dots use IEEE precision unless
@@ -31,17 +31,26 @@ low-precision dots do not accumulate in float32). No autograd: inputs are read a
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from hooklens.kernels._common import (
-    cast_to, check_out, check_qkv, launch_config, load_q_tile, load_v_tile, mask_arg, online_softmax_step, pv_dot,
-    qk_tile, row_lse2, store_z_tile, to_scale,
+    cast_to,
+    check_out,
+    check_qkv,
+    launch_config,
+    load_q_tile,
+    load_v_tile,
+    mask_arg,
+    online_softmax_step,
+    pv_dot,
+    qk_tile,
+    row_lse2,
+    store_z_tile,
+    to_scale,
 )
 
 
@@ -156,31 +165,4 @@ def pattern_attention(
         h, tq, tk, dh, int(pos_offset), sm_scale,
         HAS_MASK=key_padding_mask is not None, WRITE_SCORES=scores is not None, **cfg,
     )
-    return scores, pattern, z
-
-
-def visible_keys(
-    q_len: int, k_len: int, pos_offset: int, key_padding_mask: Optional[Tensor], device: torch.device
-) -> Tensor:
-    """Boolean `[1|b, 1, q, k]`: True where query i may attend key j (causal + padding)."""
-    query_pos = torch.arange(pos_offset, pos_offset + q_len, device=device)
-    key_pos = torch.arange(k_len, device=device)
-    mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
-    if key_padding_mask is not None:
-        mask = mask & (key_padding_mask[:, None, None, :k_len] != 0)
-    return mask
-
-
-def pattern_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, pos_offset: int = 0,
-    key_padding_mask: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """TL's eager computation in q's dtype (pass float64 tensors for a ground truth): `(scores, pattern, z)`."""
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * sm_scale
-    mask = visible_keys(q.shape[1], k.shape[1], pos_offset, key_padding_mask, q.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    pattern = torch.softmax(scores, dim=-1)
-    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
-    z = torch.einsum("bhqk,bkhd->bqhd", pattern.to(v.dtype), v)
     return scores, pattern, z
