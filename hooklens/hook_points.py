@@ -2,11 +2,15 @@
 
 Semantics follow TransformerLens 3.9 (`fn(activation, hook)`; a returned tensor replaces the activation, `None`
 keeps it; temporary hooks vanish at the end of `run_with_hooks` / `hooks()` even when something raises), with
-three differences that only remove surprises:
+four differences that only remove surprises:
 
 * a HookPoint with no hooks costs one attribute check (no `nn.Module.__call__` machinery);
 * a hook that returns a tensor of the wrong shape raises an error naming the hook and the expected shape;
-* an unknown hook name raises with the closest valid names instead of silently doing nothing.
+* an unknown hook name raises with the closest valid names instead of silently doing nothing;
+* `run_with_cache(pos_slice=...)` cuts each activation's position axis as `hooklens.activation_layout` lists it;
+  TL's rule ("second from last, third for q/k/v/z/result") agrees on every default hook point but cuts the head
+  axis of `hook_q_input` / `hook_k_input` / `hook_v_input` / `hook_attn_in` (and of `ln1`'s hooks when the
+  inputs are split per head) and the batch axis of `hook_tokens`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from hooklens.activation_layout import find_layout
 from hooklens.utils import Slice
 
 HookFunction = Callable[..., Optional[Tensor]]
@@ -310,7 +315,7 @@ class HookedRootModule(nn.Module):
         # TL's Slice.unwrap: a bare int becomes [int] so the position dim is kept; a Slice is used as is.
         position_slice = None if pos_slice is None else Slice.unwrap(pos_slice)
 
-        def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool = False) -> None:
+        def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool = False, pos_axis: int = -2) -> None:
             key = hook.name + "_grad" if is_backward else hook.name
             stored = tensor.detach()
             if device is not None:
@@ -322,19 +327,26 @@ class HookedRootModule(nn.Module):
                         "run one prompt at a time or keep the batch dimension."
                     )
                 stored = stored[0]
-            if position_slice is not None:
-                pos_dim = -3 if hook.name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")) else -2
-                if stored.dim() >= -pos_dim:
-                    stored = position_slice.apply(stored, dim=pos_dim)
+            if position_slice is not None and -stored.dim() <= pos_axis < stored.dim():
+                stored = position_slice.apply(stored, dim=pos_axis)
             cache[key] = stored
 
         fwd_hooks, bwd_hooks = [], []
         for name in self.hook_dict:
             if name_filter_fn(name):
-                fwd_hooks.append((name, partial(save_hook, is_backward=False)))
+                pos_axis = self._cached_pos_axis(name, remove_batch_dim)
+                fwd_hooks.append((name, partial(save_hook, is_backward=False, pos_axis=pos_axis)))
                 if incl_bwd:
-                    bwd_hooks.append((name, partial(save_hook, is_backward=True)))
+                    bwd_hooks.append((name, partial(save_hook, is_backward=True, pos_axis=pos_axis)))
         return cache, fwd_hooks, bwd_hooks
+
+    def _cached_pos_axis(self, name: str, remove_batch_dim: bool) -> int:
+        """The axis a caching `pos_slice` cuts in the stored activation at `name` (non-negative, or -2 for a hook
+        point outside the layout table: there TL's rule, position second from last, applies)."""
+        layout = find_layout(name, getattr(self, "cfg", None))
+        if layout is None:
+            return -2
+        return layout.axis("pos", batch_dim=not remove_batch_dim)
 
     def _names_filter_fn(self, names_filter: NamesFilter) -> Callable[[str], bool]:
         if names_filter is None:
