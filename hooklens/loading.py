@@ -1,5 +1,7 @@
 """Loading GPT-2 checkpoints: name/path resolution, safe file reading, HF -> TL layout, weight processing.
 
+`load_checkpoint(name) -> (cfg, state_dict)` runs the whole pipeline; `HookedTransformer.from_pretrained` builds
+the model once from that config and loads the weights with `load_weights` (strict: every key and shape).
 Files are read with safetensors or `torch.load(weights_only=True)`: pickled code is never executed. Every key
 and shape of a checkpoint is checked before anything is loaded.
 """
@@ -10,17 +12,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from hooklens import config as hooklens_config
 from hooklens import tokenizer as tok
 from hooklens.config import HookedTransformerConfig, config_from_hf
-
-if TYPE_CHECKING:  # pragma: no cover
-    from hooklens.model import HookedTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class CheckpointError(ValueError):
 # -- finding the checkpoint -------------------------------------------------------------------------------------
 def _hf_cache_dir() -> Path:
     try:
-        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.constants import HF_HUB_CACHE  # lazy: only resolving a name needs huggingface_hub
 
         return Path(HF_HUB_CACHE)
     except Exception:  # pragma: no cover - huggingface_hub always ships with transformers
@@ -60,7 +60,8 @@ def _cached_snapshot(repo_id: str) -> Optional[Path]:
     snapshots = repo_dir / "snapshots"
     if not snapshots.is_dir():
         return None
-    candidates = [p for p in snapshots.iterdir() if (p / "config.json").exists() and any((p / f).exists() for f in WEIGHT_FILES)]
+    candidates = [p for p in snapshots.iterdir()
+                  if (p / "config.json").exists() and any((p / f).exists() for f in WEIGHT_FILES)]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
@@ -106,7 +107,7 @@ def read_weight_file(model_dir: Path) -> Dict[str, Tensor]:
         if pth_files:
             bin_file = pth_files[0]
     if safetensors_file.exists():
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: only reading a checkpoint needs safetensors
 
         try:
             return load_file(str(safetensors_file))
@@ -157,7 +158,8 @@ def convert_hf_gpt2_state_dict(hf_state: Dict[str, Tensor], cfg: HookedTransform
     expected = _expected_hf_shapes(cfg)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} (expected {expected[k]})" for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    wrong = [f"{k}: {tuple(state[k].shape)} (expected {expected[k]})"
+             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -168,7 +170,9 @@ def convert_hf_gpt2_state_dict(hf_state: Dict[str, Tensor], cfg: HookedTransform
             parts.append("wrong shapes " + "; ".join(wrong[:8]))
         raise CheckpointError("Checkpoint does not match its config.json as a GPT-2: " + ", ".join(parts) + ".")
     if lm_head is not None and tuple(lm_head.shape) != (cfg.d_vocab, cfg.d_model):
-        raise CheckpointError(f"lm_head.weight has shape {tuple(lm_head.shape)}, expected {(cfg.d_vocab, cfg.d_model)}.")
+        raise CheckpointError(
+            f"lm_head.weight has shape {tuple(lm_head.shape)}, expected {(cfg.d_vocab, cfg.d_model)}."
+        )
 
     h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
     out = {
@@ -199,7 +203,9 @@ def convert_hf_gpt2_state_dict(hf_state: Dict[str, Tensor], cfg: HookedTransform
 
 
 # -- weight processing (TL's formulas, in TL's order) -------------------------------------------------------------
-def fold_layer_norm(state: Dict[str, Tensor], cfg: HookedTransformerConfig, fold_biases: bool = True, center_weights: bool = True) -> Dict[str, Tensor]:
+def fold_layer_norm(
+    state: Dict[str, Tensor], cfg: HookedTransformerConfig, fold_biases: bool = True, center_weights: bool = True
+) -> Dict[str, Tensor]:
     """Fold each LayerNorm's w (and b) into the weights that read its output; optionally centre those reads."""
     for l in range(cfg.n_layers):
         t = f"blocks.{l}."
@@ -275,7 +281,8 @@ def fold_value_biases(state: Dict[str, Tensor], cfg: HookedTransformerConfig) ->
 
 
 def _svd_of_product(A: Tensor, B: Tensor):
-    """SVD of A @ B (A: [..., m, k], B: [..., k, n]) truncated to its k components: U [.., m, k], S [.., k], Vh [.., k, n]."""
+    """SVD of A @ B (A: [..., m, k], B: [..., k, n]) truncated to its k components:
+    U [..., m, k], S [..., k], Vh [..., k, n]."""
     U, S, Vh = torch.linalg.svd(A @ B, full_matrices=False)
     k = A.shape[-1]
     return U[..., :k], S[..., :k], Vh[..., :k, :]
@@ -330,124 +337,143 @@ def process_weights(
     return state
 
 
-def load_and_process_state_dict(
-    model: "HookedTransformer", state_dict: Dict[str, Tensor], fold_ln: bool = True, center_writing_weights: bool = True,
-    center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-) -> None:
-    """Process a TL-format state dict and load it, turning LN into LNPre when its weights were folded."""
-    from hooklens.components import LayerNormPre
+def tl_bias_shapes(cfg: HookedTransformerConfig) -> Dict[str, Tuple[int, ...]]:
+    """Every bias of a TL-format state dict for `cfg`, with its shape."""
+    h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+    shapes: Dict[str, Tuple[int, ...]] = {"unembed.b_U": (cfg.d_vocab_out,)}
+    for l in range(cfg.n_layers):
+        t = f"blocks.{l}."
+        shapes.update({t + "attn.b_Q": (h, dh), t + "attn.b_K": (h, dh), t + "attn.b_V": (h, dh), t + "attn.b_O": (d,)})
+        if not cfg.attn_only:
+            shapes.update({t + "mlp.b_in": (cfg.d_mlp,), t + "mlp.b_out": (d,)})
+    return shapes
 
-    cfg = model.cfg
-    low_precision = any(v.is_floating_point() and v.dtype not in (torch.float32, torch.float64) for v in state_dict.values())
-    if low_precision and fold_ln:  # from_pretrained processes in float32 before casting, so it never warns
-        logger.warning("Processing weights in reduced precision loses accuracy; consider from_pretrained_no_processing.")
-    # Like TL's fill_missing_keys, a bias the state dict leaves out is zero: TL's own GPT-2 converter
-    # (`convert_gpt2_weights`) emits no `unembed.b_U`, since GPT-2 has no unembedding bias.
-    own_before = model.state_dict()
-    missing_biases = [k for k in own_before if k not in state_dict and k.rsplit(".", 1)[-1].startswith("b_")]
-    if missing_biases:
-        logger.info("State dict has no %s; filling with zeros.", missing_biases)
-        like = next((v for v in state_dict.values() if v.is_floating_point()), own_before[missing_biases[0]])
-        zeros = {k: torch.zeros(own_before[k].shape, dtype=like.dtype, device=like.device) for k in missing_biases}
-        state_dict = {**state_dict, **zeros}
-    fold_ln = fold_ln and cfg.normalization_type == "LN" and "ln_final.w" in state_dict
+
+def fill_missing_biases(state: Dict[str, Tensor], cfg: HookedTransformerConfig) -> Dict[str, Tensor]:
+    """A bias the state dict leaves out is zero, like TL's `fill_missing_keys`: TL's own GPT-2 converter
+    (`convert_gpt2_weights`) emits no `unembed.b_U`, since GPT-2 has no unembedding bias. Returns a new dict."""
+    missing = {k: shape for k, shape in tl_bias_shapes(cfg).items() if k not in state}
+    if not missing:
+        return dict(state)
+    logger.info("State dict has no %s; filling with zeros.", sorted(missing))
+    like = next((v for v in state.values() if v.is_floating_point()), torch.empty(0, dtype=cfg.dtype))
+    return {**state, **{k: torch.zeros(shape, dtype=like.dtype, device=like.device) for k, shape in missing.items()}}
+
+
+def process_state_dict(
+    state: Dict[str, Tensor], cfg: HookedTransformerConfig, fold_ln: bool = True, center_writing_weights: bool = True,
+    center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+) -> Tuple[Dict[str, Tensor], bool]:
+    """TL's `load_and_process_state_dict` without the load: fill missing biases, then process.
+
+    Returns `(processed, ln_folded)`. LayerNorm is folded only into a model with LN weights ("LN") from a state
+    dict that holds them; once folded, the model's norms must be LNPre (`normalization_type="LNPre"`)."""
+    ln_folded = fold_ln and cfg.normalization_type == "LN" and "ln_final.w" in state
     processed = process_weights(
-        state_dict, cfg, fold_ln, center_writing_weights, center_unembed, fold_value_biases, refactor_factored_attn_matrices
+        fill_missing_biases(state, cfg), cfg, ln_folded, center_writing_weights, center_unembed, fold_value_biases,
+        refactor_factored_attn_matrices,
     )
-    if fold_ln:
-        cfg.normalization_type = "LNPre"
-        model.ln_final = LayerNormPre(cfg)
-        for block in model.blocks:
-            block.ln1 = LayerNormPre(cfg)
-            if not cfg.attn_only:
-                block.ln2 = LayerNormPre(cfg)
-                if cfg.act_fn == "solu_ln":
-                    block.mlp.ln = LayerNormPre(cfg, cfg.d_mlp)
-    buffers = {name for name, _ in model.named_buffers()}
-    # Buffers (TL's unused attention `mask`/`IGNORE`) carry no weights: keep the model's own.
-    processed = {k: v for k, v in processed.items() if k not in buffers}
-    own = {k: v for k, v in model.state_dict().items() if k not in buffers}
-    missing = sorted(set(own) - set(processed))
-    unexpected = sorted(set(processed) - set(own))
+    return processed, ln_folded
+
+
+def load_weights(model: nn.Module, state_dict: Dict[str, Tensor]) -> None:
+    """Load every parameter of `model` from `state_dict`, strictly: the state dict must hold exactly the model's
+    parameter names, with the model's shapes, or a CheckpointError names the differences. Buffers (TL's unused
+    attention `mask`/`IGNORE`) carry no weights: the model keeps its own, whatever the state dict holds."""
+    own = model.state_dict()
+    buffers = {name for name, _ in model.named_buffers() if name in own}
+    weights = {k: v for k, v in state_dict.items() if k not in buffers}
+    expected = {k: tuple(v.shape) for k, v in own.items() if k not in buffers}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"State dict does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}.")
-    for key, value in processed.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}.")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in processed.items()}, strict=False)
-    model.setup()
+    for key, value in weights.items():
+        if tuple(value.shape) != expected[key]:
+            raise CheckpointError(f"{key} has shape {tuple(value.shape)}, the model expects {expected[key]}.")
+    model.load_state_dict({**{k: own[k] for k in buffers}, **weights}, strict=True)
 
 
-def _tokenizer_for(model_dir: Optional[Path], cfg: HookedTransformerConfig, tl_format: bool) -> Any:
-    """The directory's own tokenizer, else the shipped GPT-2 one (for TL-format checkpoints only when the
-    vocabulary is GPT-2's: TL's toy models use other tokenizers), else none."""
+# -- from a name, a directory or an HF model to (config, processed weights) ---------------------------------------
+def tokenizer_source(model_dir: Optional[Path], cfg: HookedTransformerConfig, tl_format: bool) -> Optional[str]:
+    """Where the checkpoint's tokenizer comes from: the directory's own tokenizer files, else the GPT-2 tokenizer
+    shipped with hooklens (for TL-format checkpoints only when the vocabulary is GPT-2's: TL's toy models use
+    other tokenizers), else None (the model takes token ids only)."""
     if model_dir is not None and tok.has_tokenizer_files(model_dir):
-        return tok.load_tokenizer(str(model_dir))
+        return str(model_dir)
     if not tl_format or cfg.d_vocab == 50257:
-        return tok.load_tokenizer(None)
+        return str(tok.SHIPPED_TOKENIZER_DIR)
     logger.warning("No tokenizer files in %s and d_vocab=%d is not GPT-2's: the model takes token ids only "
                    "(model.set_tokenizer(...) adds one).", model_dir, cfg.d_vocab)
     return None
 
 
-def load_pretrained(
-    cls, model_name: Any, *, hf_model: Any = None, tokenizer: Any = None, device: Any = None,
-    dtype: Union[torch.dtype, str] = torch.float32, fold_ln: bool = True, center_writing_weights: bool = True,
-    center_unembed: bool = True, fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
-    default_prepend_bos: bool = True, default_padding_side: str = "right", move_to_device: bool = True,
-    first_n_layers: Optional[int] = None, n_ctx: Optional[int] = None, **config_overrides: Any,
-) -> "HookedTransformer":
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model_dir: Optional[Path] = None
-    tl_format = False
+def read_checkpoint(
+    model_name: Any, hf_model: Any = None, dtype: torch.dtype = torch.float32
+) -> Tuple[HookedTransformerConfig, Dict[str, Tensor]]:
+    """The checkpoint's config and its unprocessed weights in TL's layout (converted from HF's unless the directory
+    is TL-format, as TL's toy models are published). `cfg.tokenizer_name` is set by `tokenizer_source`."""
     if hf_model is not None:
-        hf_config, hf_state = hf_model.config, {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
-        name = str(model_name)
-    else:
-        from transformers import GPT2Config
+        cfg = config_from_hf(hf_model.config, dtype=dtype, model_name=str(model_name))
+        hf_state = {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
+        cfg.tokenizer_name = tokenizer_source(None, cfg, tl_format=False)
+        return cfg, convert_hf_gpt2_state_dict(hf_state, cfg)
+    from transformers import GPT2Config  # lazy: transformers takes seconds to import and only loading needs it
 
-        model_dir = resolve_model_dir(model_name)
-        try:
-            raw_config = json.loads((model_dir / "config.json").read_text())
-        except Exception as err:
-            raise CheckpointError(f"Could not read {model_dir / 'config.json'}: {err}") from err
-        # A TransformerLens-format directory (as TL's toy models are published) has TL field names.
-        tl_format = "model_type" not in raw_config and "n_layers" in raw_config and "d_model" in raw_config
-        hf_config = None if tl_format else GPT2Config.from_dict(raw_config)
-        hf_state = read_weight_file(model_dir)
-        name = Path(str(model_name)).name if Path(str(model_name)).is_dir() else str(model_name)
+    model_dir = resolve_model_dir(model_name)
+    try:
+        raw_config = json.loads((model_dir / "config.json").read_text())
+    except Exception as err:
+        raise CheckpointError(f"Could not read {model_dir / 'config.json'}: {err}") from err
+    state = read_weight_file(model_dir)
+    name = Path(str(model_name)).name if Path(str(model_name)).is_dir() else str(model_name)
+    tl_format = "model_type" not in raw_config and "n_layers" in raw_config and "d_model" in raw_config
     if tl_format:
         cfg = HookedTransformerConfig.from_dict({**raw_config, "dtype": dtype, "device": "cpu", "init_weights": False})
         cfg.model_name = raw_config.get("model_name", name)
     else:
-        cfg = config_from_hf(hf_config, dtype=dtype, model_name=name)
+        cfg = config_from_hf(GPT2Config.from_dict(raw_config), dtype=dtype, model_name=name)
+        state = convert_hf_gpt2_state_dict(state, cfg)
+    cfg.tokenizer_name = tokenizer_source(model_dir, cfg, tl_format)
+    return cfg, state
+
+
+def load_checkpoint(
+    model_name: Any, hf_model: Any = None, *, device: Any = None, dtype: Union[torch.dtype, str] = torch.float32,
+    fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+    fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False, default_prepend_bos: bool = True,
+    first_n_layers: Optional[int] = None, n_ctx: Optional[int] = None, **config_overrides: Any,
+) -> Tuple[HookedTransformerConfig, Dict[str, Tensor]]:
+    """A GPT-2 checkpoint as `(cfg, state_dict)`: `HookedTransformer(cfg)` takes `state_dict` strictly.
+
+    Reads the checkpoint (`read_checkpoint`), applies the settings and `config_overrides` to its config, keeps the
+    first `first_n_layers` blocks and `n_ctx` positions, and processes the weights as TL does, in float32 (float64
+    for a float64 model), before casting them to `dtype`. The config describes the processed weights: its
+    normalization is "LNPre" once LayerNorm is folded."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    cfg, state = read_checkpoint(model_name, hf_model, dtype)
     cfg.default_prepend_bos = default_prepend_bos
     cfg.device = str(device) if device is not None else hooklens_config.default_device()
+    cfg.init_weights = False  # every weight comes from the checkpoint
     for key, value in config_overrides.items():
         if not hasattr(cfg, key):
             raise TypeError(f"from_pretrained got an unknown argument {key!r}.")
         setattr(cfg, key, value)
-    tl_state = dict(hf_state) if tl_format else convert_hf_gpt2_state_dict(hf_state, cfg)
-    tl_state, cfg = _truncate(tl_state, cfg, first_n_layers, n_ctx)
-    if tokenizer is None:
-        tokenizer = _tokenizer_for(model_dir, cfg, tl_format)
-    cfg.tokenizer_name = None
-    cfg.init_weights = False
-    model = cls(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=default_padding_side)
-    # Process in float32 (or float64) like TL, then cast to the requested dtype.
+    state, cfg = truncate_checkpoint(state, cfg, first_n_layers, n_ctx)
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    tl_state = {k: v.to(work_dtype) for k, v in tl_state.items()}
-    load_and_process_state_dict(
-        model, tl_state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed, fold_value_biases=fold_value_biases,
-        refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+    state, ln_folded = process_state_dict(
+        {k: v.to(work_dtype) for k, v in state.items()}, cfg, fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
     )
-    return (model.to(cfg.device) if move_to_device else model).eval()
+    if ln_folded:
+        cfg.normalization_type = "LNPre"
+    return cfg, {k: v.to(dtype) for k, v in state.items()}
 
 
-def _truncate(tl_state: Dict[str, Tensor], cfg: HookedTransformerConfig, first_n_layers: Optional[int],
-              n_ctx: Optional[int]) -> Tuple[Dict[str, Tensor], HookedTransformerConfig]:
+def truncate_checkpoint(
+    tl_state: Dict[str, Tensor], cfg: HookedTransformerConfig, first_n_layers: Optional[int], n_ctx: Optional[int]
+) -> Tuple[Dict[str, Tensor], HookedTransformerConfig]:
     """Keep the first `first_n_layers` blocks and the first `n_ctx` positions (TL's from_pretrained arguments)."""
     if first_n_layers is not None:
         if not 1 <= first_n_layers <= cfg.n_layers:
