@@ -177,20 +177,27 @@ class HookedTransformerConfig:
         return self.act_fn == "solu_ln"
 
 
-def config_from_hf(hf_config: Any, dtype: torch.dtype = torch.float32, model_name: str = "custom") -> HookedTransformerConfig:
+def config_from_hf(
+    hf_config: Any, dtype: torch.dtype = torch.float32, model_name: str = "custom"
+) -> HookedTransformerConfig:
     """Translate a Hugging Face `GPT2Config` into a HookedTransformerConfig (as TL's GPT-2 conversion does)."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type != "gpt2":
-        raise NotImplementedError(
-            f"hooklens loads GPT-2-architecture checkpoints only (config.json model_type 'gpt2'), got {model_type!r}."
-        )
+        raise NotImplementedError(f"hooklens loads GPT-2-architecture checkpoints only (config.json model_type "
+                                  f"'gpt2'), got {model_type!r}.")
     act = hf_config.activation_function
     if act not in SUPPORTED_ACTIVATIONS:
-        raise NotImplementedError(f"activation_function={act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}.")
+        raise NotImplementedError(
+            f"activation_function={act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}."
+        )
     d_model = hf_config.n_embd
     n_heads = hf_config.n_head
-    if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or getattr(hf_config, "reorder_and_upcast_attn", False):
-        raise NotImplementedError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported.")
+    if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or getattr(
+        hf_config, "reorder_and_upcast_attn", False
+    ):
+        raise NotImplementedError(
+            "GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported."
+        )
     return HookedTransformerConfig(
         n_layers=hf_config.n_layer,
         d_model=d_model,

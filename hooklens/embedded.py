@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hooklens.model import HookedTransformer
+
 __all__ = ["EMBEDDED_MODEL_NAME", "embedded_model_dir", "load_embedded"]
 
 EMBEDDED_MODEL_NAME = "gpt2-embedded"
@@ -31,6 +33,4 @@ def load_embedded(**from_pretrained_kwargs: Any):
     The weights are stored in float16 and loaded as float32 unless `dtype=` says otherwise; the tokenizer is the
     GPT-2 one shipped in `hooklens/assets/gpt2-tokenizer`.
     """
-    from hooklens.model import HookedTransformer
-
     return HookedTransformer.from_pretrained(str(embedded_model_dir()), **from_pretrained_kwargs)

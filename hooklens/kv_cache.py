@@ -17,7 +17,9 @@ class HookedTransformerKeyValueCacheEntry:
     frozen: bool = False
 
     @classmethod
-    def init_cache_entry(cls, cfg: HookedTransformerConfig, device, batch_size: int = 1) -> "HookedTransformerKeyValueCacheEntry":
+    def init_cache_entry(
+        cls, cfg: HookedTransformerConfig, device, batch_size: int = 1
+    ) -> "HookedTransformerKeyValueCacheEntry":
         empty = torch.empty(batch_size, 0, cfg.n_heads, cfg.d_head, device=device, dtype=cfg.dtype)
         return cls(past_keys=empty, past_values=empty.clone())
 
@@ -38,7 +40,8 @@ class HookedTransformerKeyValueCache:
 
     @classmethod
     def init_cache(cls, cfg: HookedTransformerConfig, device, batch_size: int = 1) -> "HookedTransformerKeyValueCache":
-        entries = [HookedTransformerKeyValueCacheEntry.init_cache_entry(cfg, device, batch_size) for _ in range(cfg.n_layers)]
+        entries = [HookedTransformerKeyValueCacheEntry.init_cache_entry(cfg, device, batch_size)
+                   for _ in range(cfg.n_layers)]
         return cls(entries=entries, previous_attention_mask=torch.empty(batch_size, 0, device=device, dtype=torch.long))
 
     def freeze(self) -> None:

@@ -71,6 +71,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
             self.to(cfg.device)
         self.setup()
 
+    # -- device and dtype ---------------------------------------------------------------------------------------
     def to(self, *args: Any, print_details: bool = False, **kwargs: Any) -> "HookedTransformer":
         """`nn.Module.to` that keeps `cfg.device` and `cfg.dtype` in sync (LayerNorm casts to `cfg.dtype`).
 
@@ -330,7 +331,8 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
         return_type: Optional[str] = "input",
         verbose: bool = True,
     ) -> Union[str, List[str], Tensor]:
-        """Sample (or greedily decode with `do_sample=False`) up to `max_new_tokens` tokens, with a KV cache."""
+        """Sample (or greedily decode with `do_sample=False`) up to `max_new_tokens` tokens, with a KV cache
+        (see `hooklens.generation.generate`)."""
         return generation.generate(
             self, input, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
             do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,

@@ -17,14 +17,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 def has_tokenizer_files(directory: os.PathLike | str) -> bool:
     directory = Path(directory)
-    return directory.is_dir() and (
-        (directory / "tokenizer.json").exists() or ((directory / "vocab.json").exists() and (directory / "merges.txt").exists())
-    )
+    has_bpe_files = (directory / "vocab.json").exists() and (directory / "merges.txt").exists()
+    return directory.is_dir() and ((directory / "tokenizer.json").exists() or has_bpe_files)
 
 
 def load_tokenizer(name_or_dir: Optional[str] = None) -> Any:
     """A Hugging Face tokenizer from `name_or_dir` if it holds tokenizer files, else the shipped GPT-2 one."""
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # lazy: transformers is slow to import
 
     if name_or_dir is not None and has_tokenizer_files(name_or_dir):
         if (Path(name_or_dir) / "tokenizer_config.json").exists():
