@@ -8,7 +8,7 @@
 //   lowrank_fro_norm(A, B) -> [...]                  ||A @ B||_F
 //   lowrank_trace(A, B)    -> [...]                  trace(A @ B)
 //   small_eigvals(C, solver="auto") -> complex [..., k]   eigenvalues of square C [..., k, k], same ordering;
-//                             solver: "auto" | "lanes" | "scalar" | "lapack" (which CPU solver; for tests)
+//                             solver: "auto" | "lanes" | "scalar" | "lapack" (which host solver; for tests)
 //   lowrank_max(A, B)      -> values [..., m], indices [..., m] (int64)   max of each row of A @ B and the
 //                             first column attaining it (torch.max(A @ B, dim=-1) semantics, NaN wins)
 //   _lowrank_max_chunked(A, B, chunk_bytes) -> lowrank_max's CUDA kernel, registered for every device (tests)
@@ -16,12 +16,14 @@
 // Leading (batch) dimensions broadcast like torch.matmul. float32 and float64 are supported. A matrix with a
 // NaN or inf entry gets all-NaN eigenvalues.
 //
-// CPU: lowrank_eigvals has its own solver for k <= 128 (balancing + Hessenberg reduction by stabilised
-// elementary similarity transforms + Francis double-shift QR, eigenvalues only: EISPACK balanc/elmhes/hqr),
-// run in double precision and in parallel over the batch; with AVX2 + FMA four matrices at a time, one per
-// SIMD lane (small_eig_lanes.h). lowrank_svd runs ATen's QR/SVD chain, on CPU in parallel over the batch.
-// Everything else (and eigvals for k > 128, or a matrix on which the QR iteration does not converge) goes
-// through ATen, so the same kernels serve CUDA.
+// Eigenvalues: lowrank_eigvals and small_eigvals have their own host solver for k <= 128 (balancing + Hessenberg
+// reduction by stabilised elementary similarity transforms + Francis double-shift QR, eigenvalues only: EISPACK
+// balanc/elmhes/hqr), run in double precision and in parallel over the batch; with AVX2 + FMA four matrices at a
+// time, one per SIMD lane (small_eig_lanes.h). Device policy: the same kernel serves CPU and CUDA, and CUDA
+// matrices take one round trip to that host solver (eigvals_host_route says why). k > 128 and a matrix on which
+// the QR iteration does not converge go to LAPACK on the host; solver "lapack" to torch.linalg on C's device.
+// lowrank_svd runs ATen's QR/SVD chain, on CPU in parallel over the batch. lowrank_fro_norm and lowrank_trace are
+// ATen expressions, the same kernel on every device.
 //
 // lowrank_max never holds more than a cache-sized tile of A @ B: on CPU it multiplies row blocks of A by
 // column blocks of B (BLAS through ATen) and folds each tile into running row maxima while it is still in
@@ -530,25 +532,28 @@ Tensor eigvals_cpu(const Tensor& C, at::ScalarType out_dtype, EigSolver solver) 
   return out;
 }
 
-Tensor lowrank_eigvals_generic(const Tensor& A, const Tensor& B) {
+// The device policy of both eigenvalue operators, decided here once for every device: eigenvalues come from the
+// batched host solver above wherever the matrices live. torch.linalg.eigvals on CUDA hands each matrix to a hybrid
+// MAGMA solver, one matrix at a time with a synchronization each; a batch of small matrices instead makes one
+// transfer to the host and k eigenvalues per matrix come back. `solver == kLapack` asks for torch.linalg's solver on
+// the matrices' own device. Because the route is chosen in the kernel, torch.ops.hooklens.* and the Python
+// wrappers in hooklens/ops/lowrank.py (which call these operators) always agree.
+Tensor eigvals_host_route(const Tensor& C, at::ScalarType out_dtype, EigSolver solver) {
+  // C: [..., k, k] float64 on any device -> [..., k] out_dtype on C's device.
+  if (solver == EigSolver::kLapack) return eigvals_via_aten(C, out_dtype);
+  if (C.device().is_cpu()) return eigvals_cpu(C, out_dtype, solver);
+  const Tensor on_host = eigvals_cpu(C.to(at::Device(at::kCPU), at::kDouble), out_dtype, solver);
+  return on_host.to(C.device(), out_dtype);
+}
+
+Tensor lowrank_eigvals_kernel(const Tensor& A, const Tensor& B) {
   check_factors("hooklens::lowrank_eigvals", A, B, /*square=*/true);
-  return eigvals_via_aten(core_matrix_double(A, B), complex_dtype_for(A.scalar_type()));
+  return eigvals_host_route(core_matrix_double(A, B), complex_dtype_for(A.scalar_type()), EigSolver::kAuto);
 }
 
-Tensor lowrank_eigvals_cpu(const Tensor& A, const Tensor& B) {
-  check_factors("hooklens::lowrank_eigvals", A, B, /*square=*/true);
-  return eigvals_cpu(core_matrix_double(A, B), complex_dtype_for(A.scalar_type()), EigSolver::kAuto);
-}
-
-Tensor small_eigvals_cpu(const Tensor& C, c10::string_view solver) {
+Tensor small_eigvals_kernel(const Tensor& C, c10::string_view solver) {
   check_square("hooklens::small_eigvals", C);
-  return eigvals_cpu(C.to(at::kDouble), complex_dtype_for(C.scalar_type()), parse_solver(solver));
-}
-
-Tensor small_eigvals_generic(const Tensor& C, c10::string_view solver) {
-  check_square("hooklens::small_eigvals", C);
-  parse_solver(solver);  // validates; off the CPU every choice is torch.linalg's solver
-  return eigvals_via_aten(C.to(at::kDouble), complex_dtype_for(C.scalar_type()));
+  return eigvals_host_route(C.to(at::kDouble), complex_dtype_for(C.scalar_type()), parse_solver(solver));
 }
 
 std::tuple<Tensor, Tensor, Tensor> lowrank_svd_impl(const Tensor& A, const Tensor& B) {
@@ -828,22 +833,23 @@ TORCH_LIBRARY_IMPL(hooklens, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(hooklens, CPU, m) {
-  m.impl("lowrank_eigvals", &lowrank_eigvals_cpu);
+  m.impl("lowrank_eigvals", &lowrank_eigvals_kernel);
   m.impl("lowrank_svd", &lowrank_svd_cpu);
   m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
   m.impl("lowrank_trace", &lowrank_trace_impl);
   m.impl("lowrank_max", &lowrank_max_cpu);
-  m.impl("small_eigvals", &small_eigvals_cpu);
+  m.impl("small_eigvals", &small_eigvals_kernel);
 }
 
-// The same ATen-only kernels serve CUDA (eigenvalues through torch.linalg's solver).
+// CUDA: the ATen-only kernels, and the eigenvalue kernels' host route (eigvals_host_route). Registering for the CUDA
+// key needs no CUDA headers, so this compiles on CPU-only machines too.
 TORCH_LIBRARY_IMPL(hooklens, CUDA, m) {
-  m.impl("lowrank_eigvals", &lowrank_eigvals_generic);
+  m.impl("lowrank_eigvals", &lowrank_eigvals_kernel);
   m.impl("lowrank_svd", &lowrank_svd_impl);
   m.impl("lowrank_fro_norm", &lowrank_fro_norm_impl);
   m.impl("lowrank_trace", &lowrank_trace_impl);
   m.impl("lowrank_max", &lowrank_max_generic);
-  m.impl("small_eigvals", &small_eigvals_generic);
+  m.impl("small_eigvals", &small_eigvals_kernel);
 }
 
 }  // namespace hooklens

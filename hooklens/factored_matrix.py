@@ -26,6 +26,8 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from hooklens.utils import get_corner
+
 Index = Union[int, slice, Tuple[Any, ...], None]
 
 
@@ -174,21 +176,17 @@ class FactoredMatrix:
     @property
     def eigenvalues(self) -> Tensor:
         """The mdim eigenvalues of the (square) matrix that can be nonzero: those of `B @ A`. Complex `[..., mdim]`."""
-        from hooklens.ops import lowrank
-
         BA = self.BA
         if BA.dtype in (torch.float16, torch.bfloat16):
             BA = BA.float()
-        return lowrank.small_eigvals(BA)
+        return _lowrank().small_eigvals(BA)
 
     @cached_property
     def _svd(self) -> Tuple[Tensor, Tensor, Tensor]:
-        from hooklens.ops import lowrank
-
         A, B = self.A, self.B
         if A.dtype in (torch.float16, torch.bfloat16):
             A, B = A.float(), B.float()
-        return lowrank.svd(A.contiguous(), B.contiguous())
+        return _lowrank().svd(A.contiguous(), B.contiguous())
 
     def svd(self) -> Tuple[Tensor, Tensor, Tensor]:
         """Thin SVD `(U [..., ldim, mdim], S [..., mdim], V [..., rdim, mdim])` with
@@ -234,9 +232,7 @@ class FactoredMatrix:
     def norm(self) -> Tensor:
         """Frobenius norm `[...]`, from the two mdim × mdim Gram matrices (the product is never formed)."""
         if self._left is None and self._right is None:
-            from hooklens.ops import lowrank
-
-            return lowrank.fro_norm(self.A.contiguous(), self.B.contiguous())
+            return _lowrank().fro_norm(self.A.contiguous(), self.B.contiguous())
         squared = (self._gram_left() * self._gram_right()).sum((-2, -1))
         return squared.clamp(min=0).sqrt().broadcast_to(self.batch_shape)
 
@@ -249,8 +245,7 @@ class FactoredMatrix:
         """`torch.max(self.AB, dim)` as `(values, indices)`, without forming `AB`: `dim=-1` reduces each row,
         `dim=-2` each column. A [50257 x 50257] full circuit (10 GB dense) is reduced tile by tile in cache,
         e.g. top-1 accuracy of a circuit is `(fm.argmax(-1) == torch.arange(fm.ldim)).float().mean()`."""
-        from hooklens.ops import lowrank
-
+        lowrank = _lowrank()
         reduce_rows = self._reduction_dim(dim, "max")
         A, B = (self.A, self.B) if reduce_rows else (_t(self.B), _t(self.A))
         if A.dtype in (torch.float16, torch.bfloat16):
@@ -300,7 +295,9 @@ class FactoredMatrix:
         return FactoredMatrix(self.A.unsqueeze(k), self.B.unsqueeze(k))
 
     def to(self, *args: Any, **kwargs: Any) -> "FactoredMatrix":
-        move = lambda t: None if t is None else t.to(*args, **kwargs)
+        def move(t):
+            return None if t is None else t.to(*args, **kwargs)
+
         return FactoredMatrix(move(self._A), move(self._B), left=move(self._left), right=move(self._right))
 
     def __getitem__(self, idx: Index) -> "FactoredMatrix":
@@ -318,7 +315,9 @@ class FactoredMatrix:
             row, col = _keep_dim(idx[-2]), _keep_dim(idx[-1])
         if any(not _is_full(i) for i in batch_idx):
             # Leading dims first, on views: `full_ov[l, h]` must not materialize anything for all heads.
-            pick = lambda t: None if t is None else t[batch_idx]
+            def pick(t):
+                return None if t is None else t[batch_idx]
+
             left, A, B, right = (pick(t) for t in self._broadcast_factors())
             picked = FactoredMatrix(A, B, left=left, right=right)
             return picked._slice(row, col, materialize=False)
@@ -352,7 +351,9 @@ class FactoredMatrix:
 
     def _broadcast_factors(self) -> List[Optional[Tensor]]:
         """Factors expanded to the full leading shape, so leading-dim indices apply to each of them."""
-        expand = lambda t: None if t is None else t.broadcast_to(self.batch_shape + t.shape[-2:])
+        def expand(t):
+            return None if t is None else t.broadcast_to(self.batch_shape + t.shape[-2:])
+
         return [expand(self._left), expand(self._A), expand(self._B), expand(self._right)]
 
 
@@ -374,6 +375,12 @@ def _keep_dim(index: Any) -> Any:
 
 
 def _corner(tensor: Tensor, k: int) -> Tensor:
-    from hooklens.utils import get_corner
-
     return get_corner(tensor, k)
+
+
+def _lowrank():
+    """`hooklens.ops.lowrank`, imported on first use (lazy: importing it loads torch._dynamo, about a second,
+    which `import hooklens` should not pay for)."""
+    from hooklens.ops import lowrank
+
+    return lowrank

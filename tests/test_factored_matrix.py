@@ -6,15 +6,15 @@ import warnings
 import pytest
 import torch
 
-from hooklens import FactoredMatrix, HookedTransformer
 import hooklens.utils as utils
+from hooklens import FactoredMatrix, HookedTransformer
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from transformer_lens import FactoredMatrix as TLFactoredMatrix
     import transformer_lens.utils as tl_utils
+    from transformer_lens import FactoredMatrix as TLFactoredMatrix
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
@@ -63,8 +63,9 @@ def test_dense_equivalents(case):
     assert_close(U @ torch.diag_embed(S) @ V.transpose(-2, -1), dense, atol=1e-9, what="reconstruction")
     eye = torch.eye(fm.mdim, dtype=A.dtype)
     rank = int(torch.linalg.matrix_rank(dense).min())
-    assert_close((U.transpose(-2, -1) @ U)[..., :rank, :rank], eye[:rank, :rank].expand_as((U.transpose(-2, -1) @ U)[..., :rank, :rank]), atol=1e-9, what="U orthonormal")
-    assert_close((V.transpose(-2, -1) @ V)[..., :rank, :rank], eye[:rank, :rank].expand_as((V.transpose(-2, -1) @ V)[..., :rank, :rank]), atol=1e-9, what="V orthonormal")
+    for name, Q in (("U", U), ("V", V)):
+        gram = (Q.transpose(-2, -1) @ Q)[..., :rank, :rank]  # [..., rank, rank]
+        assert_close(gram, eye[:rank, :rank].expand_as(gram), atol=1e-9, what=f"{name} orthonormal")
     assert_close(fm.V, V)
     with pytest.warns(DeprecationWarning, match="returns V"):
         assert_close(fm.Vh, V)  # TL's deprecated alias: it always returned V
@@ -137,7 +138,8 @@ def test_matches_transformerlens_factored_matrix():
     for name in ("AB", "BA", "S"):
         assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-4, rtol=1e-4, what=name)
     assert_close(ours.norm(), theirs.norm(), atol=1e-4, rtol=1e-4)
-    assert_close(sorted_eigs(ours.eigenvalues.to(torch.complex64)), sorted_eigs(theirs.eigenvalues), atol=1e-4, rtol=1e-4)
+    assert_close(sorted_eigs(ours.eigenvalues.to(torch.complex64)), sorted_eigs(theirs.eigenvalues),
+                 atol=1e-4, rtol=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs_V = theirs.V
@@ -159,11 +161,13 @@ def test_matches_transformerlens_factored_matrix():
     assert_close((left @ ours @ left.T).AB, (left @ theirs @ left.T).AB, atol=1e-4, rtol=1e-4)
     # Products have TL's inner dimension (so .S / .U / .V have its shapes), whichever side is narrower.
     wide, narrow = rand(10, 6, seed=10).float(), rand(6, 4, seed=11).float()
-    square, other = rand(4, 4, seed=12).float(), FactoredMatrix(rand(4, 3, seed=13).float(), rand(3, 7, seed=14).float())
+    square = rand(4, 4, seed=12).float()
+    other = FactoredMatrix(rand(4, 3, seed=13).float(), rand(3, 7, seed=14).float())
     for make_ours, make_theirs in [
         (lambda: FactoredMatrix(wide, narrow) @ square, lambda: TLFactoredMatrix(wide, narrow) @ square),
         (lambda: square @ FactoredMatrix(narrow.T, wide.T), lambda: square @ TLFactoredMatrix(narrow.T, wide.T)),
-        (lambda: FactoredMatrix(wide, narrow) @ other, lambda: TLFactoredMatrix(wide, narrow) @ TLFactoredMatrix(other.A, other.B)),
+        (lambda: FactoredMatrix(wide, narrow) @ other,
+         lambda: TLFactoredMatrix(wide, narrow) @ TLFactoredMatrix(other.A, other.B)),
         (lambda: left @ ours @ left.T, lambda: left @ theirs @ left.T),
     ]:
         product, reference = make_ours(), make_theirs()
@@ -187,7 +191,8 @@ def test_composition_scores_match_transformerlens():
     wide_l = FactoredMatrix(rand(3, 40, 2, seed=5).float(), rand(3, 2, 40, seed=6).float())
     wide_r = FactoredMatrix(rand(2, 40, 2, seed=7).float(), rand(2, 2, 40, seed=8).float())
     assert_close(utils.composition_scores(wide_l, wide_r),
-                 tl_utils.composition_scores(TLFactoredMatrix(wide_l.A, wide_l.B), TLFactoredMatrix(wide_r.A, wide_r.B)),
+                 tl_utils.composition_scores(TLFactoredMatrix(wide_l.A, wide_l.B),
+                                             TLFactoredMatrix(wide_r.A, wide_r.B)),
                  atol=1e-5, rtol=1e-4)
 
 
@@ -206,7 +211,10 @@ def test_circuit_workflows_match_transformerlens(tiny_dir):
     model = HookedTransformer.from_pretrained(tiny_dir)
     assert model.OV.shape == tl.OV.shape == (2, 4, 64, 64)
     ours_eigs, tl_eigs = model.OV.eigenvalues, tl.OV.eigenvalues
-    copying = lambda e: (e.sum(-1) / e.abs().sum(-1)).real
+
+    def copying(e):
+        return (e.sum(-1) / e.abs().sum(-1)).real
+
     assert_close(copying(ours_eigs).float(), copying(tl_eigs), atol=1e-4, rtol=1e-4, what="OV copying scores")
     W_E, W_U = model.W_E[:300], model.W_U[:, :300]  # a 300-token vocabulary slice keeps the test fast
     full = W_E @ model.OV @ W_U

@@ -1,7 +1,9 @@
 """hooklens.ops.lowrank: eigenvalues / SVD / norms of A @ B without forming it, C++ (hooklens._C) and torch backends.
 
-Everything is checked against dense float64 torch.linalg on A @ B. The C++ extension is built by the README's
-install command (`pip install -e ".[test]"`); if it did not build or load, these tests fail (they do not skip).
+Everything is checked against dense float64 torch.linalg on A @ B, computed on the CPU. The C++ extension is built by
+the README's install command (`pip install -e ".[test]"`); if it did not build or load, these tests fail (they do
+not skip). The operator tests run on every device in DEVICES: their CUDA twins are skipped where CUDA is absent and
+run wherever it is present (the C++ CUDA kernels, including the eigenvalue ops' host route, have no other tests).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from hooklens import ops
 from hooklens.ops import lowrank as L
 
 BACKENDS = ["cpp", "torch"]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA twin of a CPU test: needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,12 +87,15 @@ EIG_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch,m,k,rank", EIG_CASES)
-def test_eigvals_match_dense(batch, m, k, rank, dtype, backend):
+def test_eigvals_match_dense(batch, m, k, rank, dtype, backend, device):
     A, B = factors(batch, m, k, m, dtype=dtype, rank=rank, seed=k)
-    ev = ops.eigvals(A, B, backend=backend)
+    ev = ops.eigvals(A.to(device), B.to(device), backend=backend)
+    assert ev.device.type == device
+    ev = ev.cpu()
     assert ev.shape == (*batch, k)
     assert ev.dtype == (torch.complex128 if dtype == torch.float64 else torch.complex64)
     C = dense(A, B)
@@ -135,13 +142,14 @@ def test_eigvals_special_matrices():
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [4, 130])
-def test_eigvals_nonfinite_inputs_give_nan(k):
+def test_eigvals_nonfinite_inputs_give_nan(k, device):
     A, B = factors((3,), k + 2, k, k + 2, seed=1)
     A[1, 0, 0] = float("nan")
     B[2, 0, 0] = float("inf")
     for backend in BACKENDS:
-        ev = ops.eigvals(A, B, backend=backend)
+        ev = ops.eigvals(A.to(device), B.to(device), backend=backend).cpu()
         assert ev[1:].isnan().all() and not ev[0].isnan().any(), backend
         match_eigvals(ev[0], torch.linalg.eigvals(A[0] @ B[0]), eig_tol(A[0] @ B[0], torch.float64))
 
@@ -176,16 +184,19 @@ def _solvers(lanes_available):
     return CPU_SOLVERS if lanes_available else ["scalar", "lapack"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [(), (1,), (3,), (5,), (2, 7)])  # lane groups of 4: full, partial, one
 @pytest.mark.parametrize("k", [1, 2, 3, 7, 64, 128, 129])  # 129: above the small-solver limit (LAPACK)
-def test_small_eigvals_solvers_match_dense(batch, k, lanes_available):
+def test_small_eigvals_solvers_match_dense(batch, k, lanes_available, device):
     if k >= 64 and len(batch) == 2:
         batch = (2, 3)  # keep the test fast
     C = torch.randn(*batch, k, k, generator=_gen(k), dtype=torch.float64)
     want = torch.linalg.eigvals(C)
     tol = eig_tol(C, torch.float64)
     for solver in _solvers(lanes_available):
-        got = ops.small_eigvals(C, solver=solver)
+        got = ops.small_eigvals(C.to(device), solver=solver)
+        assert got.device.type == device
+        got = got.cpu()
         assert got.shape == (*batch, k) and got.dtype == torch.complex128
         for idx in np.ndindex(*batch):
             match_eigvals(got[idx], want[idx], tol)
@@ -236,8 +247,9 @@ def test_small_eigvals_float32_and_errors():
         torch.ops.hooklens.small_eigvals(torch.eye(3), "fast")
 
 
-def test_small_eigvals_gradient_and_opcheck():
-    C = torch.randn(3, 5, 5, generator=_gen(8), dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_eigvals_gradient_and_opcheck(device):
+    C = torch.randn(3, 5, 5, generator=_gen(8), dtype=torch.float64).to(device).requires_grad_(True)
     torch.autograd.gradcheck(lambda c: torch.view_as_real(ops.small_eigvals(c, backend="cpp")), (C,))
     torch.autograd.gradgradcheck(lambda c: ops.small_eigvals(c, backend="cpp").abs(), (C,))
     torch.library.opcheck(torch.ops.hooklens.small_eigvals.default, (C,))
@@ -261,16 +273,19 @@ SVD_CASES = [
 
 def assert_orthonormal(Q: torch.Tensor, tol: float, rows: bool = False):
     G = Q @ Q.mT if rows else Q.mT @ Q
-    eye = torch.eye(G.shape[-1], dtype=G.dtype).expand_as(G)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device).expand_as(G)
     assert (G - eye).abs().max() <= tol
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch,m,k,n,rank", SVD_CASES)
-def test_svd_match_dense(batch, m, k, n, rank, dtype, backend):
+def test_svd_match_dense(batch, m, k, n, rank, dtype, backend, device):
     A, B = factors(batch, m, k, n, dtype=dtype, rank=rank, seed=m + n)
-    U, S, Vh = ops.svd(A, B, backend=backend)
+    U, S, Vh = ops.svd(A.to(device), B.to(device), backend=backend)
+    assert U.device.type == S.device.type == Vh.device.type == device
+    U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
     r = min(m, k, n)
     assert U.shape == (*batch, m, r) and S.shape == (*batch, r) and Vh.shape == (*batch, r, n)
     assert U.dtype == S.dtype == Vh.dtype == dtype
@@ -339,23 +354,29 @@ def test_svd_broadcast_batch():
 NORM_CASES = [((), 6, 1, 4), ((3,), 20, 7, 11), ((2, 2), 64, 64, 64), ((), 5, 30, 6), ((4,), 200, 16, 150)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch,m,k,n", NORM_CASES)
-def test_fro_norm_match_dense(batch, m, k, n, dtype, backend):
+def test_fro_norm_match_dense(batch, m, k, n, dtype, backend, device):
     A, B = factors(batch, m, k, n, dtype=dtype, seed=k)
-    got = ops.fro_norm(A, B, backend=backend)
+    got = ops.fro_norm(A.to(device), B.to(device), backend=backend)
+    assert got.device.type == device
+    got = got.cpu()
     assert got.shape == batch and got.dtype == dtype
     want = torch.linalg.matrix_norm(dense(A, B))
     torch.testing.assert_close(got.double(), want, rtol=1e-10 if dtype == torch.float64 else 2e-5, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch,m,k", [((), 4, 1), ((3,), 20, 7), ((2, 2), 64, 64), ((), 6, 30)])
-def test_trace_match_dense(batch, m, k, dtype, backend):
+def test_trace_match_dense(batch, m, k, dtype, backend, device):
     A, B = factors(batch, m, k, m, dtype=dtype, seed=m)
-    got = ops.trace(A, B, backend=backend)
+    got = ops.trace(A.to(device), B.to(device), backend=backend)
+    assert got.device.type == device
+    got = got.cpu()
     assert got.shape == batch and got.dtype == dtype
     want = dense(A, B).diagonal(dim1=-2, dim2=-1).sum(-1)
     scale = float(A.double().norm() * B.double().norm())
@@ -375,26 +396,24 @@ def test_fro_norm_and_trace_of_zero_and_rank_deficient():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_trace_and_fro_norm_gradients_cpp():
-    A, B = factors((2,), 6, 3, 6, seed=2)
-    A.requires_grad_(True)
-    B.requires_grad_(True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_trace_and_fro_norm_gradients_cpp(device):
+    A, B = (x.to(device).requires_grad_(True) for x in factors((2,), 6, 3, 6, seed=2))
     torch.autograd.gradcheck(lambda a, b: ops.trace(a, b, backend="cpp"), (A, B))
     torch.autograd.gradcheck(lambda a, b: ops.fro_norm(a, b, backend="cpp"), (A, B))
     # Broadcast batch dims reduce back to the inputs' shapes.
-    B1 = torch.randn(3, 6, generator=_gen(3), dtype=torch.float64, requires_grad=True)
+    B1 = torch.randn(3, 6, generator=_gen(3), dtype=torch.float64).to(device).requires_grad_(True)
     torch.autograd.gradcheck(lambda a, b: ops.fro_norm(a, b, backend="cpp"), (A, B1))
     torch.autograd.gradcheck(lambda a, b: ops.trace(a, b, backend="cpp"), (A, B1))
 
 
-def test_eigvals_and_svd_gradients_cpp():
+@pytest.mark.parametrize("device", DEVICES)
+def test_eigvals_and_svd_gradients_cpp(device):
     # The backward recomputes with torch.linalg; gradcheck compares with finite differences of the C++ forward.
-    A, B = factors((2,), 8, 3, 8, seed=7)
-    A.requires_grad_(True)
-    B.requires_grad_(True)
+    A, B = (x.to(device).requires_grad_(True) for x in factors((2,), 8, 3, 8, seed=7))
     torch.autograd.gradcheck(lambda a, b: torch.view_as_real(ops.eigvals(a, b, backend="cpp")), (A, B))
     torch.autograd.gradgradcheck(lambda a, b: ops.eigvals(a, b, backend="cpp").abs(), (A, B))
-    A2, B2 = factors((2,), 7, 3, 5, seed=8)
+    A2, B2 = (x.to(device) for x in factors((2,), 7, 3, 5, seed=8))
     B2 = B2[0].clone().requires_grad_(True)  # broadcast batch dim: its gradient sums over the batch
     A2.requires_grad_(True)
 
@@ -408,12 +427,13 @@ def test_eigvals_and_svd_gradients_cpp():
     torch.autograd.gradcheck(lambda a: ops.eigvals(a, B.detach(), backend="cpp").abs(), (A,))
 
 
-def test_eigvals_gradient_follows_the_forward_order():
+@pytest.mark.parametrize("device", DEVICES)
+def test_eigvals_gradient_follows_the_forward_order(device):
     # The forward sorts by |lambda| (C++ solver); the backward's LAPACK call finds the eigenvalues in another
     # order. The gradient of entry i must be that of the forward's i-th eigenvalue: compare with the torch
     # backend (same sorting, differentiated directly).
-    A, B = factors((3,), 10, 5, 10, seed=9)
-    weights = torch.randn(3, 5, dtype=torch.complex128, generator=_gen(1))
+    A, B = (x.to(device) for x in factors((3,), 10, 5, 10, seed=9))
+    weights = torch.randn(3, 5, dtype=torch.complex128, generator=_gen(1)).to(device)
     grads = []
     for backend in ("cpp", "torch"):
         a = A.clone().requires_grad_(True)
@@ -437,17 +457,20 @@ def test_auto_backend_uses_cpp_with_gradients(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "a_shape, b_shape",
     [((1, 1), (1, 1)), ((7, 3), (3, 5)), ((2, 600, 4), (4, 1100)), ((3, 1, 40, 6), (2, 6, 1030)), ((9, 0), (0, 4))],
 )
-def test_row_max_matches_dense(backend, dtype, a_shape, b_shape):
+def test_row_max_matches_dense(backend, dtype, a_shape, b_shape, device):
     # Shapes cross the CPU kernel's 512 x 512 tiles with ragged edges; k = 0 (A @ B is zeros) too.
     A = torch.randn(a_shape, generator=_gen(1), dtype=torch.float64)
     B = torch.randn(b_shape, generator=_gen(2), dtype=torch.float64)
-    values, indices = ops.row_max(A.to(dtype), B.to(dtype), backend=backend)
+    values, indices = ops.row_max(A.to(device, dtype), B.to(device, dtype), backend=backend)
+    assert values.device.type == indices.device.type == device
+    values, indices = values.cpu(), indices.cpu()
     dense = (A @ B).max(-1)
     assert indices.dtype == torch.int64 and values.dtype == dtype
     assert values.shape == indices.shape == dense.values.shape
@@ -471,28 +494,30 @@ def test_row_max_cuda_kernel_logic_on_cpu():
     assert values.shape == indices.shape == (0,)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_row_max_ties_nan_and_infinities(backend):
+def test_row_max_ties_nan_and_infinities(backend, device):
     # Ties: the first column wins, also across tiles (columns 3 and 700 hold the same maximum).
-    A = torch.ones(4, 1, dtype=torch.float64)
-    B = torch.zeros(1, 1500, dtype=torch.float64)
+    A = torch.ones(4, 1, dtype=torch.float64, device=device)
+    B = torch.zeros(1, 1500, dtype=torch.float64, device=device)
     B[0, 3] = B[0, 700] = 2.0
     B[0, 1200] = 2.0
     assert ops.row_max(A, B, backend=backend).indices.tolist() == [3, 3, 3, 3]
     # NaN wins (first NaN), -inf rows give -inf at column 0, +inf beats everything.
-    A = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64)
-    B = torch.tensor([[0.0] * 600 + [float("nan")] + [5.0] * 10 + [float("nan")]], dtype=torch.float64)
+    A = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64, device=device)
+    B = torch.tensor([[0.0] * 600 + [float("nan")] + [5.0] * 10 + [float("nan")]], dtype=torch.float64, device=device)
     values, indices = ops.row_max(A, B, backend=backend)
     assert indices.tolist() == [600] * 3 and torch.isnan(values).all()
-    A = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
-    B = torch.full((1, 900), float("inf"), dtype=torch.float64)
+    A = torch.tensor([[1.0], [-1.0]], dtype=torch.float64, device=device)
+    B = torch.full((1, 900), float("inf"), dtype=torch.float64, device=device)
     values, indices = ops.row_max(A, B, backend=backend)
     dense = (A @ B).max(-1)
     assert torch.equal(values, dense.values) and torch.equal(indices, dense.indices)
 
 
-def test_row_max_gradient_and_errors():
-    A, B = factors((2,), 6, 3, 9, seed=5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_max_gradient_and_errors(device):
+    A, B = (x.to(device) for x in factors((2,), 6, 3, 9, seed=5))
     A.requires_grad_(True)
     B = B[0].clone().requires_grad_(True)  # broadcast over the batch
     torch.autograd.gradcheck(lambda a, b: ops.row_max(a, b, backend="cpp").values, (A, B))
@@ -506,10 +531,11 @@ def test_row_max_gradient_and_errors():
 # torch.library: opcheck, fake kernels, torch.compile
 # ---------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_opcheck(dtype):
-    A, B = factors((2,), 9, 4, 9, dtype=dtype, seed=11)
-    A1, B1 = factors((), 7, 3, 5, dtype=dtype, seed=12)
+def test_opcheck(dtype, device):
+    A, B = (x.to(device) for x in factors((2,), 9, 4, 9, dtype=dtype, seed=11))
+    A1, B1 = (x.to(device) for x in factors((), 7, 3, 5, dtype=dtype, seed=12))
     torch.library.opcheck(torch.ops.hooklens.lowrank_eigvals.default, (A, B))
     torch.library.opcheck(torch.ops.hooklens.lowrank_svd.default, (A1, B1))
     if dtype == torch.float32:
@@ -631,52 +657,90 @@ def test_import_has_no_side_effects():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# -- hooklens::masked_patch (the patching engine's op) ----------------------------------------------------------
-@pytest.mark.parametrize("shape", [(5,), (7, 3, 4), (2, 6, 6)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_masked_patch_matches_reference_and_loop(shape, dtype):
-    from hooklens.ops.patching import masked_patch, masked_patch_reference
-
-    n, b = 3, 2
-    g = _gen(5)
-    act = torch.randn((n * b,) + shape, generator=g).to(dtype)
-    clean = torch.randn((b,) + shape, generator=g).to(dtype)
-    mask = torch.rand((n,) + shape, generator=g) > 0.5
-    expected = act.clone()
-    for v in range(n):  # what the op replaces: one patch per variant
-        rows = expected[v * b : (v + 1) * b]
-        rows[:, mask[v]] = clean[:, mask[v]]
-    assert torch.equal(masked_patch(act, clean, mask, backend="cpp"), expected)
-    assert torch.equal(masked_patch_reference(act, clean, mask), expected)
-    torch.library.opcheck(torch.ops.hooklens.masked_patch.default, (act, clean, mask))
+# ---------------------------------------------------------------------------------------------------------
+# Device policy: torch.ops.hooklens.X and hooklens.ops.X take the same route on every device
+# ---------------------------------------------------------------------------------------------------------
 
 
-def test_masked_patch_errors():
-    from hooklens.ops.patching import masked_patch
+def _operator_and_wrapper_calls(A, B, C):
+    """{name: (operator call, wrapper call taking the backend)} for every operator with a hooklens.ops wrapper."""
+    hl = torch.ops.hooklens
+    return {
+        "eigvals": (lambda: hl.lowrank_eigvals(A, B), lambda backend: ops.eigvals(A, B, backend=backend)),
+        "small_eigvals": (lambda: hl.small_eigvals(C), lambda backend: ops.small_eigvals(C, backend=backend)),
+        "small_eigvals scalar": (lambda: hl.small_eigvals(C, "scalar"),
+                                 lambda backend: ops.small_eigvals(C, solver="scalar", backend=backend)),
+        "small_eigvals lapack": (lambda: hl.small_eigvals(C, "lapack"),
+                                 lambda backend: ops.small_eigvals(C, solver="lapack", backend=backend)),
+        "svd": (lambda: hl.lowrank_svd(A, B), lambda backend: ops.svd(A, B, backend=backend)),
+        "fro_norm": (lambda: hl.lowrank_fro_norm(A, B), lambda backend: ops.fro_norm(A, B, backend=backend)),
+        "trace": (lambda: hl.lowrank_trace(A, B), lambda backend: ops.trace(A, B, backend=backend)),
+        "row_max": (lambda: hl.lowrank_max(A, B), lambda backend: ops.row_max(A, B, backend=backend)),
+    }
 
-    act, clean = torch.zeros(6, 4), torch.zeros(2, 4)
-    with pytest.raises(RuntimeError, match="mask must be bool"):
-        masked_patch(act, clean, torch.zeros(3, 4), backend="cpp")
-    with pytest.raises(RuntimeError, match="expected n\\*b"):
-        masked_patch(act, clean, torch.zeros(4, 4, dtype=torch.bool), backend="cpp")
+
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-@pytest.mark.skipif(not ops.extension_available(), reason="the host route runs the C++ CPU solver")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_host_solver_route_for_cuda_matches_reference(dtype):
-    # CUDA eigenvalues go through L._eigvals_on_host (cores copied to the host, C++ solver, copied back). On a CPU
-    # machine the copies are no-ops, so the route's math, ordering, dtype and gradient are checked here.
+def test_torch_ops_and_wrappers_agree(device, dtype):
+    # The wrappers validate and call the operator; any device-dependent route is the operator's own, so both give
+    # the same bits on every device, with the default backend ("auto") and with "cpp".
+    A, B = (x.to(device) for x in factors((2, 3), 40, 8, 40, dtype=dtype, seed=13))
+    C = torch.randn(5, 12, 12, generator=_gen(14), dtype=torch.float64).to(device, dtype)
+    for name, (operator_call, wrapper_call) in _operator_and_wrapper_calls(A, B, C).items():
+        want = _as_tuple(operator_call())
+        for backend in ("auto", "cpp"):
+            got = _as_tuple(wrapper_call(backend))
+            assert len(got) == len(want), name
+            for x, y in zip(want, got):
+                assert x.device.type == y.device.type == device, (name, backend)
+                assert x.dtype == y.dtype, (name, backend)
+                assert torch.equal(x, y), f"{name} ({backend}): torch.ops.hooklens and hooklens.ops differ on {device}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_eigenvalues_run_the_host_solver(dtype):
+    # The CUDA kernels of both eigenvalue operators copy the matrices to the host solver and the eigenvalues back:
+    # bit for bit what the CPU kernel gives on the same (copied) matrices. solver="lapack" stays on the device.
+    A, B = (x.to("cuda") for x in factors((4, 3), 40, 8, 40, dtype=dtype, seed=3))
+    core = B.double() @ A.double()  # [4, 3, 8, 8], on the device
+    ev = torch.ops.hooklens.lowrank_eigvals(A, B)
+    assert ev.device.type == "cuda" and ev.dtype == L._complex_of(dtype)
+    host = torch.ops.hooklens.small_eigvals(core.cpu()).to(L._complex_of(dtype))
+    assert torch.equal(ev.cpu(), host)
+    C = core.to(dtype)
+    for solver in ("auto", "scalar"):
+        got = torch.ops.hooklens.small_eigvals(C, solver)
+        assert got.device.type == "cuda"
+        assert torch.equal(got.cpu(), torch.ops.hooklens.small_eigvals(C.cpu(), solver)), solver
+    on_device = torch.ops.hooklens.small_eigvals(C, "lapack")
+    assert on_device.device.type == "cuda"
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(on_device, ops.small_eigvals(C, backend="torch"), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigvals_route_matches_reference(dtype, device):
+    # Whatever route a device takes (on CUDA: cores copied to the host solver, eigenvalues copied back), the
+    # operators' values, ordering, dtype, device and gradient match the torch reference computed on the CPU.
     gen = torch.Generator().manual_seed(3)
     A = torch.randn(4, 3, 40, 8, generator=gen, dtype=dtype)
     B = torch.randn(4, 3, 8, 40, generator=gen, dtype=dtype)
-    C = (B.double() @ A.double()).requires_grad_(True)
-    got = L._eigvals_on_host(C, L._complex_of(dtype))
-    torch.testing.assert_close(L._eigvals_on_host(C.detach(), L._complex_of(dtype), "scalar"), got.detach())
-    assert got.dtype == L._complex_of(dtype) and got.shape == (4, 3, 8) and got.device == A.device
+    C = (B.double() @ A.double()).to(device).requires_grad_(True)
+    got = ops.small_eigvals(C)
+    torch.testing.assert_close(ops.small_eigvals(C.detach(), solver="scalar"), got.detach())
+    assert got.dtype == torch.complex128 and got.shape == (4, 3, 8) and got.device.type == device
+    got = got.to(L._complex_of(dtype))
+    assert torch.equal(got.detach(), ops.eigvals(A.to(device), B.to(device)))
     want = L._eigvals_torch(A, B)
-    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-5)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-5)
     got.abs().sum().backward()
-    C_ref = C.detach().clone().requires_grad_(True)
+    C_ref = C.detach().cpu().clone().requires_grad_(True)
     L._small_eigvals_torch(C_ref).abs().sum().backward()
     grad_tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-10)  # complex64 out
-    torch.testing.assert_close(C.grad, C_ref.grad, **grad_tol)
+    torch.testing.assert_close(C.grad.cpu(), C_ref.grad, **grad_tol)

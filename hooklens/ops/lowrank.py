@@ -19,18 +19,22 @@ in ``torch.matmul``; float32 and float64 are supported.
 Each function takes ``backend=``:
 
 - ``"cpp"``: the operators ``torch.ops.hooklens.lowrank_*`` of the C++ extension ``hooklens._C`` (built by
-  ``pip install -e .``). On CPU, eigenvalues for ``k <= 128`` come from a batched solver (balancing,
-  Hessenberg reduction, Francis double-shift QR; eigenvalues only, in float64) run in parallel over the
-  batch and, on CPUs with AVX2 + FMA, on four matrices at once in the SIMD lanes: about 2.5x faster than
-  ``torch.linalg.eigvals`` in float64 (LAPACK, one matrix at a time) on one thread.
+  ``pip install -e .``). Eigenvalues for ``k <= 128`` come from a batched host solver (balancing, Hessenberg
+  reduction, Francis double-shift QR; eigenvalues only, in float64) run in parallel over the batch and, on CPUs
+  with AVX2 + FMA, on four matrices at once in the SIMD lanes, where LAPACK solves one matrix at a time.
   The operators have fake (meta) kernels, so they work under ``torch.compile``, and all support autograd:
   ``trace`` and ``fro_norm`` by closed-form formulas; ``eigvals`` and ``svd`` recompute their result with
   ``torch.linalg`` in the backward pass and differentiate through that (the forward stays fast; a backward
   costs what the torch backend's would).
 - ``"torch"``: the same math with ``torch.linalg`` (the reference implementation); supports autograd
   everywhere and any device.
-- ``"auto"`` (default): ``"cpp"`` when the extension is available and the tensors are on CPU or CUDA;
-  ``"torch"`` otherwise.
+- ``"auto"`` (default): ``"cpp"`` when the extension is available and the tensors are on CPU or CUDA (the
+  devices the operators have kernels for); ``"torch"`` otherwise.
+
+Device policy: each function with ``backend="cpp"`` calls its operator and nothing else, so
+``hooklens.ops.X(...)`` and ``torch.ops.hooklens.X(...)`` take the same route on every device. Where the route
+depends on the device it is decided in the C++ kernel: CUDA eigenvalues (``eigvals``, ``small_eigvals``) are
+copied to the host solver and back (see ``eigvals_host_route`` in ``csrc/lowrank.cpp`` for why).
 
 The extension is imported on first use (or by :func:`load_extension`), never when hooklens is imported.
 """
@@ -225,21 +229,8 @@ def eigvals(A: torch.Tensor, B: torch.Tensor, *, backend: str = "auto") -> torch
     """
     _check("hooklens.ops.eigvals", A, B, square=True)
     if _use_cpp(backend, "hooklens.ops.eigvals", A, B):
-        if A.device.type == "cuda":
-            return _eigvals_on_host(B.to(torch.float64) @ A.to(torch.float64), _complex_of(A.dtype))
         return torch.ops.hooklens.lowrank_eigvals(A, B)
     return _eigvals_torch(A, B)
-
-
-def _eigvals_on_host(C: torch.Tensor, out_dtype: torch.dtype, solver: str = "auto") -> torch.Tensor:
-    """Eigenvalues of the small square matrices ``C`` (float64, any device) with the C++ CPU solver, returned on
-    ``C``'s device. For CUDA tensors: torch.linalg.eigvals on CUDA runs a hybrid MAGMA solver one matrix at a time
-    (it synchronizes too), which took ~500 ms for GPT-2 small's 144 OV cores (64 x 64) on an H100; copying the
-    4.7 MB of cores to the host and running the batched CPU solver is the faster route
-    (`benchmarks/results/2026-11-22-h100/call3-bench.log`: hooklens 503 ms vs TL 616 ms before this change).
-    The copy is one transfer per call, not per matrix."""
-    ev = torch.ops.hooklens.small_eigvals(C.to("cpu", torch.float64), solver)  # complex128 [..., k]
-    return ev.to(device=C.device, dtype=out_dtype)
 
 
 SOLVERS = ("auto", "lanes", "scalar", "lapack")
@@ -249,10 +240,11 @@ def small_eigvals(C: torch.Tensor, *, solver: str = "auto", backend: str = "auto
     """Eigenvalues of the square matrices ``C [..., k, k]``: complex ``[..., k]``, sorted like :func:`eigvals`
     (descending magnitude, ties by descending imaginary part); complex64 for float32 ``C``, computed in float64.
 
-    ``solver`` picks the C++ CPU solver: ``"auto"`` (the SIMD-lane solver where the CPU has AVX2 + FMA, else
-    the scalar one; LAPACK for ``k > 128``), ``"lanes"``, ``"scalar"`` or ``"lapack"`` (torch.linalg). CUDA
-    matrices are copied to the host for the CPU solver (except with ``"lapack"``) and the eigenvalues copied
-    back; with ``backend="torch"``, torch.linalg computes them on the matrices' device. A matrix with a NaN or
+    ``solver`` picks the C++ host solver: ``"auto"`` (the SIMD-lane solver where the CPU has AVX2 + FMA, else
+    the scalar one; LAPACK for ``k > 128``), ``"lanes"``, ``"scalar"`` or ``"lapack"`` (torch.linalg on the
+    matrices' device). CUDA matrices are copied to the host solver (except with ``"lapack"``) and the
+    eigenvalues copied back, by the operator itself; with ``backend="torch"``, torch.linalg computes them on the
+    matrices' device. A matrix with a NaN or
     inf entry gets all-NaN eigenvalues. Differentiable (the backward pass recomputes with torch.linalg).
     """
     name = "hooklens.ops.small_eigvals"
@@ -265,8 +257,6 @@ def small_eigvals(C: torch.Tensor, *, solver: str = "auto", backend: str = "auto
     if solver not in SOLVERS:
         raise ValueError(f"{name}: solver must be one of {SOLVERS}, got {solver!r}")
     if _use_cpp(backend, name, C, C):
-        if C.device.type == "cuda" and solver != "lapack":
-            return _eigvals_on_host(C.to(torch.float64), _complex_of(C.dtype), solver)
         return torch.ops.hooklens.small_eigvals(C, solver)
     return _small_eigvals_torch(C)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hooklens.ops.lowrank import load_extension
+
 
 def masked_patch_reference(act: Tensor, clean: Tensor, mask: Tensor) -> Tensor:
     n, b = mask.shape[0], clean.shape[0]
@@ -20,9 +22,6 @@ def masked_patch(act: Tensor, clean: Tensor, mask: Tensor, *, backend: str = "au
     """Patch every variant at once (see the module docstring). `backend`: "auto" | "cpp" | "torch"."""
     if backend not in ("auto", "cpp", "torch"):
         raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
-    if backend != "torch":
-        from hooklens.ops.lowrank import load_extension
-
-        if load_extension(required=backend == "cpp"):
-            return torch.ops.hooklens.masked_patch(act, clean, mask)
+    if backend != "torch" and load_extension(required=backend == "cpp"):
+        return torch.ops.hooklens.masked_patch(act, clean, mask)
     return masked_patch_reference(act, clean, mask)
