@@ -1,8 +1,8 @@
 """End to end through `attention_backend`: the Triton and torch backends give the same logits, caches and hook
 semantics on a tiny random model; the dispatch picks the op the active hooks need.
 
-Without CUDA the "triton" backend runs the real kernels in Triton's interpreter (TRITON_INTERPRET=1 is set below
-before hooklens.kernels is imported, unless already set). Triton-dependent tests skip when Triton is missing.
+Without CUDA the "triton" backend runs the real kernels in Triton's interpreter (switched on in conftest.py).
+Triton-dependent tests skip when Triton is missing.
 """
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ import sys
 
 import pytest
 import torch
+from conftest import INTERPRETER_ENV_VAR
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import hooklens.attention as A  # noqa: E402
-from hooklens import HookedTransformer, HookedTransformerConfig  # noqa: E402
-from hooklens.attention import attention_backend, get_attention_backend  # noqa: E402
+import hooklens.attention as A
+from hooklens import HookedTransformer, HookedTransformerConfig
+from hooklens.attention import attention_backend, get_attention_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = A.triton_available()
@@ -126,7 +124,7 @@ def test_import_hooklens_does_not_import_triton():
         "ours = [f for f in importers if f.startswith(package)]\n"
         "assert not ours and 'hooklens.kernels' not in sys.modules, f'triton imported from {ours}'\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != INTERPRETER_ENV_VAR}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
 
@@ -220,11 +218,18 @@ def test_auto_runs_sdpa_when_no_hook_reads_the_pattern(model, tokens, monkeypatc
     monkeypatch.setattr(A, "uses_triton", lambda device, dtype, d_head: True)
     sdpa = Counter(monkeypatch, A, "sdpa_attention")
     flash_calls = []
-    monkeypatch.setattr(A, "triton_flash_attention", lambda *args: flash_calls.append(1) or args[1].clone())
+    monkeypatch.setattr(A, "triton_flash_attention", lambda q, *rest: flash_calls.append(1) or q.clone())
     fused_calls = []
-    monkeypatch.setattr(A, "triton_pattern_attention",
-                        lambda attn, q, k, v, *rest: fused_calls.append(1) or A._reference_with_pattern(attn, q, k, v,
-                                                                                                       *rest))
+
+    def fake_pattern_kernel(q, k, v, attn_scale, pos_offset, attention_mask, with_scores):
+        # What the kernel writes, from the reference steps.
+        fused_calls.append(1)
+        scores = A.attention_scores(q, k, attn_scale, pos_offset, attention_mask)
+        pattern = A.softmax_pattern(scores)
+        return A.PatternKernelOutputs(q, k, v, attn_scale, pos_offset, attention_mask,
+                                      scores if with_scores else None, pattern, A.z_from_pattern(pattern, v))
+
+    monkeypatch.setattr(A, "triton_pattern_attention", fake_pattern_kernel)
     with torch.no_grad():
         model(tokens)
         assert sdpa.calls == model.cfg.n_layers and not flash_calls
@@ -241,7 +246,7 @@ def test_cache_holds_the_kernels_buffers(model, tokens, monkeypatch):
     kernels = A._load_kernels()
     fused = Counter(monkeypatch, kernels, "pattern_attention")
     flash = Counter(monkeypatch, kernels, "flash_attention")
-    recompute = Counter(monkeypatch, A, "_z_from_pattern")
+    recompute = Counter(monkeypatch, A, "z_from_pattern")
     with attention_backend("triton"), torch.no_grad():
         _, cache = model.run_with_cache(tokens)
     assert fused.calls == model.cfg.n_layers and flash.calls == 0 and recompute.calls == 0
@@ -252,8 +257,9 @@ def test_cache_holds_the_kernels_buffers(model, tokens, monkeypatch):
 
 @needs_kernels
 def test_read_only_hooks_do_not_recompute(model, tokens, monkeypatch):
-    recompute = Counter(monkeypatch, A, "_z_from_pattern")
-    reference = Counter(monkeypatch, A, "_reference_with_pattern")
+    recompute = Counter(monkeypatch, A, "z_from_pattern")
+    softmax = Counter(monkeypatch, A, "softmax_pattern")
+    reference = Counter(monkeypatch, A, "attention_scores")
     seen = []
 
     def read(act, hook):
@@ -268,7 +274,7 @@ def test_read_only_hooks_do_not_recompute(model, tokens, monkeypatch):
         model.run_with_hooks(tokens, fwd_hooks=hooks)
         model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
     assert len(seen) == model.cfg.n_layers
-    assert recompute.calls == 0 and reference.calls == 0
+    assert recompute.calls == 0 and softmax.calls == 0 and reference.calls == 0
 
 
 def zero_head_0(pattern, hook):
@@ -295,7 +301,7 @@ def in_place_scores(scores, hook):
 @pytest.mark.parametrize("edit", [zero_head_0, in_place_shift, ablate_scores, in_place_scores],
                          ids=lambda f: f.__name__)
 def test_editing_hooks_match_torch_backend(model, tokens, left_pad_mask, monkeypatch, edit):
-    recompute = Counter(monkeypatch, A, "_z_from_pattern")
+    recompute = Counter(monkeypatch, A, "z_from_pattern")
     point = "hook_pattern" if "scores" not in edit.__name__ else "hook_attn_scores"
     name = f"blocks.0.attn.{point}"
 
@@ -339,7 +345,7 @@ def test_torch_backend_pattern_edit_matches_transformer_lens(model, tokens):
 @needs_kernels
 def test_inference_mode_detects_edits(model, tokens, monkeypatch):
     """Inference tensors have no version counter; the hooks' buffers are allocated as normal tensors."""
-    recompute = Counter(monkeypatch, A, "_z_from_pattern")
+    recompute = Counter(monkeypatch, A, "z_from_pattern")
 
     def run(hook):
         with torch.inference_mode():

@@ -1,19 +1,15 @@
-"""`head_scores`: equal to hook-based pattern-diagonal scores, on the torch backend (pattern hooks) and the triton
-backend (in-kernel statistics; Triton's interpreter on CPU-only machines, see test_kernels.py)."""
+"""`head_scores`: equal to hook-based pattern-diagonal scores, on the torch backend (line sums of the reference
+pattern) and the triton backend (in-kernel statistics; Triton's interpreter on CPU-only machines, switched on in
+conftest.py)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import hooklens.attention as A  # noqa: E402
-from hooklens import HookedTransformer, HookedTransformerConfig  # noqa: E402
-from hooklens.attention import attention_backend  # noqa: E402
-from hooklens.head_scores import ALL_KINDS, head_scores  # noqa: E402
+import hooklens.attention as A
+from hooklens import HookedTransformer, HookedTransformerConfig
+from hooklens.attention import attention_backend
+from hooklens.head_scores import ALL_KINDS, head_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS_RUN = A.triton_available() and A._load_kernels().kernels_runnable_on(DEVICE)
@@ -92,6 +88,25 @@ def test_streaming_and_arguments(model, rep_tokens):
     assert list(one) == ["induction"] and torch.equal(one["induction"], one_ref["induction"])
     # a model with induction heads would score high; this random one scores like uniform attention
     assert whole["bos"].min() > 0 and whole["induction"].max() < 1
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_kernels)])
+def test_uniform_attention_scores_are_exact(model, rep_tokens, backend):
+    """With q = 0 every query attends uniformly to its i + 1 visible keys, so each score is known in closed form:
+    the mean of 1 / (i + 1) over the queries i that have an entry on the kind's line."""
+    T = rep_tokens.shape[1]
+
+    def expected(first_query):
+        return torch.tensor([1.0 / (i + 1) for i in range(first_query, T)], dtype=torch.float64).mean().float()
+
+    first_query = {"induction": SEQ_LEN - 1, "duplicate_token": SEQ_LEN, "previous_token": 1, "current_token": 0,
+                   "bos": 0}
+    zero_q = [(lambda name: name.endswith("attn.hook_q"), lambda q, hook: torch.zeros_like(q))]
+    with attention_backend(backend), model.hooks(fwd_hooks=zero_q):
+        got = head_scores(model, rep_tokens, kinds=ALL_KINDS, progress=False)
+    for kind, first in first_query.items():
+        want = expected(first).expand(model.cfg.n_layers, model.cfg.n_heads)
+        assert torch.allclose(got[kind], want, atol=1e-6, rtol=0), (kind, got[kind], want)
 
 
 def test_argument_errors(model, rep_tokens):

@@ -1,7 +1,7 @@
-"""The Triton attention kernels against float64 references.
+"""The Triton attention kernels against the one reference, `hooklens.attention.reference_attention`, in float64.
 
-On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set below before
-hooklens.kernels is imported, unless already set); with CUDA they run on the GPU. Skipped when Triton is missing.
+On a machine without CUDA the kernels run in Triton's interpreter (switched on in conftest.py); with CUDA they run
+on the GPU. Skipped when Triton is missing.
 
 Accuracy rule: float32 results are within the TOL table of the float64 reference; bfloat16/float16 results are
 within the table AND their max error vs float64 is at most 2x the max error of the same computation done with
@@ -9,17 +9,16 @@ PyTorch ops in that dtype (plus a tiny floor for cases where PyTorch happens to 
 """
 from __future__ import annotations
 
-import os
+import math
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from hooklens.attention import attention_scores, causal_mask, line_entries, reference_attention
+
 pytest.importorskip("triton")
 
 import hooklens.kernels as K  # noqa: E402
-from hooklens.kernels.pattern_attention import visible_keys  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not K.kernels_runnable_on("cpu"):
@@ -54,6 +53,22 @@ CASES = [
 ]
 IDS = [f"T{t}-b{b}-{'pad' if p else 'nopad'}-{str(dt)[6:]}-dh{dh}" for t, b, p, dt, dh in CASES]
 HEADS = 2
+
+
+def reference(q, k, v, scale=None, pos_offset=0, key_padding_mask=None):
+    """`(scores, pattern, z)` from the reference in q's dtype; `scale` multiplies q.k as in the kernels' API
+    (default 1/sqrt(d_head)), the reference divides by TL's `attn_scale = 1 / scale`."""
+    attn_scale = math.sqrt(q.shape[-1]) if scale is None else 1.0 / scale
+    z, pattern = reference_attention(q, k, v, attn_scale, pos_offset, key_padding_mask)
+    return attention_scores(q, k, attn_scale, pos_offset, key_padding_mask), pattern, z
+
+
+def reference_stats(q, k, v, specs, key_padding_mask=None):
+    """The reference pattern's line means over batch and entries: `(z, [n_stats, h])`."""
+    _, pattern, z = reference(q, k, v, key_padding_mask=key_padding_mask)
+    heads = pattern.shape[1]
+    means = [line_entries(pattern, spec).transpose(0, 1).reshape(heads, -1).mean(-1) for spec in specs]
+    return z, torch.stack(means)
 
 
 def make_inputs(T, b, padded, dtype, dh, seed=0, tk=None, heads=HEADS):
@@ -94,7 +109,7 @@ def check_close(name, got, truth, lowp_torch, dtype):
 
 def check_pattern_properties(pattern, mask, T, tk, pos_offset=0):
     p = pattern.double()
-    visible = visible_keys(T, tk, pos_offset, mask, p.device)  # [b|1, 1, q, k]
+    visible = causal_mask(T, tk, pos_offset, mask, p.device)  # [b|1, 1, q, k]
     visible = visible.expand_as(p)
     assert torch.all(p[~visible] == 0), "pattern must be exactly 0 where a key is invisible (above the diagonal)"
     assert torch.all(torch.triu(p, diagonal=1 + pos_offset) == 0)
@@ -111,8 +126,8 @@ def test_pattern_attention(T, b, padded, dtype, dh):
     scores, pattern, z = K.pattern_attention(q, k, v, pos_offset=0, key_padding_mask=mask, return_scores=True)
     assert pattern.shape == (b, HEADS, T, T) and scores.shape == (b, HEADS, T, T) and z.shape == (b, T, HEADS, dh)
     assert pattern.dtype == scores.dtype == z.dtype == dtype
-    truth = K.pattern_attention_reference(*f64(q, k, v), key_padding_mask=mask)
-    lowp = K.pattern_attention_reference(q, k, v, key_padding_mask=mask)
+    truth = reference(*f64(q, k, v), key_padding_mask=mask)
+    lowp = reference(q, k, v, key_padding_mask=mask)
     for name, got, t, lp in zip(("scores", "pattern", "z"), (scores, pattern, z), truth, lowp):
         check_close(name, got, t, lp, dtype)
     # TL semantics: -inf scores exactly where masked, pattern 0 there, rows with no key -> pattern 0 and z 0
@@ -127,10 +142,10 @@ def test_flash_attention(T, b, padded, dtype, dh):
     q, k, v, mask = make_inputs(T, b, padded, dtype, dh, seed=1)
     z = K.flash_attention(q, k, v, key_padding_mask=mask)
     assert z.shape == (b, T, HEADS, dh) and z.dtype == dtype
-    truth = K.flash_attention_reference(*f64(q, k, v), key_padding_mask=mask)
-    check_close("z", z, truth, K.flash_attention_reference(q, k, v, key_padding_mask=mask), dtype)
+    truth = reference(*f64(q, k, v), key_padding_mask=mask)[2]
+    check_close("z", z, truth, reference(q, k, v, key_padding_mask=mask)[2], dtype)
     if mask is not None:  # query rows that see only padding -> z exactly 0
-        no_key = K.pattern_attention_reference(*f64(q, k, v), key_padding_mask=mask)[1].sum(-1).eq(0)
+        no_key = reference(*f64(q, k, v), key_padding_mask=mask)[1].sum(-1).eq(0)
         assert torch.all(z[no_key.transpose(1, 2)] == 0)
 
 
@@ -145,12 +160,12 @@ def test_attention_stats(T, b, padded, dtype, dh):
     specs = stat_specs(T)
     z, means = K.attention_stats(q, k, v, specs, key_padding_mask=mask)
     assert means.shape == (len(specs), HEADS) and means.dtype == F32
-    z_truth, truth = K.attention_stats_reference(*f64(q, k, v), specs, key_padding_mask=mask)
-    _, lowp = K.attention_stats_reference(q, k, v, specs, key_padding_mask=mask)
+    z_truth, truth = reference_stats(*f64(q, k, v), specs, key_padding_mask=mask)
+    _, lowp = reference_stats(q, k, v, specs, key_padding_mask=mask)
     empty = torch.isnan(truth)  # e.g. the -1 diagonal of a 1x1 pattern
     assert torch.equal(torch.isnan(means), empty)
     check_close("stats", means[~empty], truth[~empty], lowp[~empty].double(), dtype)
-    check_close("z", z, z_truth, K.flash_attention_reference(q, k, v, key_padding_mask=mask), dtype)
+    check_close("z", z, z_truth, reference(q, k, v, key_padding_mask=mask)[2], dtype)
     _, sums = K.attention_stats(q, k, v, specs, key_padding_mask=mask, reduction="sum")
     counts = K.stat_counts(specs, T, T)
     assert sums.shape == (len(specs), b, HEADS)
@@ -162,14 +177,14 @@ def test_long_sequence():
     """T > 1024 (ragged last block), one head, d_head 16: all three kernels."""
     T = 1030
     q, k, v, mask = make_inputs(T, 1, True, F32, 16, seed=5, heads=1)
-    truth = K.pattern_attention_reference(*f64(q, k, v), key_padding_mask=mask)
+    truth = reference(*f64(q, k, v), key_padding_mask=mask)
     _, pattern, z = K.pattern_attention(q, k, v, key_padding_mask=mask)
     assert max_err(pattern, truth[1]) <= TOL[F32]["pattern"] and max_err(z, truth[2]) <= TOL[F32]["z"]
     check_pattern_properties(pattern, mask, T, T)
     assert max_err(K.flash_attention(q, k, v, key_padding_mask=mask), truth[2]) <= TOL[F32]["z"]
     specs = [("diagonal", -514), ("diagonal", -1), ("column", 0)]
     _, means = K.attention_stats(q, k, v, specs, key_padding_mask=mask)
-    _, ref = K.attention_stats_reference(*f64(q, k, v), specs, key_padding_mask=mask)
+    _, ref = reference_stats(*f64(q, k, v), specs, key_padding_mask=mask)
     assert torch.allclose(means.double().cpu(), ref.cpu(), atol=TOL[F32]["stats"])
 
 
@@ -182,7 +197,7 @@ def test_non_contiguous_inputs_and_outputs():
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     mask = torch.ones(b, 2 * T, dtype=torch.int32, device=DEVICE)[:, ::2]  # strided mask
     mask[1, :5] = 0
-    truth = K.pattern_attention_reference(*f64(q, k, v), key_padding_mask=mask)
+    truth = reference(*f64(q, k, v), key_padding_mask=mask)
     # caller buffers with non-standard strides: pattern stored [b, q, h, k] and viewed as [b, h, q, k]
     pattern_buf = torch.empty(b, T, HEADS, T, device=DEVICE).transpose(1, 2)
     scores_buf = torch.empty(b, HEADS, T, T + 3, device=DEVICE)[..., :T]
@@ -195,7 +210,7 @@ def test_non_contiguous_inputs_and_outputs():
     z2 = K.flash_attention(q, k, v, key_padding_mask=mask)
     assert max_err(z2, truth[2]) <= 2e-5
     _, means = K.attention_stats(q, k, v, [("diagonal", -1), ("column", 0)], key_padding_mask=mask)
-    _, ref = K.attention_stats_reference(*f64(q, k, v), [("diagonal", -1), ("column", 0)], key_padding_mask=mask)
+    _, ref = reference_stats(*f64(q, k, v), [("diagonal", -1), ("column", 0)], key_padding_mask=mask)
     assert torch.allclose(means.double().cpu(), ref.cpu(), atol=1e-6)
 
 
@@ -207,7 +222,7 @@ def test_pos_offset_kv_cache_decode(q_len):
     mask = torch.ones(3, tk, dtype=torch.long, device=DEVICE)
     mask[1, :7] = 0
     pos = tk - q_len
-    truth = K.pattern_attention_reference(*f64(q, k, v), pos_offset=pos, key_padding_mask=mask)
+    truth = reference(*f64(q, k, v), pos_offset=pos, key_padding_mask=mask)
     scores, pattern, z = K.pattern_attention(q, k, v, pos_offset=pos, key_padding_mask=mask, return_scores=True)
     for got, t, tol in zip((scores, pattern, z), truth, (5e-5, 2e-6, 2e-5)):
         assert max_err(got, t) <= tol
@@ -242,3 +257,20 @@ def test_launchers_validate_inputs():
         K.attention_stats(q, k, v, [("row", 0)])
     with pytest.raises(ValueError, match="reduction"):
         K.attention_stats(q, k, v, [("column", 0)], reduction="max")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+def test_kernels_are_deterministic(dtype):
+    """Same inputs, three runs: every output of the pattern, flash and stats kernels is bitwise the same (no atomics,
+    a fixed reduction order per launch configuration)."""
+    q, k, v, mask = make_inputs(37, 3, True, dtype, 64, seed=6)
+    specs = stat_specs(37)
+    runs = []
+    for _ in range(3):
+        scores, pattern, z = K.pattern_attention(q, k, v, key_padding_mask=mask, return_scores=True)
+        z_flash = K.flash_attention(q, k, v, key_padding_mask=mask)
+        z_stats, sums = K.attention_stats(q, k, v, specs, key_padding_mask=mask, reduction="sum")
+        runs.append((scores, pattern, z, z_flash, z_stats, sums))
+    for run in runs[1:]:
+        for name, first, again in zip(("scores", "pattern", "z", "flash z", "stats z", "stats"), runs[0], run):
+            assert torch.equal(first, again), f"{name} differs between runs ({dtype})"
