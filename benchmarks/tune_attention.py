@@ -36,6 +36,7 @@ def main() -> int:
     from triton.testing import do_bench
 
     import hooklens.kernels  # noqa: F401  (the package exports functions named like their modules)
+    from hooklens.attention import reference_attention
 
     flash_mod = sys.modules["hooklens.kernels.flash_attention"]
     pattern_mod = sys.modules["hooklens.kernels.pattern_attention"]
@@ -51,11 +52,7 @@ def main() -> int:
         q, k, v = (torch.randn(b, t, h, dh, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
         pattern = torch.empty(b, h, t, t, device="cuda", dtype=dtype)
         z = torch.empty_like(q)
-        scores32 = (q.float().transpose(1, 2) @ k.float().permute(0, 2, 3, 1)) / 8.0
-        scores32 = scores32.masked_fill(torch.ones(t, t, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
-        ref_pattern = F.softmax(scores32, dim=-1)
-        ref_z = (ref_pattern @ v.float().transpose(1, 2)).transpose(1, 2)
-        del scores32
+        ref_z, ref_pattern = reference_attention(q.float(), k.float(), v.float(), attn_scale=8.0)  # TL's, float32
         floor_bytes = (pattern.numel() + 4 * q.numel()) * q.element_size()
         src = torch.empty(floor_bytes // 2, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)

@@ -266,7 +266,7 @@ def test_directory_without_config_and_missing_model(tmp_path):
 
 def test_import_has_no_heavy_side_effects():
     """`import hooklens` loads neither Triton nor torch._dynamo nor the C++ extension (kernels are opt-in, and
-    TRITON_INTERPRET must be settable after importing hooklens)."""
+    Triton's interpreter switch must be settable after importing hooklens)."""
     import subprocess
     import sys
 
