@@ -167,7 +167,8 @@ def patching_loop(ctx: Context) -> Case:
     clean = _tokens(ctx)
     corrupted = clean.clone()
     # Corrupt the first half of every prompt, so patching early positions matters.
-    corrupted[:, : max(1, ctx.seq // 2)] = models.random_tokens(ctx, ctx.batch, ctx.seq, seed_offset=1)[:, : max(1, ctx.seq // 2)]
+    half = max(1, ctx.seq // 2)
+    corrupted[:, :half] = models.random_tokens(ctx, ctx.batch, ctx.seq, seed_offset=1)[:, :half]
     hl, tl = models.hooklens_model(ctx), models.tl_model(ctx)
     layers = list(range(hl.cfg.n_layers))
     positions = patching_positions(ctx.seq, int(ctx.options.get("patch_positions") or 3))
@@ -182,5 +183,6 @@ def patching_loop(ctx: Context) -> Case:
         shape=shape_str(ctx),
         # One call is 1 + layers x positions forward passes, so it is timed fewer times than the other workloads.
         repeats=int(ctx.options.get("patch_repeats") or min(ctx.repeats, 3)),
-        note=f"{len(layers)} layers x {len(positions)} positions = {len(layers) * len(positions)} patched runs + 1 cached run",
+        note=f"{len(layers)} layers x {len(positions)} positions = {len(layers) * len(positions)} patched runs "
+             "+ 1 cached run",
     )

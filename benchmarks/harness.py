@@ -1,13 +1,16 @@
-"""Shared benchmark harness: timing, the workload registry, result records and the result files.
+"""Shared benchmark harness: timing, the workload registry, result records and the results log.
 
 Every benchmark in this directory goes through here, so all results share one format:
 
 * `time_fn(fn, warmup, repeats)` -> median wall-clock seconds of `fn()` (synchronizing CUDA around each call).
+  A `Case` with `kernel_timing=True` is timed on CUDA with `triton.testing.do_bench` instead (CUDA events around
+  many launches: a single kernel launch is as short as the host-side synchronize + clock around it).
 * `@workload(name, ...)` registers a *setup* function `setup(ctx) -> Case`. A `Case` holds one zero-argument
   callable per implementation (`"hooklens"` plus one or more references such as `"transformer_lens"` or `"hf"`)
   and a `check(hooklens_out, reference_out) -> (ok, max_abs_diff)`. `run_workload` runs every implementation once,
   checks each reference's output against hooklens's, then times them all and returns one `Record` per reference.
-* `write_results(records, device, ...)` writes `<out>/<YYYY-MM-DD>-<device>.json` and a Markdown table beside it.
+* `append_results(records, device, log_path, ...)` appends one JSON row per record to the results log
+  (`benchmarks/results.jsonl` by default; `result_rows` builds the rows).
 
 Adding a workload: write `@workload("my_workload", references=("transformer_lens",))` over a setup function in a
 module under `benchmarks/`, and list that module in `run.py`'s `WORKLOAD_MODULES`.
@@ -87,6 +90,15 @@ def time_fn_all(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5, device
     return times
 
 
+def time_kernel_all(fn: Callable[[], Any], repeats: int) -> List[float]:
+    """Seconds per call of a CUDA kernel launch `fn`, one sample per repeat: each sample is the median of
+    `triton.testing.do_bench` (CUDA events around many launches, L2 flushed between them)."""
+    from triton.testing import do_bench  # lazy: triton is an optional dependency, needed only on CUDA
+
+    with torch.no_grad():
+        return [do_bench(fn, return_mode="median") / 1e3 for _ in range(repeats)]  # do_bench reports ms
+
+
 # -- workloads --------------------------------------------------------------------------------------------------
 @dataclass
 class Case:
@@ -101,6 +113,11 @@ class Case:
     note: str = ""
     # Called after timing, for notes that depend on what the run measured (e.g. peak memory); appended to `note`.
     note_fn: Optional[Callable[[], str]] = None
+    # Each callable is one kernel launch: on CUDA time it with CUDA events (`time_kernel_all`), not the host clock.
+    kernel_timing: bool = False
+    # The reference is the workload's floor (e.g. a copy moving the kernel's minimum bytes): ratio is then the
+    # fraction of the floor reached, recorded as `floor_fraction` too.
+    reference_is_floor: bool = False
 
 
 @dataclass
@@ -171,6 +188,8 @@ class Record:
     reference_min_s: Optional[float] = None
     repeats: Optional[int] = None
     note: str = ""
+    floor_fraction: Optional[float] = None  # ratio, when the reference is the workload's floor (see Case)
+    timing: str = "host"  # "host": the run's timer around each call; "cuda_events": triton.testing.do_bench
 
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,13 +236,17 @@ def run_workload(w: Workload, ctx: Context, log: Callable[[str], None] = print) 
     # (another process, thermal throttling) hits all of them alike instead of one implementation's block.
     names = (HOOKLENS, *w.references)
     samples: Dict[str, List[float]] = {name: [] for name in names}
+    cuda_events = case.kernel_timing and str(ctx.device).startswith("cuda")
     with torch.no_grad():
         for _ in range(warm_left):
             for name in names:
                 case.impls[name]()
         for _ in range(repeats):
             for name in names:
-                samples[name] += time_fn_all(case.impls[name], 0, 1, ctx.device)
+                if cuda_events:
+                    samples[name] += time_kernel_all(case.impls[name], 1)
+                else:
+                    samples[name] += time_fn_all(case.impls[name], 0, 1, ctx.device)
     times = {name: statistics.median(samples[name]) for name in names}
     for name in names:
         spread = f", min {min(samples[name]) * 1e3:.1f} max {max(samples[name]) * 1e3:.1f}" if repeats > 1 else ""
@@ -235,10 +258,13 @@ def run_workload(w: Workload, ctx: Context, log: Callable[[str], None] = print) 
     records = []
     for ref in w.references:
         ok, diff = checks[ref]
+        ratio = times[ref] / times[HOOKLENS]
         records.append(Record(
             workload=w.name, shape=case.shape, dtype=ctx.dtype_name, hooklens_s=times[HOOKLENS], reference=ref,
-            reference_s=times[ref], ratio=times[ref] / times[HOOKLENS], checked=ok, max_abs_diff=diff,
+            reference_s=times[ref], ratio=ratio, checked=ok, max_abs_diff=diff,
             hooklens_min_s=min(samples[HOOKLENS]), reference_min_s=min(samples[ref]), repeats=repeats, note=note,
+            floor_fraction=ratio if case.reference_is_floor else None,
+            timing="cuda_events" if cuda_events else "host",
         ))
     return records
 
@@ -259,7 +285,7 @@ def git_commit(root: Path = REPO_ROOT) -> Optional[str]:
     """`git rev-parse --short HEAD`, plus "-dirty" if tracked or untracked files differ from it.
 
     Without a git checkout (a copied working tree on a GPU machine) the environment variable HOOKLENS_COMMIT,
-    set by whoever copied the tree (`benchmarks/gpu_session.sh` passes it through), names the commit."""
+    set by whoever copied the tree, names the commit."""
     if os.environ.get("HOOKLENS_COMMIT"):
         return os.environ["HOOKLENS_COMMIT"]
     try:
@@ -301,55 +327,45 @@ def markdown_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
-def write_results(records: Sequence[Record], device: str, out_dir: Path | str = REPO_ROOT / "benchmarks" / "results",
-                  extra: Optional[Dict[str, Any]] = None, date: Optional[str] = None) -> Tuple[Path, Path]:
-    """Write `<out_dir>/<date>-<device>.json` and `.md` (overwriting today's files for that device).
+RESULTS_LOG = REPO_ROOT / "benchmarks" / "results.jsonl"
+# The leading keys of every results-log row, in this order; the rest follow.
+ROW_KEYS = ("workload", "device", "dtype", "reference", "hooklens_s", "reference_s", "ratio", "floor_fraction",
+            "commit", "date", "command")
 
-    With the "cpu" timer the files are `<date>-<device>-cputimer.*`, so they never replace a wall-clock run.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(device)
-    date = date or _dt.date.today().isoformat()
-    meta = {
-        "device": slug,
-        "date": date,
+
+def run_metadata(device: str, extra: Optional[Dict[str, Any]] = None, date: Optional[str] = None) -> Dict[str, Any]:
+    """What every row of one run shares: device, date, commit, command, versions, timer and the run's settings."""
+    return {
+        "device": device_slug(device),
+        "date": date or _dt.date.today().isoformat(),
         "commit": git_commit(),
+        "command": command_line(),
         "torch": torch.__version__,
         "triton": triton_version(),
+        "timer": _timer_name,
+        "run": dict(extra or {}),
     }
-    if _timer_name != "wall":
-        meta["timer"] = _timer_name
-    payload = {**meta, "command": command_line(), **(extra or {}), "results": [r.to_json() for r in records]}
-    stem = f"{date}-{slug}" + ("" if _timer_name == "wall" else f"-{_timer_name}timer")  # never clobber wall runs
-    json_path = out_dir / f"{stem}.json"
-    md_path = out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
-    device_desc = slug if slug == "cpu" else f"{slug} ({torch.cuda.get_device_name(torch.device(device))})"
-    if slug == "cpu":
-        device_desc += f" ({torch.get_num_threads()} threads)"
-    md = [
-        f"# Benchmarks {date} on {device_desc}",
-        "",
-        f"- device: `{slug}`",
-        f"- date: {date}",
-        f"- commit: `{meta['commit']}`",
-        f"- command: `{payload['command']}`",
-        f"- torch: {meta['torch']}, triton: {meta['triton']}",
-    ]
-    for key, value in (extra or {}).items():
-        md.append(f"- {key}: {value}")
-    md += [
-        "",
-        f"Median {'wall-clock' if _timer_name == 'wall' else 'single-thread CPU'} times; ratio = reference time / hooklens time, measured in the same run (> 1: hooklens "
-        "is faster). `checked`: hooklens's output matched the reference's before timing.",
-        "",
-        markdown_table(records),
-        "",
-    ]
-    notes = {r.workload: r.note for r in records if r.note}
-    if notes:
-        md += ["Notes:", ""] + [f"- {name}: {note}" for name, note in notes.items()] + [""]
-    md_path.write_text("\n".join(md))
-    return json_path, md_path
+
+def result_rows(records: Sequence[Record], meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One results-log row per record: `ROW_KEYS` first (`floor_fraction` only where the reference is a floor),
+    then the record's other fields and the run's metadata."""
+    rows = []
+    for record in records:
+        merged = {**record.to_json(), **meta}
+        if merged.get("floor_fraction") is None:
+            merged.pop("floor_fraction", None)
+        rows.append({**{k: merged.pop(k) for k in ROW_KEYS if k in merged}, **merged})
+    return rows
+
+
+def append_results(records: Sequence[Record], device: str, log_path: Path | str = RESULTS_LOG,
+                   extra: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """Append one JSON line per record to `log_path` (created if missing); returns the rows written."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = result_rows(records, run_metadata(device, extra))
+    with log_path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return rows

@@ -88,7 +88,8 @@ def kcomp_top1(ctx: Context) -> Case:
         circuit = _kcomp_circuit(hl)
         return (circuit.argmax(-1) == torch.arange(circuit.ldim, device=circuit.A.device)).sum() / circuit.ldim
 
-    return Case(impls={"hooklens": run_hooklens, "transformer_lens": lambda: torch.tensor(_top_1_acc(_kcomp_circuit(tl)))},
+    return Case(impls={"hooklens": run_hooklens,
+                       "transformer_lens": lambda: torch.tensor(_top_1_acc(_kcomp_circuit(tl)))},
                 check=lambda a, b: _close(a, b, atol=1e-4), shape="50257 rows x 50257", warmup=0, repeats=1)
 
 

@@ -26,7 +26,10 @@ def _setup(ctx: Context):
         _, hl_cache = hl.run_with_cache(clean)
         _, tl_cache = tl.run_with_cache(clean)
         mary, john = hl.to_single_token(" Mary"), hl.to_single_token(" John")
-        metric = lambda logits: logits[:, -1, mary].mean() - logits[:, -1, john].mean()
+
+        def metric(logits):
+            return logits[:, -1, mary].mean() - logits[:, -1, john].mean()
+
         return hl, tl, corrupted, hl_cache, tl_cache, metric
 
     return ctx.get("ioi_patching_setup", build)

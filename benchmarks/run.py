@@ -1,8 +1,8 @@
 """Run the benchmarks: `python benchmarks/run.py [--device cpu|cuda] [--dtype float32|bfloat16] [--workloads a,b]
-[--batch B --seq T] [--repeats N] [--warmup N] [--out benchmarks/results]`.
+[--batch B --seq T] [--repeats N] [--warmup N] [--log benchmarks/results.jsonl]`.
 
 Times hooklens against its references (TransformerLens 3.9, HF GPT2LMHeadModel) on random GPT-2-small-shaped
-weights, prints a Markdown table and writes `<out>/<YYYY-MM-DD>-<device>.json` and `.md`.
+weights, prints a Markdown table and appends one JSON row per measurement to the results log (`--log`).
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wall: perf_counter (default). cpu: thread CPU time with 1 torch thread, for a CPU run on "
                              "a busy shared machine (ignores time spent descheduled)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(HERE / "results"), help="directory for the .json and .md results")
+    parser.add_argument("--log", default=str(harness.RESULTS_LOG),
+                        help="results log (JSON lines) the rows are appended to (default: benchmarks/results.jsonl)")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
     return parser.parse_args(argv)
 
@@ -96,7 +97,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    selected = list(workloads) if args.workloads == "all" else [w.strip() for w in args.workloads.split(",") if w.strip()]
+    requested = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    selected = list(workloads) if args.workloads == "all" else requested
     unknown = [w for w in selected if w not in workloads]
     if unknown:
         print(f"error: unknown workloads {unknown}; choose from {sorted(workloads)}", file=sys.stderr)
@@ -137,8 +139,8 @@ def main(argv=None) -> int:
              "cpu_threads": torch.get_num_threads(), "wall_s": round(elapsed, 1)}
     if kind == "cpu":
         extra["load_average_1min_before_after"] = [load_before, _load_average()]
-    json_path, md_path = harness.write_results(records, device, args.out, extra=extra)
-    print(f"\nwrote {json_path} and {md_path.name} ({elapsed:.0f} s)")
+    rows = harness.append_results(records, device, args.log, extra=extra)
+    print(f"\nappended {len(rows)} rows to {args.log} ({elapsed:.0f} s)")
     return 0 if all(r.checked for r in records) else 1
 
 

@@ -1,4 +1,4 @@
-"""Block-size / warp / stage sweep for the Triton attention kernels on a CUDA machine (issue 7).
+"""Block-size / warp / stage sweep for the Triton attention kernels on a CUDA machine.
 
     python benchmarks/tune_attention.py [--batch 8] [--seq 1024] [--out DIR]
 
@@ -57,8 +57,11 @@ def main() -> int:
         src = torch.empty(floor_bytes // 2, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-        sdpa = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                      is_causal=True)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True)
+
         sdpa_ms = do_bench(sdpa, warmup=25, rep=200, return_mode="median")
         print(f"\n{dtype_name}: copy of {floor_bytes / 1e9:.3f} GB {copy_ms * 1e3:.1f} us "
               f"({floor_bytes / copy_ms / 1e6:.0f} GB/s); sdpa {sdpa_ms * 1e3:.1f} us", flush=True)
@@ -101,8 +104,7 @@ def main() -> int:
             for r in ok[:6] + [r for r in ok if r["config"] == "default"]:
                 print(f"  {r['config']:<20} {r['us']:8.1f} us  {r['ratio']:.2f}x  err z {r['err_z']:.1e} "
                       f"pattern {r['err_pattern']:.1e}", flush=True)
-        del pattern, src, dst, ref_pattern
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the next dtype's buffers replace these
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tune-attention.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -1,9 +1,9 @@
 """Each bad-input call of the C++ operators in its own process: does it raise, or crash the interpreter?
 
-    python benchmarks/check_cpp_errors.py
+    python docs/perf-log/check_cpp_errors.py
 
 Prints one line per call with the child's exit status (0: the call raised or returned; -11: SIGSEGV) and what it
-printed. Written for the device-build crash in benchmarks/NOTES.md ("C++ operators crash on bad input").
+printed. Written for the device-build crash in docs/perf-log/NOTES.md ("C++ operators crash on bad input").
 """
 import subprocess
 import sys
@@ -24,7 +24,8 @@ PRELUDE = "import torch, hooklens.ops as o; o.load_extension(True); A, B = torch
 def main() -> int:
     crashed = 0
     for call in CALLS:
-        code = PRELUDE + f"try:\n    {call}\n    print('ok')\nexcept Exception as e:\n    print(type(e).__name__, str(e)[:150])"
+        code = PRELUDE + (f"try:\n    {call}\n    print('ok')\n"
+                          "except Exception as e:\n    print(type(e).__name__, str(e)[:150])")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         crashed += result.returncode != 0
         print(f"rc={result.returncode} {call}: {result.stdout.strip()} {result.stderr.strip()[-300:]}")

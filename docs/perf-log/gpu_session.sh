@@ -2,25 +2,25 @@
 # One GPU session on a bare CUDA machine (issue 7): install hooklens against the machine's own torch/triton,
 # build the C++ extension, run the test suite with CUDA visible, then the benchmark harness.
 #
-#   HOOKLENS_COMMIT=$(git rev-parse --short HEAD) OUT=/some/dir bash benchmarks/gpu_session.sh [PHASE ...]
+#   HOOKLENS_COMMIT=$(git rev-parse --short HEAD) OUT=/some/dir bash docs/perf-log/gpu_session.sh [PHASE ...]
 #
 # PHASE is any of: setup, tests, kernels, cpp_errors (check_cpp_errors.py), tune (tune_attention.py), and the
 # benchmark groups attention, bf16, core, sweeps, circuits (below); default: all of them in that order.
 # `setup` (install + C++ build, ~65 s on an H100 machine) always runs first. Phase times seen on an H100 (2026-11-22): kernels 120 s, tests 82 s (-n 15), tune
 # (bf16 only) ~60 s, attention 63 s, bf16 24 s, core 75 s; sweeps needs ~200 s (TL's 2160 forwards in
 # head_out_by_pos), circuits ~120 s. A device call runs at most 10 minutes, so a session is two calls:
-#   bash benchmarks/gpu_session.sh kernels cpp_errors tests tune   # ~8 min
-#   bash benchmarks/gpu_session.sh attention bf16 core sweeps circuits   # ~9.5 min
+#   bash docs/perf-log/gpu_session.sh kernels cpp_errors tests tune   # ~8 min
+#   bash docs/perf-log/gpu_session.sh attention bf16 core sweeps circuits   # ~9.5 min
 # Everything is written under $OUT (default /tmp/hooklens-gpu): setup.log, tests.log, kernels.log, tune.log,
-# bench.log, summary.txt and results.tar.gz (the benchmark .json/.md files and tune-attention.json).
+# bench.log, summary.txt and results.tar.gz (the rows run.py appended to results.jsonl, and tune-attention.json).
 # The machine has no network: Python packages missing from its image (TransformerLens 3.9 and the parts of its
-# dependency tree the image lacks) travel as wheels in .whl/ (see benchmarks/NOTES.md for the download command)
+# dependency tree the image lacks) travel as wheels in .whl/ (see docs/perf-log/NOTES.md for the download command)
 # and are installed with --no-index into /tmp/site. Each phase runs under `timeout` (limits below, each
 # overridable: TESTS_LIMIT, KERNELS_LIMIT, TUNE_LIMIT, BENCH_LIMIT for every benchmark group) so one hang cannot eat
-# the lease; a benchmark group cut by its limit loses its result files (run.py writes them at the end) but not
+# the lease; a benchmark group cut by its limit loses its rows (run.py appends them at the end) but not
 # its log lines in bench.log.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/hooklens-gpu}
 RES=/tmp/hooklens-gpu-results  # tarred into $OUT/results.tar.gz (the device tool returns at most 8 files)
 rm -rf "$RES"; mkdir -p "$OUT" "$RES"
@@ -70,8 +70,8 @@ failed, $(grep -c ' SKIPPED ' "$OUT/tests.log") skipped; $(tail -1 "$OUT/tests.l
   grep ' FAILED ' "$OUT/tests.log" | sed 's/.* FAILED //' | sort -u | head -40 | tee -a "$OUT/summary.txt"
 }
 
-run_cpp_errors() {  # the device-build crash of the C++ operators' error paths (benchmarks/NOTES.md)
-  timeout 150 $PY benchmarks/check_cpp_errors.py >"$OUT/cpp_errors.log" 2>&1
+run_cpp_errors() {  # the device-build crash of the C++ operators' error paths (docs/perf-log/NOTES.md)
+  timeout 150 $PY docs/perf-log/check_cpp_errors.py >"$OUT/cpp_errors.log" 2>&1
   local rc=$?
   summary "[$(stamp)] cpp_errors rc=$rc (1: some bad-input call crashed the interpreter; see cpp_errors.log)"
 }
@@ -105,9 +105,9 @@ run_bench() {  # $1: group name
   local dtype=float32
   [ "$1" = bf16 ] && dtype=bfloat16
   timeout ${BENCH_LIMIT:-${GROUP_LIMIT[$1]}} $PY benchmarks/run.py --device cuda --dtype $dtype --workloads "${GROUP[$1]}" \
-    --out "$RES/$1" >>"$OUT/bench.log" 2>&1
+    --log "$RES/results.jsonl" >>"$OUT/bench.log" 2>&1
   local rc=$?
-  summary "[$(stamp)] bench $1 ($dtype) rc=$rc (124: cut by its time limit; run.py writes its files only at the end)"
+  summary "[$(stamp)] bench $1 ($dtype) rc=$rc (124: cut by its time limit; run.py appends its rows only at the end)"
 }
 
 run_setup
@@ -124,5 +124,5 @@ for phase in "${phases[@]}"; do
   esac
   tar czf "$OUT/results.tar.gz" -C "$RES" .  # after every phase: what finished comes back even if a later one is cut
 done
-grep -h -A40 "^| workload" "$RES"/*/*.md 2>/dev/null | grep "^|" || true
+grep "^|" "$OUT/bench.log" || true
 cat "$OUT/summary.txt"
