@@ -49,9 +49,10 @@ tensors (inference tensors have no version counter). An edit made through `.data
 is not detected; edit the tensor itself or return a new one.
 
 Autograd: the kernels run without autograd. When autograd records (grad enabled and q/k/v require grad), their
-outputs are wrapped in autograd.Functions whose backward recomputes with the reference steps: the pattern kernel's
-outputs get TL's graph q, k -> scores -> pattern -> z with the hook points in between (so gradients and backward
-hooks on `hook_attn_scores` / `hook_pattern` are TL's), and the flash kernel gets one Function for q, k, v -> z.
+outputs are wrapped in autograd.Functions whose backward recomputes with PyTorch ops: the pattern kernel's outputs
+get TL's graph q, k -> scores -> pattern -> z with the hook points in between, each edge differentiated through its
+reference step (so gradients and backward hooks on `hook_attn_scores` / `hook_pattern` are TL's), and the flash
+kernel gets one Function for q, k, v -> z, differentiated through `sdpa_attention`.
 
 Torch ops and Triton kernels differ only by float rounding (the kernels softmax in float32 for every dtype).
 """

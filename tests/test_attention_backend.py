@@ -415,3 +415,32 @@ def test_editing_hooks_under_autograd(model, tokens, edit):
     assert torch.allclose(loss_ref, loss, atol=1e-5)
     for a, b in zip(grads_ref, grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_pattern_stats_match_torch_backend(model, tokens, left_pad_mask, grad):
+    """`pattern_stats` without pattern hooks: the stats kernel (no autograd) or, while autograd records, the pattern
+    kernel's pattern; the line sums and the loss's gradients are the torch backend's (reference pattern)."""
+    specs = [("diagonal", -1), ("diagonal", 0), ("column", 0)]
+
+    def run():
+        model.zero_grad()
+        with torch.set_grad_enabled(grad), A.pattern_stats(specs) as stats:
+            loss = model(tokens, attention_mask=left_pad_mask, return_type="loss")
+        if grad:
+            loss.backward()
+        return stats, loss.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    (stats_ref, loss_ref, grads_ref), (stats, loss, grads) = run_both(run)
+    model.zero_grad()
+    assert set(stats.sums) == set(stats_ref.sums) == set(range(model.cfg.n_layers))
+    assert all(stats.from_kernel[layer] == (not grad) for layer in stats.sums)
+    assert not any(stats_ref.from_kernel.values())
+    for layer in stats.sums:
+        assert torch.allclose(stats.sums[layer], stats_ref.sums[layer], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(loss_ref, loss, atol=1e-5)
+    for a, b in zip(grads_ref, grads):
+        assert (a is None) == (not grad) and (b is None) == (not grad)
+        if grad:
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
