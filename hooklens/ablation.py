@@ -21,15 +21,17 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from hooklens.patching import _mask_head
-from hooklens.sweeps import PatchSweep, run_sweep
+from hooklens.activation_layout import layout_of
+from hooklens.sweeps import index_sweep, run_sweep
 from hooklens.utils import get_act_name
 
 ABLATION_KINDS = ("zero", "mean", "resample")
 
 
-def ablation_values(model, tokens: Tensor, kind: str = "zero", resample_tokens: Optional[Tensor] = None) -> Dict[str, Tensor]:
-    """The replacement `z` for every layer, `{"blocks.{l}.attn.hook_z": [b, p, h, dh]}`, for `kind` (see module doc)."""
+def ablation_values(model, tokens: Tensor, kind: str = "zero",
+                    resample_tokens: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """The replacement `z` of every layer for `kind` (see the module docstring):
+    `{"blocks.{l}.attn.hook_z": [b, p, h, dh]}`."""
     if kind not in ABLATION_KINDS:
         raise ValueError(f"kind must be one of {ABLATION_KINDS}, got {kind!r}")
     if tokens.dim() == 1:
@@ -78,6 +80,7 @@ def head_ablation(
     replacement = ablation_values(model, tokens, kind, resample_tokens)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     indices = torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads)).view(-1, 2)
-    sweep = PatchSweep("z", indices, torch.zeros(len(indices), dtype=torch.long), _mask_head)
+    head_axis = layout_of("z").axis("head", batch_dim=False)
+    sweep = index_sweep(model, "z", indices, axes=(head_axis,))  # one head, every position
     values = run_sweep(model, tokens, replacement, metric, sweep, metric_positions, memory_budget, progress)
     return values.view(n_layers, n_heads)

@@ -60,6 +60,11 @@ class ActivationLayout:
         return len(self.dims)
 
     @property
+    def batch(self) -> int:
+        """The batch axis: always 0."""
+        return 0
+
+    @property
     def pos(self) -> int:
         """The position axis (the query position of attention patterns / scores), counted with the batch."""
         return self.dims.index("pos")

@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from hooklens.sweeps import PATTERN_LIKE, PatchSweep, run_sweep
+from hooklens.activation_layout import ActivationLayout, layout_of
+from hooklens.sweeps import index_sweep, logit_positions, run_sweep
 from hooklens.utils import get_act_name
 
 RESID_LIKE_DEFAULT = ("resid_pre", "attn_out", "mlp_out", "z")
@@ -30,27 +31,21 @@ def _as_batch(tokens: Tensor) -> Tensor:
     return tokens[None] if tokens.dim() == 1 else tokens
 
 
-def _logits_at(model, resid: Tensor, positions: Optional[Sequence[int]]) -> Tensor:
-    """Logits from the final residual stream [b, p, d]; only at `positions` (NaN elsewhere) when given."""
-    if positions is None:
-        final = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-        return model.unembed(final)
-    seq_len = resid.shape[1]
-    pos = torch.tensor(sorted({p % seq_len for p in positions}), device=resid.device)
-    final = resid[:, pos]
-    if model.cfg.normalization_type is not None:
-        final = model.ln_final(final)
-    part = model.unembed(final)  # [b, |pos|, v]
+def _logits_at(model, resid: Tensor, metric_positions: Optional[Sequence[int]]) -> Tensor:
+    """Logits from the final residual stream [b, p, d]; only at `metric_positions` (NaN elsewhere) when given."""
+    if metric_positions is None:
+        return model.logits_from_resid(resid)
+    positions = logit_positions(metric_positions, resid.shape[1]).to(resid.device)
+    part = model.logits_from_resid(resid[:, positions])  # [b, |positions|, v]
     logits = torch.full(resid.shape[:2] + part.shape[-1:], float("nan"), dtype=part.dtype, device=part.device)
-    return logits.index_copy(1, pos, part)
+    return logits.index_copy(1, positions, part)
 
 
-def _reduce(activation_name: str, product: Tensor) -> Tensor:
-    """Sum (clean - corrupted) * grad [b, *act] over the batch and the feature dim: resid-like [b, p, d] -> [p];
-    per-head [b, p, h, dh] -> [p, h]; attention patterns/scores [b, h, q, k] keep every entry -> [h, q, k]."""
-    if activation_name in PATTERN_LIKE:
-        return product.sum(0)
-    return product.sum(dim=(0, -1))
+def _reduce(layout: ActivationLayout, product: Tensor) -> Tensor:
+    """Sum (clean - corrupted) * grad [b, *act] over the batch and the feature axes, keeping the site axes (the
+    activation's layout): resid-like [b, p, d] -> [p]; per-head [b, p, h, dh] -> [p, h]; attention patterns /
+    scores [b, h, q, k] keep every entry -> [h, q, k]."""
+    return product.sum(dim=(layout.batch,) + layout.feature_axes())
 
 
 def attribution_patching(
@@ -111,14 +106,15 @@ def attribution_patching(
         per_layer = []
         for l in range(n_layers):
             name = hook_names[(short, l)]
+            layout = layout_of(name, model.cfg)
             corrupted_act = captured[name].detach()
             grad = grad_of[name]
             if grad is None:  # the metric does not depend on this activation
                 grad = torch.zeros_like(corrupted_act)
             delta = clean_cache[name] - corrupted_act
-            if short in PATTERN_LIKE:  # masked scores are -inf in both runs: no difference there, not NaN
+            if layout.key_pos is not None:  # masked scores are -inf in both runs: no difference there, not NaN
                 delta = delta.nan_to_num(nan=0.0)
-            per_layer.append(_reduce(short, delta * grad))
+            per_layer.append(_reduce(layout, delta * grad))
         out[short] = torch.stack(per_layer)
     return out
 
@@ -145,8 +141,6 @@ def exact_top_entries(
     clean_cache, metric) - metric(model(corrupted_tokens))` is the exact counterpart of
     `attribution_patching(...)["resid_pre"]` (likewise `get_act_patch_attn_head_out_by_pos` for `"z"`).
     """
-    from hooklens import patching as P
-
     clean_tokens, corrupted_tokens = _as_batch(clean_tokens), _as_batch(corrupted_tokens)
     device = model.W_E.device
     n_layers = model.cfg.n_layers
@@ -159,13 +153,9 @@ def exact_top_entries(
         flat = attr.reshape(-1)
         top = flat.abs().nan_to_num(-1.0).topk(min(k, flat.numel())).indices
         indices = torch.stack(torch.unravel_index(top.cpu(), attr.shape), dim=1).long()  # [k, attr.dim()]
-        if short in PATTERN_LIKE:
-            build, pos_col = P._mask_pattern_entry, 2  # [layer, head, dest, src]
-        elif attr.dim() == 3:
-            build, pos_col = P._mask_pos_head, 1  # [layer, pos, head]
-        else:
-            build, pos_col = P._mask_pos, 1  # [layer, pos]
-        sweep = PatchSweep(short, indices, indices[:, pos_col].clone(), build)
+        # attributions index [layer, *site axes] (see _reduce): patch each entry at those axes
+        site_axes = layout_of(get_act_name(short, 0), model.cfg).site_axes(batch_dim=False)
+        sweep = index_sweep(model, short, indices, site_axes)
         exact = run_sweep(model, corrupted_tokens, clean_cache, metric, sweep, metric_positions, memory_budget,
                           progress)
         out[short] = (indices, flat[top].detach(), exact - base)
@@ -175,10 +165,7 @@ def exact_top_entries(
 # -- integrated gradients over MLP neurons -----------------------------------------------------------------------
 def _target_prob(model, resid: Tensor, position: int, target: Tensor) -> Tensor:
     """Probability of `target` [rows] at `position` from the final residual stream [rows, p, d]: [rows]."""
-    final = resid[:, position]
-    if model.cfg.normalization_type is not None:
-        final = model.ln_final(final[:, None])[:, 0]
-    logits = model.unembed(final[:, None])[:, 0]  # [rows, v]
+    logits = model.logits_from_resid(resid[:, position, None])[:, 0]  # [rows, 1, d] -> [rows, v]
     return logits.softmax(-1).gather(-1, target[:, None])[:, 0]
 
 
@@ -227,10 +214,9 @@ def neuron_integrated_gradients(
     if target.shape != (batch,):
         raise ValueError(f"target_token must be an int or one id per batch row ({batch}), got {tuple(target.shape)}")
 
-    post_names = [get_act_name("post", l) for l in layers]
+    cached = [get_act_name("post", l) for l in layers] + [get_act_name("resid_pre", l) for l in layers]
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=post_names + [f"blocks.{l}.hook_resid_pre" for l in layers],
-                                        return_cache_object=False)
+        _, cache = model.run_with_cache(tokens, names_filter=cached, return_cache_object=False)
     alphas = torch.arange(1, steps + 1, device=device, dtype=model.cfg.dtype) / steps  # [steps]
     result = torch.zeros(n_layers, model.cfg.d_mlp, device=device, dtype=model.cfg.dtype)
     groups = [alphas] if batch_alphas else [alphas[i:i + 1] for i in range(steps)]

@@ -194,7 +194,8 @@ class HookedRootModule(nn.Module):
     ) -> None:
         """Override to refuse hooks on disabled hook points."""
 
-    def _resolve_hook_name(self, name: str) -> HookPoint:
+    def get_hook_point(self, name: str) -> HookPoint:
+        """The HookPoint named `name`; an unknown name raises KeyError listing the closest valid names."""
         hook_point = self.hook_dict.get(name)
         if hook_point is None:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
@@ -223,7 +224,7 @@ class HookedRootModule(nn.Module):
     ) -> None:
         """Add `hook` to the hook point `name`, or to every hook point whose name passes the filter `name`."""
         if isinstance(name, str):
-            hook_point = self._resolve_hook_name(name)
+            hook_point = self.get_hook_point(name)
             self.check_and_add_hook(hook_point, name, hook, dir, is_permanent, level, prepend)
         elif callable(name):
             for hook_name, hook_point in self.hook_dict.items():
@@ -275,7 +276,7 @@ class HookedRootModule(nn.Module):
                     if _check:
                         self.add_hook(name, fn, dir=direction, level=level)
                     else:  # caching hooks go on every selected point, including ones a cfg flag switches off
-                        self._resolve_hook_name(name).add_hook(fn, dir=direction, level=level)
+                        self.get_hook_point(name).add_hook(fn, dir=direction, level=level)
             yield self
         finally:
             if reset_hooks_end:
@@ -355,7 +356,7 @@ class HookedRootModule(nn.Module):
             names_filter = [names_filter]
         if isinstance(names_filter, (list, tuple, set)):
             for name in names_filter:
-                self._resolve_hook_name(name)  # unknown names raise with suggestions
+                self.get_hook_point(name)  # unknown names raise with suggestions
             wanted = set(names_filter)
             return lambda name: name in wanted
         if callable(names_filter):

@@ -21,7 +21,7 @@ from typing import Callable, Literal, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from hooklens.sweeps import PatchSweep, run_sweep
+from hooklens.sweeps import PatchSweep, index_sweep, run_sweep
 
 AXIS_NAMES = ("layer", "pos", "head_index", "head", "src_pos", "dest_pos")
 # TransformerLens's type names, for code that annotates with them.
@@ -83,50 +83,15 @@ def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, cl
     return corrupted_activation
 
 
-# -- vectorized masks for the known setters: (indices [n, axes], activation shape) -> bool [n, *shape] ---------------
-def _one_hot(values: Tensor, size: int) -> Tensor:
-    return torch.nn.functional.one_hot(values, size).bool()  # [n, size]
-
-
-def _mask_pos(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
-    mask = _one_hot(idx[:, 1], shape[0])  # [n, pos]
-    return mask.view(mask.shape + (1,) * (len(shape) - 1)).expand((len(idx),) + shape)
-
-
-def _mask_pos_head(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
-    mask = _one_hot(idx[:, 1], shape[0])[:, :, None] & _one_hot(idx[:, 2], shape[1])[:, None, :]  # [n, pos, head]
-    return mask.view(mask.shape + (1,) * (len(shape) - 2)).expand((len(idx),) + shape)
-
-
-def _mask_head(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
-    mask = _one_hot(idx[:, 1], shape[1])[:, None, :]  # [n, 1, head]
-    return mask.view(mask.shape + (1,) * (len(shape) - 2)).expand((len(idx),) + shape)
-
-
-def _mask_pattern_head(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
-    mask = _one_hot(idx[:, 1], shape[0])  # [n, head]
-    return mask[:, :, None, None].expand((len(idx),) + shape)
-
-
-def _mask_pattern_head_dest(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
-    mask = _one_hot(idx[:, 1], shape[0])[:, :, None] & _one_hot(idx[:, 2], shape[1])[:, None, :]  # [n, head, dest]
-    return mask[..., None].expand((len(idx),) + shape)
-
-
-def _mask_pattern_entry(idx: Tensor, shape: Tuple[int, ...]) -> Tensor:
-    head_dest = _one_hot(idx[:, 1], shape[0])[:, :, None] & _one_hot(idx[:, 2], shape[1])[:, None, :]
-    return head_dest[..., None] & _one_hot(idx[:, 3], shape[2])[:, None, None, :]  # [n, head, dest, src]
-
-
-# setter -> (mask builder, column of the index holding the first affected position (None = position 0), what
-# each index column is)
+# The setters defined here run as vectorized masks (`hooklens.sweeps.index_mask`): setter -> (the activation axes,
+# without the batch dim, that index columns 1.. address, exactly as the setter indexes them; what each column is).
 _KNOWN_SETTERS = {
-    layer_pos_patch_setter: (_mask_pos, 1, ("layer", "pos")),
-    layer_pos_head_vector_patch_setter: (_mask_pos_head, 1, ("layer", "pos", "head")),
-    layer_head_vector_patch_setter: (_mask_head, None, ("layer", "head")),
-    layer_head_pattern_patch_setter: (_mask_pattern_head, None, ("layer", "head")),
-    layer_head_pos_pattern_patch_setter: (_mask_pattern_head_dest, 2, ("layer", "head", "dest_pos")),
-    layer_head_dest_src_pos_pattern_patch_setter: (_mask_pattern_entry, 2, ("layer", "head", "dest_pos", "src_pos")),
+    layer_pos_patch_setter: ((0,), ("layer", "pos")),
+    layer_pos_head_vector_patch_setter: ((0, 1), ("layer", "pos", "head")),
+    layer_head_vector_patch_setter: ((1,), ("layer", "head")),
+    layer_head_pattern_patch_setter: ((0,), ("layer", "head")),
+    layer_head_pos_pattern_patch_setter: ((0, 1), ("layer", "head", "dest_pos")),
+    layer_head_dest_src_pos_pattern_patch_setter: ((0, 1, 2), ("layer", "head", "dest_pos", "src_pos")),
 }
 
 
@@ -149,7 +114,8 @@ def _axis_ranges(model, corrupted_tokens: Tensor) -> dict:
     return ranges
 
 
-def _index_grid(model, corrupted_tokens: Tensor, activation_name: str, index_axis_names: Sequence[str]) -> Tuple[Tensor, list]:
+def _index_grid(model, corrupted_tokens: Tensor, activation_name: str,
+                index_axis_names: Sequence[str]) -> Tuple[Tensor, list]:
     ranges = _axis_ranges(model, corrupted_tokens)
     unknown = [a for a in index_axis_names if a not in ranges]
     if unknown:
@@ -200,10 +166,9 @@ def generic_activation_patch(
     layer_column = _normalized_indices(indices[:, :1], [ranges["layer"]], ["layer"])
     indices = torch.cat([layer_column, indices[:, 1:]], dim=1)
     if patch_setter in _KNOWN_SETTERS:
-        build, pos_column, axes = _KNOWN_SETTERS[patch_setter]
-        indices = _normalized_indices(indices, [ranges[axis] for axis in axes], axes)
-        starts = indices[:, pos_column] if pos_column is not None else torch.zeros(len(indices), dtype=torch.long)
-        sweep = PatchSweep(activation_name, indices, starts, build_masks=build)
+        axes, columns = _KNOWN_SETTERS[patch_setter]
+        indices = _normalized_indices(indices, [ranges[column] for column in columns], columns)
+        sweep = index_sweep(model, activation_name, indices, axes)
     else:
         sweep = PatchSweep(activation_name, indices, torch.zeros(len(indices), dtype=torch.long),
                            patch_setter=patch_setter)
@@ -238,9 +203,9 @@ get_act_patch_attn_head_v_by_pos = _specialize(layer_pos_head_vector_patch_sette
 get_act_patch_attn_head_pattern_by_pos = _specialize(layer_head_pos_pattern_patch_setter, "pattern",
                                                      ("layer", "head_index", "dest_pos"),
                                                      "Patch each head's attention pattern, by destination position.")
-get_act_patch_attn_head_pattern_dest_src_pos = _specialize(layer_head_dest_src_pos_pattern_patch_setter, "pattern",
-                                                           ("layer", "head_index", "dest_pos", "src_pos"),
-                                                           "Patch each (destination, source) pattern entry of each head.")
+get_act_patch_attn_head_pattern_dest_src_pos = _specialize(
+    layer_head_dest_src_pos_pattern_patch_setter, "pattern", ("layer", "head_index", "dest_pos", "src_pos"),
+    "Patch each (destination, source) pattern entry of each head.")
 get_act_patch_attn_head_out_all_pos = _specialize(layer_head_vector_patch_setter, "z", ("layer", "head"),
                                                   "Patch each head's output z at every position.")
 get_act_patch_attn_head_q_all_pos = _specialize(layer_head_vector_patch_setter, "q", ("layer", "head"),
@@ -249,7 +214,8 @@ get_act_patch_attn_head_k_all_pos = _specialize(layer_head_vector_patch_setter, 
                                                 "Patch each head's keys at every position.")
 get_act_patch_attn_head_v_all_pos = _specialize(layer_head_vector_patch_setter, "v", ("layer", "head"),
                                                 "Patch each head's values at every position.")
-get_act_patch_attn_head_pattern_all_pos = _specialize(layer_head_pattern_patch_setter, "pattern", ("layer", "head_index"),
+get_act_patch_attn_head_pattern_all_pos = _specialize(layer_head_pattern_patch_setter, "pattern",
+                                                      ("layer", "head_index"),
                                                       "Patch each head's whole attention pattern.")
 
 

@@ -14,7 +14,8 @@ the senders on the metric *only through* the receivers:
 
 Receivers are any hook names, e.g. `blocks.3.attn.hook_q` / `hook_k` / `hook_v` (head axis 2, `[b, p, h, dh]`),
 `blocks.3.hook_q_input` (needs `model.set_use_split_qkv_input(True)`), `blocks.3.hook_resid_pre` or
-`blocks.{n_layers-1}.hook_resid_post` (head None), `blocks.3.attn.hook_pattern` (head axis 1). A receiver at or
+`blocks.{n_layers-1}.hook_resid_post` (head None), `blocks.3.attn.hook_pattern` (head axis 1); the head axis of
+each comes from `hooklens.activation_layout`. A receiver at or
 before the senders' layer is unaffected by them (its recorded value equals the corrupted one).
 
 `path_patch_senders` runs the common sweep "each head alone as the sender" with all variants stacked on the batch
@@ -27,12 +28,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from hooklens.activation_layout import layout_of
+from hooklens.sweeps import apply_metric
 from hooklens.utils import get_act_name
 
 Receiver = Tuple[str, Optional[int]]
-# Hook points with a head axis (a receiver on any other takes head None).
-_HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_pattern", "hook_attn_scores",
-               "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in")
 
 
 def _check_senders(model, senders: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
@@ -48,13 +48,9 @@ def _check_senders(model, senders: Sequence[Tuple[int, int]]) -> List[Tuple[int,
     return checked
 
 
-def _head_axis(hook_name: str) -> int:
-    """Head axis of an activation with its batch dim: patterns/scores [b, h, q, k] -> 1; others [b, p, h, ...] -> 2."""
-    return 1 if hook_name.endswith(("hook_pattern", "hook_attn_scores")) else 2
-
-
-def _select_head(x: Tensor, hook_name: str, head: Optional[int]) -> Tensor:
-    return x if head is None else x.select(_head_axis(hook_name), head)
+def _select_head(model, x: Tensor, hook_name: str, head: Optional[int]) -> Tensor:
+    """The receiver's part of activation `x`: head `head` along its layout's head axis, or all of it."""
+    return x if head is None else x.select(layout_of(hook_name, model.cfg).head, head)
 
 
 def _z_caches(model, clean_tokens: Tensor, corrupted_tokens: Tensor) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
@@ -77,8 +73,8 @@ def _check_inputs(model, clean_tokens, corrupted_tokens, receiver_hooks) -> Tupl
         if not (isinstance(receiver, (tuple, list)) and len(receiver) == 2 and isinstance(receiver[0], str)):
             raise ValueError(f"Each receiver is a (hook_name, head or None) pair, got {receiver!r}.")
         name, head = receiver
-        model._resolve_hook_name(name)  # raises a helpful error for unknown names
-        if head is not None and not name.endswith(_HEAD_HOOKS):
+        model.get_hook_point(name)  # raises a helpful error for unknown names
+        if head is not None and layout_of(name, model.cfg).head is None:
             raise ValueError(f"Receiver {receiver!r}: {name} has no head axis; use head None.")
         if head is not None and not 0 <= head < model.cfg.n_heads:
             raise ValueError(f"Receiver {receiver!r}: head {head} is out of range for {model.cfg.n_heads} heads.")
@@ -145,23 +141,22 @@ def path_patch_senders(
 
     logits = _frozen_then_patched_logits(model, tokens, freeze, receiver_hooks)
     logits = logits.view((n, batch) + logits.shape[1:])
-    from hooklens.sweeps import _apply_metric
-
-    values = _apply_metric(metric, logits)
+    values = apply_metric(metric, logits)
     out = torch.full((n_layers, n_heads), float("nan"), dtype=values.dtype, device=values.device)
     for v, (l, h) in enumerate(senders):
         out[l, h] = values[v]
     return out
 
 
-def _frozen_then_patched_logits(model, tokens: Tensor, freeze: Callable, receiver_hooks: Sequence[Receiver]) -> Tensor:
+def _frozen_then_patched_logits(model, tokens: Tensor, freeze: Callable,
+                                receiver_hooks: Sequence[Receiver]) -> Tensor:
     """The two runs of path patching. Run 1: every head's z set by `freeze` (senders clean, the rest corrupted);
     record the receivers. Run 2: a plain run on `tokens` with only the receivers replaced by those recordings."""
     recorded: Dict[Receiver, Tensor] = {}
 
     def record(key: Receiver):
         def hook(act: Tensor, hook) -> None:
-            recorded[key] = _select_head(act, key[0], key[1]).clone()
+            recorded[key] = _select_head(model, act, key[0], key[1]).clone()
         return hook
 
     fwd = [(get_act_name("z", l), freeze) for l in range(model.cfg.n_layers)]
@@ -171,7 +166,7 @@ def _frozen_then_patched_logits(model, tokens: Tensor, freeze: Callable, receive
     def patch(key: Receiver):
         def hook(act: Tensor, hook) -> Tensor:
             act = act.clone()
-            _select_head(act, key[0], key[1]).copy_(recorded[key])
+            _select_head(model, act, key[0], key[1]).copy_(recorded[key])
             return act
         return hook
 

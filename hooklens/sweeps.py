@@ -20,28 +20,32 @@ each variant from position 0 instead (still many per forward unless noted), beca
 what it sees in TransformerLens: a user-written patch setter (called per variant on its `[batch, pos, ...]` slice)
 and hooks already attached to the model (one variant per forward, so they see `[batch, pos, ...]` too).
 Left-padded prompts carry their attention mask into every run.
+
+Public helpers for sweeps built on the engine (`hooklens.patching`, `hooklens.ablation`, `hooklens.attribution`,
+`hooklens.path_patching`): `index_mask` builds the per-variant masks and `index_sweep` a whole mask sweep;
+`logit_positions` says which positions' logits a metric reads; `apply_metric` evaluates a metric over stacked
+variants. Which axis of the patched activation is the position comes from `hooklens.activation_layout`.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooklens.kv_cache import HookedTransformerKeyValueCache, HookedTransformerKeyValueCacheEntry
+from hooklens.activation_layout import find_layout, layout_of
+from hooklens.kv_cache import HookedTransformerKeyValueCacheEntry
 from hooklens.utils import get_act_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from hooklens.model import HookedTransformer
 
 logger = logging.getLogger(__name__)
-
-# Activations whose position axis is not axis 1: attention patterns/scores are [b, h, query, key].
-PATTERN_LIKE = ("pattern", "attn_scores")
 
 MaskBuilder = Callable[[Tensor, Tuple[int, ...]], Tensor]
 """(indices [n, n_axes], activation shape without batch) -> bool mask [n, *shape]: where to take clean values."""
@@ -51,8 +55,8 @@ MaskBuilder = Callable[[Tensor, Tuple[int, ...]], Tensor]
 class PatchSweep:
     """One activation patched at many indices. `indices[:, 0]` is the layer; `start_positions` the first
     position each patch can affect (0 when it spans every position). Patches are either masks (`build_masks`:
-    where to take the clean values, vectorized over variants) or a user's TL-style `patch_setter(corrupted_activation,
-    index, clean_activation)`, called for each variant."""
+    where to take the clean values, vectorized over variants, e.g. `partial(index_mask, axes=...)`) or a user's
+    TL-style `patch_setter(corrupted_activation, index, clean_activation)`, called for each variant."""
 
     activation_name: str
     indices: Tensor  # [n, n_axes], int64
@@ -61,27 +65,59 @@ class PatchSweep:
     patch_setter: Optional[Callable[[Tensor, Tuple[int, ...], Tensor], Optional[Tensor]]] = None
 
 
-def pos_axis(activation_name: str) -> int:
-    """Index of the position (query) axis in the activation without its batch dim."""
-    return 1 if activation_name in PATTERN_LIKE else 0
+# -- the sweep engine's public helpers ------------------------------------------------------------------------------
+def index_mask(indices: Tensor, shape: Tuple[int, ...], axes: Sequence[int]) -> Tensor:
+    """Where each patch takes the clean activation: bool `[n, *shape]` for an activation of `shape` (without its
+    batch dim), True where the activation's index along `axes[i]` equals `indices[:, i + 1]` for every i
+    (column 0 of `indices` is the layer); every other axis is patched whole.
+
+    E.g. `axes=(0,)` on a `[pos, d_model]` activation patches one position, `axes=(0, 1)` on `[pos, head, d_head]`
+    one head at one position, `axes=(1,)` one head at every position."""
+    n = len(indices)
+    mask = torch.ones((n,) + (1,) * len(shape), dtype=torch.bool, device=indices.device)
+    for column, axis in enumerate(axes, start=1):
+        one_hot = torch.nn.functional.one_hot(indices[:, column], shape[axis]).bool()  # [n, shape[axis]]
+        view = [n] + [1] * len(shape)
+        view[axis + 1] = shape[axis]
+        mask = mask & one_hot.view(view)  # [n, 1.., shape[axis], 1..] broadcast into the mask
+    return mask.expand((n,) + tuple(shape))
 
 
-def _positions_to_compute(metric_positions: Optional[Sequence[int]], seq_len: int) -> Tensor:
+def index_sweep(model, activation_name: str, indices: Tensor, axes: Sequence[int]) -> PatchSweep:
+    """A mask sweep (`index_mask` over `axes`) of `activation_name` at `indices` (`[n, 1 + len(axes)]`, column 0
+    the layer). A patch changes nothing before the position it addresses (causal attention), so when an index
+    column addresses the activation's position axis (by its layout), that column is each patch's first affected
+    position; otherwise every patch starts at position 0."""
+    axes = tuple(axes)
+    layout = find_layout(get_act_name(activation_name, int(indices[0, 0])), model.cfg)
+    pos_axis = layout.axis("pos", batch_dim=False) if layout is not None else None
+    if pos_axis in axes:
+        starts = indices[:, 1 + axes.index(pos_axis)]
+    else:
+        starts = torch.zeros(len(indices), dtype=torch.long)
+    return PatchSweep(activation_name, indices, starts, build_masks=partial(index_mask, axes=axes))
+
+
+def logit_positions(metric_positions: Optional[Sequence[int]], seq_len: int) -> Tensor:
+    """The positions whose logits a metric reads, `[k]` int64, sorted and unique (negative ones count from the
+    end); every position when `metric_positions` is None. Logits elsewhere need not be computed (they are NaN)."""
     if metric_positions is None:
         return torch.arange(seq_len)
     positions = torch.tensor([p % seq_len for p in metric_positions], dtype=torch.long)
     return positions.unique()
 
 
-def _apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Optional[dict] = None) -> Tensor:
-    """metric over each variant's logits: [n, b, p, v] -> [n], vectorized with vmap when the metric allows.
+def apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Optional[dict] = None) -> Tensor:
+    """`metric` over each variant's logits: `[n, b, p, v] -> [n]`, vectorized with `torch.vmap` when the metric
+    allows (metrics calling `.item()` or branching on values are evaluated once per variant instead).
 
-    `state` (one dict per sweep) remembers a metric that vmap cannot run, so it is reported and retried once."""
+    `state` (one dict per sweep) remembers a metric that vmap cannot run, so it is reported and retried once.
+    A metric must return one number per run; anything else raises ValueError."""
     state = {} if state is None else state
     values = None
     if state.get("vmap", True):
         # vmap in chunks of a few variants: a metric's temporaries (log_softmax of a position slice, which makes a
-        # contiguous copy) then stay cache-sized instead of spanning every variant at once (3-4x faster).
+        # contiguous copy) then stay cache-sized instead of spanning every variant at once.
         per_variant = max(1, logits[0].numel() * logits.element_size())
         chunk_size = max(1, (16 << 20) // per_variant)
         try:
@@ -99,6 +135,17 @@ def _apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Opt
     return values
 
 
+# -- the engine -------------------------------------------------------------------------------------------------
+@dataclass
+class _CorruptedRun:
+    """What every chunk of a sweep starts from: the corrupted prompt, its logits and the activations cached on it."""
+
+    tokens: Tensor  # [b, p]
+    logits: Tensor  # [b, p, v]
+    activations: Dict[str, Tensor]  # block inputs, keys and values of every layer, the patched activation
+    attention_mask: Optional[Tensor]  # [b, p] for left-padded prompts, else None
+
+
 def _default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -106,7 +153,8 @@ def _default_memory_budget(device: torch.device) -> int:
     return 2 * 1024**3
 
 
-def _variant_bytes(model: "HookedTransformer", batch: int, seq_len: int, n_logit_positions: int, act_numel: int) -> int:
+def _variant_bytes(model: "HookedTransformer", batch: int, seq_len: int, n_logit_positions: int,
+                   act_numel: int) -> int:
     """Rough peak memory of one variant: residual-sized tensors, one attention pattern, its slot of the
     [variants, b, p, vocab] logits buffer plus the unembedding output at the metric's positions, its mask."""
     cfg = model.cfg
@@ -129,82 +177,107 @@ def run_sweep(
 ) -> Tensor:
     """Metric value of every patch in `sweep`: a float32 [n] tensor in the order of `sweep.indices` (TL stores each
     value with `.item()` into a float32 tensor, whatever the model's dtype)."""
-    from hooklens.ops.patching import masked_patch  # lazy: hooklens.ops loads torch._dynamo (and Triton)
-    if corrupted_tokens.dim() == 1:
-        corrupted_tokens = corrupted_tokens[None]
     device = model.W_E.device
-    corrupted_tokens = corrupted_tokens.to(device)
+    corrupted_tokens = (corrupted_tokens[None] if corrupted_tokens.dim() == 1 else corrupted_tokens).to(device)
     batch, seq_len = corrupted_tokens.shape
-    n_layers = model.cfg.n_layers
-    hooked = sorted(name for name, point in model.hook_dict.items() if point.fwd_hooks or point.bwd_hooks)
-    if hooked:
-        logger.warning(
-            "Hooks are attached at %s: patching one variant per forward from position 0, so they see [batch, pos, "
-            "...] as in TransformerLens (slower); model.reset_hooks() first for the batched sweep.", hooked[:4]
-        )
+    hooked = _warn_if_hooked(model)
     first_name = get_act_name(sweep.activation_name, int(sweep.indices[0, 0]))
-    # Each run starts from a block's *input* (before its hook_resid_pre, whose hooks the block applies itself).
-    wanted = ["hook_embed", "hook_pos_embed", first_name]
-    wanted += [f"blocks.{l}.hook_resid_post" for l in range(n_layers - 1)]
-    wanted += [get_act_name(k, l) for l in range(n_layers) for k in ("k", "v")]
-    corrupted_logits, corrupted = model.run_with_cache(corrupted_tokens, names_filter=wanted, return_cache_object=False)
-    attention_mask = model.padding_attention_mask(corrupted_tokens)  # [b, p] for left-padded prompts, else None
-    logit_positions = _positions_to_compute(metric_positions, seq_len).to(device)
-
-    act_shape = tuple(corrupted[first_name].shape[1:])
-    act_numel = math.prod(act_shape)
-    budget = memory_budget if memory_budget is not None else _default_memory_budget(device)
-    per_variant = _variant_bytes(model, batch, seq_len, len(logit_positions), act_numel)
-    chunk_size = 1 if hooked else max(1, budget // max(per_variant, 1))
-    from_start = bool(hooked) or sweep.patch_setter is not None
+    run = _run_corrupted(model, corrupted_tokens, first_name)
+    positions = logit_positions(metric_positions, seq_len).to(device)
+    act_shape = tuple(run.activations[first_name].shape[1:])
+    pos_axis = layout_of(first_name, model.cfg).axis("pos", batch_dim=False)
+    # A user's setter and hooks already on the model see [batch, pos, ...] from position 0, as in TransformerLens.
+    from_start = hooked or sweep.patch_setter is not None
     start_positions = torch.zeros_like(sweep.start_positions) if from_start else sweep.start_positions
+    budget = memory_budget if memory_budget is not None else _default_memory_budget(device)
+    per_variant = _variant_bytes(model, batch, seq_len, len(positions), math.prod(act_shape))
+    chunk_size = 1 if hooked else max(1, budget // max(per_variant, 1))
 
     results = torch.full((len(sweep.indices),), float("nan"), dtype=torch.float32, device=device)
     # One NaN-filled logits buffer for all chunks: every chunk rewrites the metric's positions and leaves the
     # others NaN, so a sweep does not allocate (and NaN-fill) [variants, b, p, vocab] per chunk.
     logits_buffer: Optional[Tensor] = None
     metric_state: dict = {}
-    layers = sweep.indices[:, 0]
-    chunks: List[Tensor] = []
-    for layer in layers.unique().tolist():
-        members = torch.nonzero(layers == layer).flatten()
-        members = members[start_positions[members].argsort(stable=True)]  # similar starts share a chunk
-        chunks.extend(members.split(chunk_size))
-    axis = pos_axis(sweep.activation_name)
+    chunks = _chunks(sweep.indices[:, 0], start_positions, chunk_size)
     for chunk in tqdm(chunks, disable=not progress, desc=f"patching {sweep.activation_name}"):
-        layer = int(sweep.indices[chunk[0], 0])
+        layer, n = int(sweep.indices[chunk[0], 0]), len(chunk)
         start = int(start_positions[chunk].min())
-        n = len(chunk)
         name = get_act_name(sweep.activation_name, layer)
         clean = _clean_activation(clean_cache, name, act_shape, batch, device)  # [b, *act]
-        if sweep.patch_setter is not None:
-            patch = _setter_hook(sweep.patch_setter, sweep.indices[chunk], clean, batch)
-        else:
-            masks = sweep.build_masks(sweep.indices[chunk], act_shape).to(device)  # [n, *act]
-            masks = masks.narrow(axis + 1, start, seq_len - start)  # suffix positions only
-            clean_suffix = clean.narrow(axis + 1, start, seq_len - start)  # [b, *suffix act]
-
-            def patch(activation: Tensor, hook) -> Tensor:
-                # activation: [n*b, *suffix act]; variant v owns rows v*b .. (v+1)*b - 1.
-                return masked_patch(activation, clean_suffix, masks)
-
-        resid = _block_input(corrupted, layer)[:, start:]  # [b, suffix, d]
-        resid = _repeat_variants(resid, n)  # [n*b, suffix, d]
-        mask = _repeat_variants(attention_mask, n) if attention_mask is not None else None  # [n*b, p]
-        kv_cache = _prefix_kv_cache(model, corrupted, layer, start, n) if start > 0 else None
-        with model.hooks(fwd_hooks=[(name, patch)]):
-            for index in range(layer, n_layers):
-                entry = kv_cache[index - layer] if kv_cache is not None else None
-                resid = model.blocks[index](resid, past_kv_cache_entry=entry, attention_mask=mask)
+        patch = _patch_hook(sweep, chunk, clean, pos_axis, start, batch)
+        resid = _run_variants(model, run, layer, start, n, name, patch)  # [n*b, suffix, d]
         if logits_buffer is None or logits_buffer.shape[0] < n:
-            logits_buffer = torch.full((n, batch, seq_len, corrupted_logits.shape[-1]), float("nan"),
-                                       dtype=corrupted_logits.dtype, device=device)
-        logits = _assemble_logits(model, resid, corrupted_logits, logit_positions, start, logits_buffer[:n])
+            logits_buffer = torch.full((n,) + tuple(run.logits.shape), float("nan"), dtype=run.logits.dtype,
+                                       device=device)
+        logits = _assemble_logits(model, resid, run.logits, positions, start, logits_buffer[:n])
         version = logits_buffer._version
-        results[chunk.to(device)] = _apply_metric(metric, logits, metric_state).to(results.dtype)
+        results[chunk.to(device)] = apply_metric(metric, logits, metric_state).to(results.dtype)
         if logits_buffer._version != version:  # the metric wrote into its logits: restore the NaNs
             logits_buffer.fill_(float("nan"))
     return results
+
+
+def _warn_if_hooked(model) -> bool:
+    """Whether hooks are attached to the model (then each variant runs alone, from position 0)."""
+    hooked = sorted(name for name, point in model.hook_dict.items() if point.fwd_hooks or point.bwd_hooks)
+    if hooked:
+        logger.warning(
+            "Hooks are attached at %s: patching one variant per forward from position 0, so they see [batch, pos, "
+            "...] as in TransformerLens (slower); model.reset_hooks() first for the batched sweep.", hooked[:4]
+        )
+    return bool(hooked)
+
+
+def _run_corrupted(model, corrupted_tokens: Tensor, patched_name: str) -> _CorruptedRun:
+    """One run of the corrupted prompt, caching what every chunk starts from."""
+    n_layers = model.cfg.n_layers
+    # Each run starts from a block's *input* (before its hook_resid_pre, whose hooks the block applies itself).
+    wanted = ["hook_embed", "hook_pos_embed", patched_name]
+    wanted += [f"blocks.{l}.hook_resid_post" for l in range(n_layers - 1)]
+    wanted += [get_act_name(k, l) for l in range(n_layers) for k in ("k", "v")]
+    logits, activations = model.run_with_cache(corrupted_tokens, names_filter=wanted, return_cache_object=False)
+    return _CorruptedRun(corrupted_tokens, logits, activations, model.padding_attention_mask(corrupted_tokens))
+
+
+def _chunks(layers: Tensor, start_positions: Tensor, chunk_size: int) -> List[Tensor]:
+    """Variant indices grouped by layer, then by start position (similar starts share a chunk), `chunk_size` each."""
+    chunks: List[Tensor] = []
+    for layer in layers.unique().tolist():
+        members = torch.nonzero(layers == layer).flatten()
+        members = members[start_positions[members].argsort(stable=True)]
+        chunks.extend(members.split(chunk_size))
+    return chunks
+
+
+def _patch_hook(sweep: PatchSweep, chunk: Tensor, clean: Tensor, pos_axis: int, start: int, batch: int) -> Callable:
+    """The hook patching every variant of `chunk` at once, on activations of the positions from `start` on."""
+    if sweep.patch_setter is not None:
+        return _setter_hook(sweep.patch_setter, sweep.indices[chunk], clean, batch)
+    from hooklens.ops.patching import masked_patch  # lazy: hooklens.ops loads torch._dynamo (and Triton)
+
+    suffix = clean.shape[pos_axis + 1] - start
+    masks = sweep.build_masks(sweep.indices[chunk], tuple(clean.shape[1:])).to(clean.device)  # [n, *act]
+    masks = masks.narrow(pos_axis + 1, start, suffix)  # suffix positions only
+    clean_suffix = clean.narrow(pos_axis + 1, start, suffix)  # [b, *suffix act]
+
+    def patch(activation: Tensor, hook) -> Tensor:
+        # activation: [n*b, *suffix act]; variant v owns rows v*b .. (v+1)*b - 1.
+        return masked_patch(activation, clean_suffix, masks)
+
+    return patch
+
+
+def _run_variants(model, run: _CorruptedRun, layer: int, start: int, n: int, name: str, patch: Callable) -> Tensor:
+    """The final residual stream `[n*b, p - start, d]` of `n` variants run from block `layer` and position `start`
+    (earlier positions come from the corrupted keys and values), with `patch` on the hook point `name`."""
+    resid = _repeat_variants(_block_input(run.activations, layer)[:, start:], n)  # [n*b, suffix, d]
+    mask = _repeat_variants(run.attention_mask, n) if run.attention_mask is not None else None  # [n*b, p]
+    kv_cache = _prefix_kv_cache(model, run.activations, layer, start, n) if start > 0 else None
+    with model.hooks(fwd_hooks=[(name, patch)]):
+        for index in range(layer, model.cfg.n_layers):
+            entry = kv_cache[index - layer] if kv_cache is not None else None
+            resid = model.blocks[index](resid, past_kv_cache_entry=entry, attention_mask=mask)
+    return resid
 
 
 def _repeat_variants(t: Tensor, n: int) -> Tensor:
@@ -251,17 +324,20 @@ def _setter_hook(setter: Callable, indices: Tensor, clean: Tensor, batch: int) -
     return hook
 
 
-def _prefix_kv_cache(model, corrupted: Dict[str, Tensor], layer: int, start: int, n: int) -> List[HookedTransformerKeyValueCacheEntry]:
+def _prefix_kv_cache(model, corrupted: Dict[str, Tensor], layer: int, start: int,
+                     n: int) -> List[HookedTransformerKeyValueCacheEntry]:
     """Frozen per-layer caches holding the corrupted keys/values of positions < start, repeated per variant."""
     entries = []
     for index in range(layer, model.cfg.n_layers):
         k = corrupted[get_act_name("k", index)][:, :start]  # [b, start, h, dh]
         v = corrupted[get_act_name("v", index)][:, :start]
-        entries.append(HookedTransformerKeyValueCacheEntry(_repeat_variants(k, n), _repeat_variants(v, n), frozen=True))
+        entries.append(HookedTransformerKeyValueCacheEntry(_repeat_variants(k, n), _repeat_variants(v, n),
+                                                           frozen=True))
     return entries
 
 
-def _assemble_logits(model, resid: Tensor, corrupted_logits: Tensor, positions: Tensor, start: int, out: Tensor) -> Tensor:
+def _assemble_logits(model, resid: Tensor, corrupted_logits: Tensor, positions: Tensor, start: int,
+                     out: Tensor) -> Tensor:
     """Writes the [n, b, p, v] logits at the metric's positions into `out` (corrupted values before `start`,
     which patches cannot change; computed after) and returns it; `out` is NaN where the metric does not read."""
     n, batch = out.shape[:2]
@@ -271,7 +347,5 @@ def _assemble_logits(model, resid: Tensor, corrupted_logits: Tensor, positions: 
         out[:, :, before] = corrupted_logits[:, before].unsqueeze(0)
     if len(after):
         final = resid[:, after - start]  # [n*b, |after|, d]
-        if model.cfg.normalization_type is not None:
-            final = model.ln_final(final)
-        out[:, :, after] = model.unembed(final).view(n, batch, len(after), -1)
+        out[:, :, after] = model.logits_from_resid(final).view(n, batch, len(after), -1)
     return out
