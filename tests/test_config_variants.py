@@ -51,7 +51,8 @@ def randomize(state_dict):
 
 
 def tokens_for(cfg, batch=3, length=13):
-    return torch.randint(0, min(cfg.d_vocab, cfg.d_vocab_out), (batch, length), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, min(cfg.d_vocab, cfg.d_vocab_out), (batch, length), generator=generator)
 
 
 def assert_close(actual, expected, what="", rtol=1e-5, atol=1e-5):

@@ -11,11 +11,11 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import HF_CONFIGS, load_hf, save_hf_gpt2, tl_model_from_hf
+
 from hooklens import HookedTransformer
-from hooklens.utils import sample_logits
 from hooklens.kv_cache import HookedTransformerKeyValueCache
+from hooklens.utils import sample_logits
 
 pytestmark = pytest.mark.usefixtures("no_grad", "single_thread")
 
@@ -453,3 +453,17 @@ def test_frozen_kv_cache_does_not_grow(tiny_model, kv_tokens):
     cache.unfreeze()
     tiny_model(kv_tokens[:, 10:], past_kv_cache=cache)
     assert cache.past_length == 24 and cache.previous_attention_mask.shape == (2, 24)
+
+
+def test_none_means_the_model_default_for_prepend_bos_and_padding_side(model, free_single):
+    """TL's USE_DEFAULT_VALUE is None: the public resolvers read cfg.default_prepend_bos and the tokenizer's side."""
+    assert model.resolve_prepend_bos(None) is model.cfg.default_prepend_bos
+    assert model.resolve_prepend_bos(False) is False and model.resolve_prepend_bos(1) is True
+    assert model.resolve_padding_side(None) == model.tokenizer.padding_side
+    assert model.resolve_padding_side("left") == "left"
+    with pytest.raises(ValueError, match="padding_side"):
+        model.resolve_padding_side("middle")
+    explicit = greedy(model, PROMPT, prepend_bos=model.cfg.default_prepend_bos, padding_side="right")
+    assert torch.equal(greedy(model, PROMPT, prepend_bos=None, padding_side=None), free_single[True])
+    assert torch.equal(explicit, free_single[True])
+    assert torch.equal(model.to_tokens(PROMPT, None, None), model.to_tokens(PROMPT))

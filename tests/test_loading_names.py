@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import HF_CONFIGS, load_hf, save_hf_gpt2
-from hooklens import HookedTransformer
-from hooklens import loading
+
+from hooklens import HookedTransformer, loading
 from hooklens.loading import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("no_grad", "single_thread")
@@ -158,7 +157,8 @@ def test_checkpoint_without_transformer_prefix_loads(st_dir, tmp_path):
 
     hf = load_hf(st_dir)
     body = {k: v.contiguous() for k, v in hf.transformer.state_dict().items()}  # GPT2Model: wte.weight, h.0...
-    assert "wte.weight" in body and "h.0.attn.c_attn.weight" in body and not any(k.startswith("transformer.") for k in body)
+    assert "wte.weight" in body and "h.0.attn.c_attn.weight" in body
+    assert not any(k.startswith("transformer.") for k in body)
     bare = _copy_config(st_dir, tmp_path / "bare")
     save_file(body, str(bare / "model.safetensors"))
     _assert_same_model(HookedTransformer.from_pretrained(bare), HookedTransformer.from_pretrained(st_dir))

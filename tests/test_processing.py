@@ -6,10 +6,9 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import load_hf, tl_model_from_hf
-from hooklens import HookedTransformer, HookedTransformerConfig
-from hooklens import loading
+
+from hooklens import HookedTransformer, HookedTransformerConfig, loading
 from hooklens.components import LayerNormPre
 
 pytestmark = pytest.mark.usefixtures("no_grad", "single_thread")
@@ -206,3 +205,32 @@ def test_process_weights_is_pure(tiny_dir):
     out = loading.process_weights(state, cfg, refactor_factored_attn_matrices_=True)
     assert out is not state and "blocks.0.ln1.w" not in out
     assert sorted(state) == sorted(before) and all(torch.equal(state[k], before[k]) for k in state)
+
+
+# -- load_checkpoint -> (cfg, state_dict): the model is built once, from the processed config, and loaded strictly --
+@pytest.mark.parametrize("flags", [{}, NO_PROCESSING], ids=["processed", "raw"])
+def test_load_checkpoint_gives_the_config_the_weights_need(tiny_dir, flags):
+    cfg, state = loading.load_checkpoint(tiny_dir, device="cpu", **flags)
+    folded = flags.get("fold_ln", True)
+    assert cfg.normalization_type == ("LNPre" if folded else "LN")
+    has_ln_weights = any(k.endswith(("ln_final.w", ".ln1.w", ".ln2.w")) for k in state)
+    assert has_ln_weights is not folded
+    model = HookedTransformer(cfg)
+    assert (type(model.ln_final) is LayerNormPre) is folded  # built with the right norms: no swap afterwards
+    own = params(model)
+    assert sorted(state) == sorted(own) and all(state[k].shape == own[k].shape for k in state)
+    loading.load_weights(model, state)
+    reference = HookedTransformer.from_pretrained(tiny_dir, device="cpu", **flags)
+    assert_same_parameters(model, reference, atol=0, rtol=0)
+    assert reference.cfg.normalization_type == cfg.normalization_type
+
+
+def test_load_weights_is_strict(tiny_dir):
+    cfg, state = loading.load_checkpoint(tiny_dir, device="cpu")
+    model = HookedTransformer(cfg)
+    with pytest.raises(loading.CheckpointError, match=r"missing \['blocks.0.attn.W_Q'\]"):
+        loading.load_weights(model, {k: v for k, v in state.items() if k != "blocks.0.attn.W_Q"})
+    with pytest.raises(loading.CheckpointError, match=r"unexpected \['blocks.0.ln1.w'\]"):
+        loading.load_weights(model, {**state, "blocks.0.ln1.w": torch.ones(cfg.d_model)})
+    with pytest.raises(loading.CheckpointError, match="unembed.b_U has shape"):
+        loading.load_weights(model, {**state, "unembed.b_U": state["unembed.b_U"][:-1]})
