@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from hooklens import HookedTransformer, head_scores, patching, plotting
+from hooklens.embedded import load_embedded
+from hooklens.evals import repeated_random_tokens
+from hooklens.loading import CheckpointError
+from hooklens.utils import get_act_name
 
 IOI_CLEAN = "When John and Mary went to the shops, John gave the bag to"
 IOI_CORRUPTED = "When John and Mary went to the shops, Mary gave the bag to"
@@ -45,34 +50,24 @@ def check_device(device: Optional[str]) -> None:
                            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
 
 
-def load_model(model: Optional[str], device: Optional[str], dtype: str):
-    from hooklens import HookedTransformer
-    from hooklens.loading import CheckpointError
-
+def load_model(model: Optional[str], device: Optional[str], dtype: str) -> HookedTransformer:
     check_device(device)
     torch_dtype = getattr(torch, dtype)
     try:
         if model is None:
-            from hooklens.embedded import load_embedded
-
             return load_embedded(device=device, dtype=torch_dtype)
         return HookedTransformer.from_pretrained(model, device=device, dtype=torch_dtype)
     except CheckpointError as err:
         raise CLIError(f"--model {model}: {err}") from err
 
 
-def repeated_tokens(model, seq_len: int, batch: int, seed: int) -> Tensor:
-    """BOS + seq_len random tokens, repeated: [batch, 1 + 2 * seq_len] (the induction demo's input)."""
-    generator = torch.Generator().manual_seed(seed)
+def induction_prompt(model: HookedTransformer, seq_len: int, batch: int, seed: int) -> Tensor:
+    """BOS + seq_len random tokens, repeated: [batch, 1 + 2 * seq_len] (the induction demo's input). Ids are drawn
+    from [100, 20000) when the vocabulary is GPT-2's, else from the whole vocabulary but id 0."""
     low, high = (100, 20000) if model.cfg.d_vocab > 20000 else (1, model.cfg.d_vocab)
-    half = torch.randint(low, high, (batch, seq_len), generator=generator)
-    bos = torch.full((batch, 1), model.tokenizer.bos_token_id if model.tokenizer is not None else 0)
-    return torch.cat([bos, half, half], dim=1).to(model.cfg.device)
-
-
-def diagonal_scores(patterns: Tensor, offset: int) -> Tensor:
-    """Mean of a pattern diagonal per head: patterns [layers, b, h, q, k] -> [layers, h]."""
-    return patterns.diagonal(offset=offset, dim1=-2, dim2=-1).mean(dim=(1, -1))
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else 0
+    return repeated_random_tokens(batch, seq_len, bos_token_id=bos, low=low, high=high, seed=seed,
+                                  device=model.cfg.device)
 
 
 def top_1_accuracy(circuit, rows: Optional[int], seed: int) -> float:
@@ -87,41 +82,63 @@ def top_1_accuracy(circuit, rows: Optional[int], seed: int) -> float:
 
 
 def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
-    from hooklens import patching, plotting
-
+    """`hooklens induction`: on repeated random tokens, the loss by position, induction and previous-token head
+    scores, MLP-output patching of the second half, K-composition and OV copying scores; figures + summary.json."""
     start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(args.out)
     model = load_model(args.model, args.device, args.dtype)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     seq_len = min(args.seq_len, (model.cfg.n_ctx - 1) // 2)
-    tokens = repeated_tokens(model, seq_len, args.batch, args.seed)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
-    log_probs = logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0].float()  # [b, 2*seq_len]
-    first, second = log_probs[:, : seq_len - 1], log_probs[:, seq_len:]
-    accuracy = (logits[:, seq_len:-1].argmax(-1) == tokens[:, seq_len + 1:]).float().mean()
-    plotting.line(-log_probs.mean(0), out / "loss_by_position.png", "Loss by position (repeated random tokens)",
-                  "position", "loss (nats)")
+    tokens = induction_prompt(model, seq_len, args.batch, args.seed)  # [b, 1 + 2 * seq_len]
+    heads = _induction_head_scores(model, tokens, seq_len, out, progress=not args.quiet)
+    losses = _repeated_token_losses(model, tokens, seq_len, heads["top_induction_head"], out)
+    mlp_patching = _second_half_mlp_patching(model, tokens, seq_len, args, out)
+    circuits = _circuit_scores(model, heads["top_induction_head"], heads["top_prev_token_head"], args, out)
+    summary = {"model": model.cfg.model_name, "seq_len": seq_len, "batch": args.batch, **losses, **heads,
+               "mlp_patching": mlp_patching.tolist(), **circuits, "seconds": time.perf_counter() - start}
+    _write_summary(out, "hooklens induction", summary, _induction_table(summary, mlp_patching))
+    return summary
 
-    patterns = torch.stack([cache["pattern", layer] for layer in range(n_layers)]).float()  # [l, b, h, q, k]
-    induction = diagonal_scores(patterns, 1 - seq_len)
-    prev_token = diagonal_scores(patterns, -1)
-    ind_layer, ind_head = divmod(int(induction.argmax()), n_heads)
-    prev_layer, prev_head = divmod(int(prev_token.argmax()), n_heads)
-    head_labels = [f"H{h}" for h in range(n_heads)]
-    layer_labels = [f"L{l}" for l in range(n_layers)]
+
+def _induction_head_scores(model, tokens: Tensor, seq_len: int, out: Path, progress: bool) -> Dict[str, Any]:
+    """Induction and previous-token scores of every head (`hooklens.head_scores`), their heatmaps, the top heads."""
+    scores = head_scores(model, tokens, kinds=("induction", "previous_token"), seq_len=seq_len, progress=progress)
+    induction, prev_token = scores["induction"], scores["previous_token"]  # [layers, heads] each
+    head_labels, layer_labels = _labels(model)
     plotting.heatmap(induction, out / "induction_scores.png", "Induction scores", head_labels, layer_labels,
                      "head", "layer", diverging=False)
     plotting.heatmap(prev_token, out / "prev_token_scores.png", "Previous-token scores", head_labels, layer_labels,
                      "head", "layer", diverging=False)
-    plotting.heatmap(patterns[ind_layer, 0, ind_head], out / "top_induction_head_pattern.png",
-                     f"Attention pattern of L{ind_layer}H{ind_head} (induction)", x_title="source position",
-                     y_title="destination position", diverging=False)
+    n_heads = model.cfg.n_heads
+    return {"induction_scores": induction.tolist(), "prev_token_scores": prev_token.tolist(),
+            "top_induction_head": list(divmod(int(induction.argmax()), n_heads)),
+            "top_prev_token_head": list(divmod(int(prev_token.argmax()), n_heads))}
 
-    # MLP-output patching of the second half: clean = the repeated sequence, corrupted = a different first half
-    # (so induction cannot predict the second half); metric = mean log-prob of the correct second-half tokens.
-    corrupted = repeated_tokens(model, seq_len, args.batch, args.seed + 1)
+
+def _repeated_token_losses(model, tokens: Tensor, seq_len: int, top_head: List[int], out: Path) -> Dict[str, Any]:
+    """Log-probs of the first (random) and second (repeated) halves, the loss-by-position plot, and the attention
+    pattern of the top induction head (`top_head` = [layer, head])."""
+    layer, head = top_head
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=get_act_name("pattern", layer))
+    log_probs = logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0].float()  # [b, 2*seq_len]
+    first, second = log_probs[:, : seq_len - 1], log_probs[:, seq_len:]
+    accuracy = (logits[:, seq_len:-1].argmax(-1) == tokens[:, seq_len + 1:]).float().mean()
+    loss_by_position = -log_probs.mean(0)
+    plotting.line(loss_by_position, out / "loss_by_position.png", "Loss by position (repeated random tokens)",
+                  "position", "loss (nats)")
+    plotting.heatmap(cache["pattern", layer][0, head].float(), out / "top_induction_head_pattern.png",
+                     f"Attention pattern of L{layer}H{head} (induction)", x_title="source position",
+                     y_title="destination position", diverging=False)
+    return {"logprob_first_half": float(first.mean()), "logprob_second_half": float(second.mean()),
+            "accuracy_second_half": float(accuracy), "loss_by_position": loss_by_position.tolist()}
+
+
+def _second_half_mlp_patching(model, tokens: Tensor, seq_len: int, args: argparse.Namespace, out: Path) -> Tensor:
+    """MLP-output patching `[layers, pos]` of the second half: clean = the repeated sequence, corrupted = a different
+    first half (so induction cannot predict the second half); metric = mean log-prob of the correct second half."""
+    if model.cfg.attn_only:
+        return torch.zeros(0, tokens.shape[1])
+    corrupted = induction_prompt(model, seq_len, args.batch, args.seed + 1)
     corrupted[:, seq_len + 1:] = tokens[:, seq_len + 1:]
     targets = tokens[:, seq_len + 1:]
 
@@ -131,55 +148,63 @@ def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
 
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp_out"))
-    if model.cfg.attn_only:
-        mlp_patching = torch.zeros(0, tokens.shape[1])
-    else:
-        mlp_patching = patching.get_act_patch_mlp_out(model, corrupted, clean_cache, second_half_logprob,
-                                                      metric_positions=range(seq_len, 2 * seq_len),
-                                                      progress=not args.quiet)
-        plotting.heatmap(mlp_patching, out / "mlp_patching.png", "MLP-output patching (second-half log-prob)",
-                         x_title="position", y_labels=layer_labels, y_title="layer")
+    mlp_patching = patching.get_act_patch_mlp_out(model, corrupted, clean_cache, second_half_logprob,
+                                                  metric_positions=range(seq_len, 2 * seq_len),
+                                                  progress=not args.quiet)
+    _, layer_labels = _labels(model)
+    plotting.heatmap(mlp_patching, out / "mlp_patching.png", "MLP-output patching (second-half log-prob)",
+                     x_title="position", y_labels=layer_labels, y_title="layer")
+    return mlp_patching
 
+
+def _circuit_scores(model, top_induction: List[int], top_prev: List[int], args: argparse.Namespace,
+                    out: Path) -> Dict[str, Any]:
+    """K-composition top-1 accuracy of the top previous-token head into the top induction head's keys, and the
+    OV copying score (eigenvalues of W_E W_OV W_U) of every head, with its heatmap."""
     with torch.no_grad():
         W_E, W_U = model.W_E, model.W_U
-        kcomp = W_E @ model.QK[ind_layer, ind_head] @ (W_E @ model.OV[prev_layer, prev_head]).T
+        kcomp = W_E @ model.QK[top_induction[0], top_induction[1]] @ (W_E @ model.OV[top_prev[0], top_prev[1]]).T
         kcomp_top1 = top_1_accuracy(kcomp, args.kcomp_rows, args.seed)
         eigenvalues = (W_E @ model.OV @ W_U).eigenvalues  # [l, h, d_head], from the small B @ A
         ov_copying = (eigenvalues.sum(-1) / eigenvalues.abs().sum(-1)).real.float()
+    head_labels, layer_labels = _labels(model)
     plotting.heatmap(ov_copying, out / "ov_copying_scores.png", "OV circuit copying scores", head_labels,
                      layer_labels, "head", "layer")
+    return {"kcomp_top1": kcomp_top1,
+            "kcomp_rows": args.kcomp_rows if args.kcomp_rows is not None else model.cfg.d_vocab,
+            "ov_copying_scores": ov_copying.tolist()}
 
-    summary = {
-        "model": model.cfg.model_name,
-        "seq_len": seq_len,
-        "batch": args.batch,
-        "logprob_first_half": float(first.mean()),
-        "logprob_second_half": float(second.mean()),
-        "accuracy_second_half": float(accuracy),
-        "loss_by_position": (-log_probs.mean(0)).tolist(),
-        "induction_scores": induction.tolist(),
-        "prev_token_scores": prev_token.tolist(),
-        "top_induction_head": [ind_layer, ind_head],
-        "top_prev_token_head": [prev_layer, prev_head],
-        "mlp_patching": mlp_patching.tolist(),
-        "kcomp_top1": kcomp_top1,
-        "kcomp_rows": args.kcomp_rows if args.kcomp_rows is not None else model.cfg.d_vocab,
-        "ov_copying_scores": ov_copying.tolist(),
-        "seconds": time.perf_counter() - start,
-    }
-    _write_summary(out, "hooklens induction", summary, [
+
+def _induction_table(summary: Dict[str, Any], mlp_patching: Tensor) -> List[tuple]:
+    """The rows `hooklens induction` prints."""
+    ind_layer, ind_head = summary["top_induction_head"]
+    prev_layer, prev_head = summary["top_prev_token_head"]
+    ind_score = summary["induction_scores"][ind_layer][ind_head]
+    prev_score = summary["prev_token_scores"][prev_layer][prev_head]
+    max_mlp_effect = float(mlp_patching.abs().max()) if mlp_patching.numel() else 0
+    return [
         ("model", summary["model"]),
-        ("tokens", f"{args.batch} x (1 + 2 x {seq_len}) repeated random tokens"),
+        ("tokens", f"{summary['batch']} x (1 + 2 x {summary['seq_len']}) repeated random tokens"),
         ("log-prob first half", f"{summary['logprob_first_half']:.2f}"),
         ("log-prob second half", f"{summary['logprob_second_half']:.2f}"),
         ("accuracy second half", f"{summary['accuracy_second_half']:.2f}"),
-        ("top induction head", f"L{ind_layer}H{ind_head}  score {float(induction.max()):.2f}"),
-        ("top previous-token head", f"L{prev_layer}H{prev_head}  score {float(prev_token.max()):.2f}"),
-        ("max |MLP patching effect|", f"{float(mlp_patching.abs().max()) if mlp_patching.numel() else 0:.3f}"),
-        ("K-composition top-1 accuracy", f"{kcomp_top1:.3f} ({summary['kcomp_rows']} rows)"),
-        ("best OV copying score", f"{float(ov_copying.max()):.2f}"),
-    ])
-    return summary
+        ("top induction head", f"L{ind_layer}H{ind_head}  score {ind_score:.2f}"),
+        ("top previous-token head", f"L{prev_layer}H{prev_head}  score {prev_score:.2f}"),
+        ("max |MLP patching effect|", f"{max_mlp_effect:.3f}"),
+        ("K-composition top-1 accuracy", f"{summary['kcomp_top1']:.3f} ({summary['kcomp_rows']} rows)"),
+        ("best OV copying score", f"{max(max(row) for row in summary['ov_copying_scores']):.2f}"),
+    ]
+
+
+def _labels(model) -> Tuple[List[str], List[str]]:
+    """Heatmap tick labels: heads ("H0", ...) and layers ("L0", ...)."""
+    return [f"H{h}" for h in range(model.cfg.n_heads)], [f"L{l}" for l in range(model.cfg.n_layers)]
+
+
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _single_token(model, text: str, what: str) -> int:
@@ -191,11 +216,10 @@ def _single_token(model, text: str, what: str) -> int:
 
 
 def run_patch(args: argparse.Namespace) -> Dict[str, Any]:
-    from hooklens import patching, plotting
-
+    """`hooklens patch`: residual-stream and head-output patching of a clean / corrupted prompt pair (IOI by
+    default), metric = the logit difference normalized to 0 (corrupted) .. 1 (clean); figures + summary.json."""
     start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(args.out)
     model = load_model(args.model, args.device, args.dtype)
     clean = model.to_tokens(args.clean)
     corrupted = model.to_tokens(args.corrupted)
@@ -242,7 +266,7 @@ def run_patch(args: argparse.Namespace) -> Dict[str, Any]:
     _write_summary(out, "hooklens patch", summary, [
         ("model", summary["model"]),
         ("clean / corrupted logit diff", f"{float(clean_diff):.3f} / {float(corrupted_diff):.3f}"),
-        ("strongest head (output patching)", f"L{top_layer}H{top_head}  {float(heads.flatten()[heads.abs().argmax()]):+.3f}"),
+        ("strongest head (output patching)", f"L{top_layer}H{top_head}  {float(heads[top_layer, top_head]):+.3f}"),
     ])
     return summary
 
@@ -261,7 +285,8 @@ def _print_table(title: str, rows: Sequence[tuple]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hooklens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="hooklens", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser, out: str) -> None:

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from hooklens.utils import lm_cross_entropy_loss, override_or_use_default_value
 
-__all__ = ["make_repeated_tokens", "induction_loss", "sanity_check", "evaluate_on_dataset", "IOIDataset", "ioi_eval"]
+__all__ = ["make_repeated_tokens", "repeated_random_tokens", "induction_loss", "sanity_check", "evaluate_on_dataset",
+           "IOIDataset", "ioi_eval"]
 
 SANITY_CHECK_TEXT = (
     "Many important transition points in the history of science have been moments when science 'zoomed in.' At "
@@ -41,13 +42,35 @@ def evaluate_on_dataset(model: Any, data_loader: Any, truncate: int = 100, devic
     return float(torch.stack(losses).mean())
 
 
+def repeated_random_tokens(
+    batch_size: int,
+    subseq_len: int,
+    *,
+    bos_token_id: Optional[int] = None,
+    low: int = 100,
+    high: int = 20000,
+    seed: Optional[int] = None,
+    device: Any = "cpu",
+) -> torch.Tensor:
+    """The prompt on which induction heads show: random ids in ``[low, high)``, each row's first half repeated,
+    ``[batch, 2 * subseq_len]`` (``[batch, 1 + 2 * subseq_len]`` with ``bos_token_id`` first).
+
+    ``seed`` draws from a private generator seeded with it (the global RNG is untouched); ``None`` draws from the
+    global CPU RNG, as TransformerLens's ``make_repeated_tokens`` does."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    first_half = torch.randint(low, high, (batch_size, subseq_len), generator=generator)
+    parts = [first_half, first_half]
+    if bos_token_id is not None:
+        parts.insert(0, torch.full((batch_size, 1), bos_token_id, dtype=first_half.dtype))
+    return torch.cat(parts, dim=1).to(device)
+
+
 def make_repeated_tokens(batch_size: int = 4, subseq_len: int = 384, device: Any = "cpu") -> torch.Tensor:
     """``[batch, 2 * subseq_len]`` tokens: random ids in ``[100, 20000)``, each row repeated twice.
 
     Draws from the global CPU RNG exactly like TransformerLens, so a seeded call gives the same tokens.
     """
-    first_half_tokens = torch.randint(100, 20000, (batch_size, subseq_len)).to(device)
-    return first_half_tokens.repeat(1, 2)
+    return repeated_random_tokens(batch_size, subseq_len, device=device)
 
 
 @torch.inference_mode()
@@ -118,7 +141,8 @@ class IOIDataset(torch.utils.data.Dataset):
         for noun_type, noun_list in self.nouns.items():
             template = template.replace(f"[{noun_type}]", random.choice(noun_list))
         first, second = random.sample(self.names, 2)
-        samples = [{"text": template.replace("[A]", first).replace("[B]", second), "IO": " " + first, "S": " " + second}]
+        samples = [{"text": template.replace("[A]", first).replace("[B]", second), "IO": " " + first,
+                    "S": " " + second}]
         if symmetric:
             samples.append({"text": template.replace("[A]", second).replace("[B]", first), "IO": " " + second,
                             "S": " " + first})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.image as plt_image
 import pytest
 import torch
 
@@ -33,6 +34,29 @@ def test_induction_summary_structure(induction_summary):
     for figure in ("loss_by_position", "induction_scores", "prev_token_scores", "top_induction_head_pattern",
                    "mlp_patching", "ov_copying_scores"):
         assert (out / f"{figure}.png").stat().st_size > 1000, figure
+        image = plt_image.imread(out / f"{figure}.png")  # [height, width, RGBA]: a real, drawn figure
+        assert image.ndim == 3 and min(image.shape[:2]) > 200 and image[..., :3].std() > 0.05, figure
+
+
+def test_induction_summary_equals_the_library(induction_summary):
+    """The scores are hooklens.head_scores on the seeded repeated-token prompt; the log-probs are the model's."""
+    from hooklens import head_scores
+    from hooklens.cli import induction_prompt
+    from hooklens.embedded import load_embedded
+    from hooklens.evals import repeated_random_tokens
+
+    summary, _ = induction_summary
+    model = load_embedded(device="cpu")
+    seq_len, batch = summary["seq_len"], summary["batch"]
+    tokens = induction_prompt(model, seq_len, batch, seed=0)
+    assert torch.equal(tokens, repeated_random_tokens(batch, seq_len, bos_token_id=50256, seed=0))
+    scores = head_scores(model, tokens, kinds=("induction", "previous_token"), seq_len=seq_len, progress=False)
+    assert torch.equal(torch.tensor(summary["induction_scores"]), scores["induction"])
+    assert torch.equal(torch.tensor(summary["prev_token_scores"]), scores["previous_token"])
+    with torch.no_grad():
+        log_probs = model(tokens).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    torch.testing.assert_close(torch.tensor(summary["loss_by_position"]), -log_probs.mean(0), atol=1e-5, rtol=1e-5)
+    assert summary["logprob_second_half"] == pytest.approx(float(log_probs[:, seq_len:].mean()), abs=1e-4)
 
 
 def test_induction_finds_the_circuit_on_the_embedded_model(induction_summary):
@@ -69,9 +93,15 @@ def test_patch_equals_the_library(tmp_path, tiny_dir, which):
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(clean)
         corrupted_logits = model(corrupted)
-    diff = lambda logits: (logits[:, -1, mary] - logits[:, -1, john]).mean()
+
+    def diff(logits):
+        return (logits[:, -1, mary] - logits[:, -1, john]).mean()
+
     clean_diff, corrupted_diff = diff(clean_logits), diff(corrupted_logits)
-    metric = lambda logits: (diff(logits) - corrupted_diff) / (clean_diff - corrupted_diff)
+
+    def metric(logits):
+        return (diff(logits) - corrupted_diff) / (clean_diff - corrupted_diff)
+
     resid = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, progress=False)
     heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, metric, progress=False)
     torch.testing.assert_close(torch.tensor(summary["resid_pre_patching"]), resid, atol=1e-5, rtol=1e-4)
@@ -116,8 +146,8 @@ def test_top_1_accuracy_matches_the_dense_chunk_loop():
     g = torch.Generator().manual_seed(0)
     # A circuit whose diagonal wins in about half the rows: identity-like plus noise, deferred outer factors.
     W = torch.randn(1500, 16, generator=g)
-    circuit = W @ FactoredMatrix(3 * torch.eye(16) + 0.3 * torch.randn(16, 4, generator=g) @ torch.randn(4, 16, generator=g),
-                                 torch.eye(16)) @ W.T
+    low_rank = 0.3 * torch.randn(16, 4, generator=g) @ torch.randn(4, 16, generator=g)
+    circuit = W @ FactoredMatrix(3 * torch.eye(16) + low_rank, torch.eye(16)) @ W.T
     dense = circuit.AB
     rows = torch.arange(1500)
     expected = (dense.argmax(-1) == rows).float().mean().item()

@@ -382,6 +382,23 @@ def test_make_repeated_tokens():
     assert toks.min() >= 100 and toks.max() < 20000
 
 
+def test_repeated_random_tokens_seeded_with_bos():
+    """The one repeated-token builder: seeded runs repeat and leave the global RNG alone; without a seed it draws
+    from the global RNG exactly as TL's make_repeated_tokens."""
+    state = torch.get_rng_state()
+    toks = hl_evals.repeated_random_tokens(3, 11, bos_token_id=50256, low=5, high=9, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(toks, hl_evals.repeated_random_tokens(3, 11, bos_token_id=50256, low=5, high=9, seed=7))
+    assert toks.shape == (3, 23) and toks.dtype == torch.int64
+    assert (toks[:, 0] == 50256).all() and torch.equal(toks[:, 1:12], toks[:, 12:])
+    assert toks[:, 1:].min() >= 5 and toks[:, 1:].max() < 9
+    assert not torch.equal(toks, hl_evals.repeated_random_tokens(3, 11, bos_token_id=50256, low=5, high=9, seed=8))
+    torch.manual_seed(3)
+    ours = hl_evals.make_repeated_tokens(2, 5)
+    torch.manual_seed(3)
+    assert torch.equal(ours, torch.randint(100, 20000, (2, 5)).repeat(1, 2))
+
+
 def test_tokenize_and_concatenate_matches_transformer_lens():
     """Same rows as TL's (documents joined by EOS, BOS per row, short batches padded), on a local dataset."""
     import warnings
@@ -420,7 +437,8 @@ def test_small_helpers_match_transformer_lens():
 
     x = torch.randn(2, 3, 4)
     for clone in (True, False):
-        ours, theirs = hl_utils.repeat_along_head_dimension(x, 5, clone), tl_utils.repeat_along_head_dimension(x, 5, clone)
+        ours = hl_utils.repeat_along_head_dimension(x, 5, clone)
+        theirs = tl_utils.repeat_along_head_dimension(x, 5, clone)
         assert torch.equal(ours, theirs) and ours.shape == (2, 3, 5, 4)
     assert hl_utils.repeat_along_head_dimension(x, 5).is_contiguous()
     d = {"blocks.0.attn.W_Q": 1, "blocks.0.mlp.W_in": 2, "blocks.1.attn.W_K": 3, "blocks.01": 4}
