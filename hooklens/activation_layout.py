@@ -55,6 +55,10 @@ class ActivationLayout:
             return None
         return self.dims.index(dim) - (0 if batch_dim else 1)
 
+    def from_end(self, dim: str) -> Optional[int]:
+        """Index of axis `dim` counted from the end (negative): the same axis with or without the batch dim."""
+        return self.dims.index(dim) - len(self.dims) if dim in self.dims else None
+
     @property
     def ndim(self) -> int:
         return len(self.dims)

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 
+from hooklens.activation_layout import layout_of
 from hooklens.utils import Slice, SliceInput, get_act_name
 
 
@@ -65,6 +66,11 @@ class ActivationCache:
         if name not in self.cache_dict:
             raise KeyError(self._missing_message(name))
         return self.cache_dict[name]
+
+    def _pos_sliced(self, name: str, pos_slice: Slice) -> torch.Tensor:
+        """The activation at hook `name` with `pos_slice` applied to its position axis (from its layout, counted
+        from the end, so it is the same axis with or without the batch dim)."""
+        return pos_slice.apply(self[name], dim=layout_of(name, self.model.cfg).from_end("pos"))
 
     def _missing_message(self, name: str) -> str:
         why = ""
@@ -162,15 +168,15 @@ class ActivationCache:
         components, labels = [], []
         for l in range(layer + 1):
             if l == n_layers:
-                components.append(self[("resid_post", n_layers - 1)])
+                components.append(get_act_name("resid_post", n_layers - 1))
                 labels.append("final_post")
                 continue
-            components.append(self[("resid_pre", l)])
+            components.append(get_act_name("resid_pre", l))
             labels.append(f"{l}_pre")
             if (incl_mid and l < layer) or (mlp_input and l == layer):
-                components.append(self[("resid_mid", l)])
+                components.append(get_act_name("resid_mid", l))
                 labels.append(f"{l}_mid")
-        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
+        stack = torch.stack([self._pos_sliced(name, pos_slice) for name in components], dim=0)
         if apply_ln:
             stack = self.apply_ln_to_stack(
                 stack,
@@ -205,22 +211,22 @@ class ActivationCache:
         components, labels = [], []
         if incl_embeds:
             if self.has_embed:
-                components.append(self["hook_embed"])
+                components.append("hook_embed")
                 labels.append("embed")
             if self.has_pos_embed:
-                components.append(self["hook_pos_embed"])
+                components.append("hook_pos_embed")
                 labels.append("pos_embed")
         for l in range(layer):
             if incl_attn:
-                components.append(self[("attn_out", l)])
+                components.append(get_act_name("attn_out", l))
                 labels.append(f"{l}_attn_out")
             if incl_mlp:
-                components.append(self[("mlp_out", l)])
+                components.append(get_act_name("mlp_out", l))
                 labels.append(f"{l}_mlp_out")
         if mlp_input and incl_attn:
-            components.append(self[("attn_out", layer)])
+            components.append(get_act_name("attn_out", layer))
             labels.append(f"{layer}_attn_out")
-        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
+        stack = torch.stack([self._pos_sliced(name, pos_slice) for name in components], dim=0)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
@@ -264,7 +270,7 @@ class ActivationCache:
         labels: List[str] = []
         per_layer = []
         for l in range(layer):
-            per_layer.append(pos_slice.apply(self[("result", l, "attn")], dim=-3))  # [..., head, d_model]
+            per_layer.append(self._pos_sliced(get_act_name("result", l), pos_slice))  # [..., head, d_model]
             labels.extend(f"L{l}H{h}" for h in range(self.model.cfg.n_heads))
         stack = self._stack_per_layer(per_layer, layer, pos_slice, incl_remainder)
         if incl_remainder:
@@ -284,13 +290,13 @@ class ActivationCache:
         if per_layer:
             stack = torch.cat(per_layer, dim=-2).movedim(-2, 0)
         else:
-            shape = pos_slice.apply(self["hook_embed"], dim=-2).shape
+            shape = self._pos_sliced("hook_embed", pos_slice).shape
             if project_2d is not None:
                 shape = shape[:-1] + project_2d.shape[-1:]
             stack = torch.zeros(0, *shape, device=self.model.cfg.device)
         if not incl_remainder:
             return stack
-        resid = pos_slice.apply(self[("resid_post", layer - 1)], dim=-2)
+        resid = self._pos_sliced(get_act_name("resid_post", layer - 1), pos_slice)
         if project_2d is not None:
             resid = resid @ project_2d
         if not per_layer:
@@ -322,7 +328,7 @@ class ActivationCache:
         neuron_slice = _to_slice(neuron_slice)
         pos_slice = _to_slice(pos_slice)
         # pos first: an int pos slice drops a dim, and the neuron dim stays last either way.
-        neuron_acts = neuron_slice.apply(pos_slice.apply(self[("post", layer, "mlp")], dim=-2), dim=-1)
+        neuron_acts = neuron_slice.apply(self._pos_sliced(get_act_name("post", layer), pos_slice), dim=-1)
         W_out = neuron_slice.apply(self.model.blocks[layer].mlp.W_out, dim=0)
         if project_output_onto is None:
             return neuron_acts[..., None] * W_out
@@ -383,7 +389,8 @@ class ActivationCache:
         (centring; RMS norms have none), so each neuron needs only `W_out @ p_c`."""
         normalization = self.model.cfg.normalization_type
         ln = apply_ln and normalization in ("LN", "LNPre", "RMS", "RMSPre")
-        linear = project_2d - project_2d.mean(0, keepdim=True) if ln and normalization in ("LN", "LNPre") else project_2d
+        centred = ln and normalization in ("LN", "LNPre")
+        linear = project_2d - project_2d.mean(0, keepdim=True) if centred else project_2d
         per_layer = [
             self.get_neuron_results(l, pos_slice=pos_slice, neuron_slice=neuron_slice, project_output_onto=linear)
             for l in range(layer)
@@ -440,7 +447,7 @@ class ActivationCache:
         """The cached scale of the LN feeding `layer` (ln2 if `mlp_input`; n_layers: ln_final), pos-sliced."""
         n_layers = self.model.cfg.n_layers
         key = "ln_final.hook_scale" if layer == n_layers else f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
-        return pos_slice.apply(self[key], dim=-2)
+        return self._pos_sliced(key, pos_slice)
 
     # ------------------------------------------------------------------ logit attribution
 
@@ -519,10 +526,10 @@ class ActivationCache:
             components.append(mlp_stack)
             labels.extend(mlp_labels)
         if self.has_embed:
-            components.append(pos_slice.apply(self["embed"], dim=-2)[None])
+            components.append(self._pos_sliced("hook_embed", pos_slice)[None])
             labels.append("embed")
         if self.has_pos_embed:
-            components.append(pos_slice.apply(self["pos_embed"], dim=-2)[None])
+            components.append(self._pos_sliced("hook_pos_embed", pos_slice)[None])
             labels.append("pos_embed")
         # Without expanded neurons the MLP biases are already inside the MLP outputs.
         bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)

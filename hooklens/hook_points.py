@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -73,7 +72,8 @@ class HookPoint(nn.Module):
     ) -> None:
         """Register `hook(activation, hook=self)`; `dir="bwd"` receives the gradient of the activation."""
         if not callable(hook):
-            raise TypeError(f"Hook for {self.name!r} must be callable as fn(activation, hook), got {type(hook).__name__}.")
+            raise TypeError(f"Hook for {self.name!r} must be callable as fn(activation, hook), "
+                            f"got {type(hook).__name__}.")
         handles = self._handles(dir)
         handle = LensHandle(hook, is_permanent, level)
         if prepend:
@@ -233,7 +233,8 @@ class HookedRootModule(nn.Module):
         else:
             raise TypeError(f"Hook name must be a string or a filter function of the name, got {type(name).__name__}.")
 
-    def add_perma_hook(self, name: Union[str, Callable[[str], bool]], hook: HookFunction, dir: Direction = "fwd") -> None:
+    def add_perma_hook(self, name: Union[str, Callable[[str], bool]], hook: HookFunction,
+                       dir: Direction = "fwd") -> None:
         self.add_hook(name, hook, dir=dir, is_permanent=True)
 
     def remove_all_hook_fns(
@@ -402,7 +403,8 @@ class HookedRootModule(nn.Module):
         self.is_caching = True
         return cache
 
-    def cache_all(self, cache: dict, incl_bwd: bool = False, device: Any = None, remove_batch_dim: bool = False) -> None:
+    def cache_all(self, cache: dict, incl_bwd: bool = False, device: Any = None,
+                  remove_batch_dim: bool = False) -> None:
         """Permanently-until-reset attach caching hooks for every hook point, writing into `cache`."""
         self.cache_some(cache, lambda name: True, incl_bwd, device, remove_batch_dim)
 

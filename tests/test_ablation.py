@@ -64,7 +64,8 @@ def test_head_ablation_matches_naive_loop(model, data, kind, budget):
 
 def test_metric_positions_last(model, data):
     tokens, _ = data
-    last = lambda logits: logits[:, -1, 5].mean()
+    def last(logits):
+        return logits[:, -1, 5].mean()
     got = head_ablation(model, tokens, last, kind="mean", metric_positions=[-1], progress=False)
     want = head_ablation(model, tokens, last, kind="mean", progress=False)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -104,6 +104,8 @@ def test_names_shorthands_and_grad_keys():
     assert (pattern.pos, pattern.head, pattern.key_pos) == (2, 1, 3)
     assert pattern.axis("pos", batch_dim=False) == 1 and pattern.axis("head", batch_dim=False) == 0
     assert pattern.site_axes() == (1, 2, 3) and pattern.feature_axes() == ()
+    assert pattern.from_end("pos") == -2 and layout_of("result").from_end("pos") == -3
+    assert layout_of("resid_post").from_end("head") is None
     z = layout_of("z")
     assert z == layout_of("blocks.0.attn.hook_z") == layout_of("blocks.0.attn.hook_z_grad")
     assert (z.pos, z.head, z.site_axes(batch_dim=False), z.feature_axes()) == (1, 2, (0, 1), (3,))

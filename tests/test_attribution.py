@@ -60,7 +60,6 @@ def test_matches_finite_differences(model, data, metric_fn, positions):
     entries = [("resid_pre", 0, (3,)), ("resid_pre", 1, (7,)), ("attn_out", 0, (4,)), ("mlp_out", 1, (7,)),
                ("mlp_out", 0, (2,)), ("z", 0, (5, 1)), ("z", 1, (7, 3)), ("z", 1, (4, 0))]
     with torch.no_grad():
-        base = metric_fn(model(corrupted))
         for short, layer, index in entries:
             name = get_act_name(short, layer)
             plus = _moved_metric(model, clean, corrupted, name, index, eps, metric_fn)
@@ -83,7 +82,8 @@ def test_correlates_with_exact_patching(model, data):
         base = metric_last(model(corrupted))
         exact = {
             "resid_pre": P.get_act_patch_resid_pre(model, corrupted, clean_cache, metric_last, progress=False) - base,
-            "z": P.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric_last, progress=False) - base,
+            "z": P.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric_last,
+                                                      progress=False) - base,
         }
     for short, ex in exact.items():
         est = attr[short].flatten()

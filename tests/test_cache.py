@@ -197,7 +197,8 @@ METHOD_CASES = [
             ("get_neuron_results", (1,), {"project_output_onto": direction}),
             ("get_neuron_results", (0,), {"neuron_slice": [1, 5], "pos_slice": -1, "project_output_onto": direction}),
             ("stack_neuron_results", (2,), {"project_output_onto": direction, "return_labels": True}),
-            ("stack_neuron_results", (1,), {"project_output_onto": direction, "incl_remainder": True, "apply_ln": True}),
+            ("stack_neuron_results", (1,),
+             {"project_output_onto": direction, "incl_remainder": True, "apply_ln": True}),
             ("stack_neuron_results", (2,), {"project_output_onto": direction, "apply_ln": True, "pos_slice": (1, 5)}),
             ("stack_neuron_results", (0,), {"project_output_onto": direction, "incl_remainder": True}),
             ("get_full_resid_decomposition", (), {"project_output_onto": direction, "return_labels": True}),
@@ -580,7 +581,8 @@ def test_run_with_cache_pos_slice_matches_transformer_lens(hooklens_models, runs
     ref_slice = TLSlice(-1) if isinstance(pos_slice, str) else pos_slice
     batch = tokens[:1] if remove_batch_dim else tokens
     with torch.no_grad():
-        _, ours = hooklens_models["folded"].run_with_cache(batch, pos_slice=ours_slice, remove_batch_dim=remove_batch_dim)
+        _, ours = hooklens_models["folded"].run_with_cache(batch, pos_slice=ours_slice,
+                                                           remove_batch_dim=remove_batch_dim)
         _, ref = runs["folded"][0].run_with_cache(batch, pos_slice=ref_slice, remove_batch_dim=remove_batch_dim)
     assert sorted(ours.keys()) == sorted(ref.keys())
     for key in ref.keys():

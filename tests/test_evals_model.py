@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import tl_model_from_hf
+
 from hooklens import HookedTransformer
 from hooklens import evals as hl_evals
 from hooklens import utils as hl_utils

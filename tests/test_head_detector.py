@@ -57,7 +57,8 @@ def test_heads_cache_lists_and_custom_patterns_match_transformer_lens(models):
     _, tl_cache = tl.run_with_cache(tokens, remove_batch_dim=True)
     custom = torch.tril(torch.rand(tokens.shape[1], tokens.shape[1], generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(hd.detect_head(model, PROMPT, custom, cache=cache, error_measure="abs"),
-                               tl_hd.detect_head(tl, PROMPT, custom, cache=tl_cache, error_measure="abs"), atol=2e-3, rtol=0)
+                               tl_hd.detect_head(tl, PROMPT, custom, cache=tl_cache, error_measure="abs"),
+                               atol=2e-3, rtol=0)
     before = cache["pattern", 0].clone()
     hd.detect_head(model, PROMPT, "induction_head", cache=cache, exclude_bos=True, exclude_current_token=True)
     assert torch.equal(cache["pattern", 0], before)  # the caller's cache is not edited

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from functools import partial
 
 import pytest
 import torch
@@ -91,7 +90,8 @@ def test_dest_src_pattern_patching_matches_transformerlens(models):
     clean, corrupted = model.to_tokens(["The cat sat on the mat", "The dog sat on the rug"]).split(1)
     _, cache = model.run_with_cache(clean)
     _, tl_cache = tl.run_with_cache(clean)
-    metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 13].mean()
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, 13].mean()
     ours = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric, progress=False)
     theirs = run_tl("get_act_patch_attn_head_pattern_dest_src_pos", tl, corrupted, tl_cache, metric)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
@@ -102,7 +102,8 @@ def naive_loop(model, corrupted, clean_cache, metric, setter, activation_name, i
     out = []
     for index in indices.tolist():
         name = get_act_name(activation_name, index[0])
-        hook = lambda act, hook, index=index: setter(act.clone(), index, clean_cache[name])
+        def hook(act, hook, index=index):
+            return setter(act.clone(), index, clean_cache[name])
         out.append(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)])))
     return torch.stack(out)
 
@@ -166,7 +167,8 @@ def test_custom_setter_and_index_df(setup):
 
 def test_metric_that_is_not_vmappable_still_works(setup):
     model, _, corrupted, clean_cache, _, metric = setup
-    python_metric = lambda logits: torch.tensor(float(metric(logits).item()))
+    def python_metric(logits):
+        return torch.tensor(float(metric(logits).item()))
     torch.testing.assert_close(
         patching.get_act_patch_attn_out(model, corrupted, clean_cache, python_metric, progress=False),
         patching.get_act_patch_attn_out(model, corrupted, clean_cache, metric, progress=False))
@@ -175,7 +177,8 @@ def test_metric_that_is_not_vmappable_still_works(setup):
 def test_bad_arguments(setup):
     model, _, corrupted, clean_cache, _, metric = setup
     with pytest.raises(ValueError, match="index_axis_names"):
-        patching.generic_activation_patch(model, corrupted, clean_cache, metric, patching.layer_pos_patch_setter, "resid_pre")
+        patching.generic_activation_patch(model, corrupted, clean_cache, metric, patching.layer_pos_patch_setter,
+                                          "resid_pre")
     with pytest.raises(ValueError, match="Unknown index axis"):
         patching.generic_activation_patch(model, corrupted, clean_cache, metric, patching.layer_pos_patch_setter,
                                           "resid_pre", index_axis_names=("layer", "position"))
@@ -227,7 +230,8 @@ def test_left_padded_prompts_keep_their_mask(tmp_path_factory):
     assert (clean == model.tokenizer.pad_token_id).any()
     _, clean_cache = model.run_with_cache(clean)
     _, tl_clean_cache = tl.run_with_cache(clean)
-    metric = lambda logits: logits[:, -1, 1000].mean()
+    def metric(logits):
+        return logits[:, -1, 1000].mean()
     for fn_name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos"):
         ours = getattr(patching, fn_name)(model, corrupted, clean_cache, metric, progress=False)
         theirs = run_tl(fn_name, tl, corrupted, tl_clean_cache, metric)
@@ -238,7 +242,8 @@ def test_left_padded_prompts_keep_their_mask(tmp_path_factory):
 def test_hooks_already_on_the_model_apply_once(setup, hook_name, caplog):
     """A steering hook left on the model acts as in TL's per-patch forwards (once, on [batch, pos, ...])."""
     model, tl, corrupted, clean_cache, tl_clean_cache, metric = setup
-    steer = lambda act, hook: act + 0.5
+    def steer(act, hook):
+        return act + 0.5
     model.add_hook(hook_name, steer)
     tl.add_hook(hook_name, steer)
     try:
@@ -272,7 +277,8 @@ def test_index_df_extras_match_transformerlens(setup):
                                                         progress=False)
     _, tl_index_df = tl_patching.get_act_patch_resid_pre(tl, corrupted, tl_clean_cache, metric, return_index_df=True)
     assert index_df.equals(tl_index_df) and list(index_df.columns) == ["layer", "pos"]
-    assert patching.make_df_from_ranges([2, 3], ["layer", "pos"]).equals(tl_patching.make_df_from_ranges([2, 3], ["layer", "pos"]))
+    ranges = ([2, 3], ["layer", "pos"])
+    assert patching.make_df_from_ranges(*ranges).equals(tl_patching.make_df_from_ranges(*ranges))
 
     many = corrupted[:1].expand(3, -1)
     one_clean = {name: value[:1] for name, value in clean_cache.items()}
@@ -305,6 +311,30 @@ def test_inputs_that_cannot_match_are_refused(setup, caplog):
                                               {"layer": [0], "pos": [99]}), progress=False)
     with pytest.raises(ValueError, match="one number per run"):
         patching.get_act_patch_attn_out(model, corrupted, clean_cache, lambda logits: logits[:, -1, 5], progress=False)
-    python_metric = lambda logits: torch.tensor(float(metric(logits).item()))
+    def python_metric(logits):
+        return torch.tensor(float(metric(logits).item()))
     patching.get_act_patch_attn_out(model, corrupted, clean_cache, python_metric, memory_budget=1, progress=False)
     assert caplog.text.count("not vmap-compatible") == 1  # reported once per sweep, not per chunk
+
+
+@pytest.mark.parametrize("setter, shape", [
+    (patching.layer_pos_patch_setter, (5, 3)),
+    (patching.layer_pos_head_vector_patch_setter, (5, 2, 3)),
+    (patching.layer_head_vector_patch_setter, (5, 2, 3)),
+    (patching.layer_head_pattern_patch_setter, (2, 5, 5)),
+    (patching.layer_head_pos_pattern_patch_setter, (2, 5, 5)),
+    (patching.layer_head_dest_src_pos_pattern_patch_setter, (2, 5, 5)),
+])
+def test_index_masks_are_the_setters(setter, shape):
+    """Each vectorized mask (sweeps.index_mask over the setter's axes) is exactly where TL's setter writes."""
+    from hooklens.sweeps import index_mask
+
+    axes, _ = patching._KNOWN_SETTERS[setter]
+    g = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.zeros(12, dtype=torch.long)] +
+                          [torch.randint(0, shape[axis], (12,), generator=g) for axis in axes], dim=1)
+    masks = index_mask(indices, shape, axes)
+    assert masks.shape == (12,) + shape and masks.dtype == torch.bool
+    for mask, index in zip(masks, indices.tolist()):
+        written = setter(torch.zeros((1,) + shape), index, torch.ones((1,) + shape))[0]
+        assert torch.equal(mask, written.bool()), index
