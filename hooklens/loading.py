@@ -403,8 +403,6 @@ def tokenizer_source(model_dir: Optional[Path], cfg: HookedTransformerConfig, tl
         return str(model_dir)
     if not tl_format or cfg.d_vocab == 50257:
         return str(tok.SHIPPED_TOKENIZER_DIR)
-    logger.warning("No tokenizer files in %s and d_vocab=%d is not GPT-2's: the model takes token ids only "
-                   "(model.set_tokenizer(...) adds one).", model_dir, cfg.d_vocab)
     return None
 
 

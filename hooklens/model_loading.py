@@ -4,12 +4,15 @@ The work is done in `hooklens.loading`; these methods keep TL's signatures and p
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Literal, Optional, Union
 
 import torch
 from torch import Tensor
 
 from hooklens import loading
+
+logger = logging.getLogger(__name__)
 
 
 class LoadingMixin:
@@ -59,6 +62,9 @@ class LoadingMixin:
             default_prepend_bos=True if default_prepend_bos is None else default_prepend_bos,
             first_n_layers=first_n_layers, n_ctx=n_ctx, **config_overrides,
         )
+        if tokenizer is None and cfg.tokenizer_name is None:
+            logger.warning("%s has no tokenizer files and d_vocab=%d is not GPT-2's: the model takes token ids only "
+                           "(model.set_tokenizer(...) adds one).", model_name, cfg.d_vocab)
         # Built once, with the norms the processed weights need (LNPre once LayerNorm is folded), on the CPU.
         padding_side = default_padding_side or "right"
         model = cls(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=padding_side)
