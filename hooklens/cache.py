@@ -57,19 +57,23 @@ class ActivationCache:
         `(name, layer[, layer_type])` passed to `get_act_name` (negative layers count from the end)."""
         if key in self.cache_dict:
             return self.cache_dict[key]
-        if isinstance(key, str):
-            name = get_act_name(key)
-        else:
-            if len(key) > 1 and key[1] is not None and key[1] < 0:
-                key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
-            name = get_act_name(*key)
+        name = self._hook_name(key)
         if name not in self.cache_dict:
             raise KeyError(self._missing_message(name))
         return self.cache_dict[name]
 
-    def _pos_sliced(self, name: str, pos_slice: Slice) -> torch.Tensor:
-        """The activation at hook `name` with `pos_slice` applied to its position axis (from its layout, counted
-        from the end, so it is the same axis with or without the batch dim)."""
+    def _hook_name(self, key: Union[str, tuple]) -> str:
+        """The hook name `key` stands for (see `__getitem__`)."""
+        if isinstance(key, str):
+            return key if key in self.cache_dict else get_act_name(key)
+        if len(key) > 1 and key[1] is not None and key[1] < 0:
+            key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+        return get_act_name(*key)
+
+    def _pos_sliced(self, key: Union[str, tuple], pos_slice: Slice) -> torch.Tensor:
+        """`self[key]` with `pos_slice` applied to its position axis (from the activation's layout, counted from
+        the end, so it is the same axis with or without the batch dim)."""
+        name = self._hook_name(key)
         return pos_slice.apply(self[name], dim=layout_of(name, self.model.cfg).from_end("pos"))
 
     def _missing_message(self, name: str) -> str:
@@ -168,13 +172,13 @@ class ActivationCache:
         components, labels = [], []
         for l in range(layer + 1):
             if l == n_layers:
-                components.append(get_act_name("resid_post", n_layers - 1))
+                components.append(("resid_post", n_layers - 1))
                 labels.append("final_post")
                 continue
-            components.append(get_act_name("resid_pre", l))
+            components.append(("resid_pre", l))
             labels.append(f"{l}_pre")
             if (incl_mid and l < layer) or (mlp_input and l == layer):
-                components.append(get_act_name("resid_mid", l))
+                components.append(("resid_mid", l))
                 labels.append(f"{l}_mid")
         stack = torch.stack([self._pos_sliced(name, pos_slice) for name in components], dim=0)
         if apply_ln:
@@ -218,13 +222,13 @@ class ActivationCache:
                 labels.append("pos_embed")
         for l in range(layer):
             if incl_attn:
-                components.append(get_act_name("attn_out", l))
+                components.append(("attn_out", l))
                 labels.append(f"{l}_attn_out")
             if incl_mlp:
-                components.append(get_act_name("mlp_out", l))
+                components.append(("mlp_out", l))
                 labels.append(f"{l}_mlp_out")
         if mlp_input and incl_attn:
-            components.append(get_act_name("attn_out", layer))
+            components.append(("attn_out", layer))
             labels.append(f"{layer}_attn_out")
         stack = torch.stack([self._pos_sliced(name, pos_slice) for name in components], dim=0)
         if apply_ln:
@@ -270,7 +274,7 @@ class ActivationCache:
         labels: List[str] = []
         per_layer = []
         for l in range(layer):
-            per_layer.append(self._pos_sliced(get_act_name("result", l), pos_slice))  # [..., head, d_model]
+            per_layer.append(self._pos_sliced(("result", l, "attn"), pos_slice))  # [..., head, d_model]
             labels.extend(f"L{l}H{h}" for h in range(self.model.cfg.n_heads))
         stack = self._stack_per_layer(per_layer, layer, pos_slice, incl_remainder)
         if incl_remainder:
@@ -296,7 +300,7 @@ class ActivationCache:
             stack = torch.zeros(0, *shape, device=self.model.cfg.device)
         if not incl_remainder:
             return stack
-        resid = self._pos_sliced(get_act_name("resid_post", layer - 1), pos_slice)
+        resid = self._pos_sliced(("resid_post", layer - 1), pos_slice)
         if project_2d is not None:
             resid = resid @ project_2d
         if not per_layer:
@@ -328,7 +332,7 @@ class ActivationCache:
         neuron_slice = _to_slice(neuron_slice)
         pos_slice = _to_slice(pos_slice)
         # pos first: an int pos slice drops a dim, and the neuron dim stays last either way.
-        neuron_acts = neuron_slice.apply(self._pos_sliced(get_act_name("post", layer), pos_slice), dim=-1)
+        neuron_acts = neuron_slice.apply(self._pos_sliced(("post", layer, "mlp"), pos_slice), dim=-1)
         W_out = neuron_slice.apply(self.model.blocks[layer].mlp.W_out, dim=0)
         if project_output_onto is None:
             return neuron_acts[..., None] * W_out
