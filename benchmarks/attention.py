@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import models
 from core import within_tolerance
 from harness import Case, Context, WorkloadSkipped, workload
-
 from hooklens.attention import reference_attention
 
 

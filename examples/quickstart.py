@@ -31,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     model = load_model(args.model)
-    print(f"model: {model.cfg.model_name}  layers={model.cfg.n_layers} heads={model.cfg.n_heads} d_model={model.cfg.d_model}")
+    cfg = model.cfg
+    print(f"model: {cfg.model_name}  layers={cfg.n_layers} heads={cfg.n_heads} d_model={cfg.d_model}")
 
     text = "The first thing you need to figure out is *how* things are tokenized."
     tokens = model.to_tokens(text)
@@ -73,7 +74,8 @@ def main() -> None:
         diff = (patched[0, -1, mary] - patched[0, -1, john]).item()
         print(f"patch {name} at position {position}: logit(Mary) - logit(John) = {diff:+.3f}")
 
-    print("greedy continuation:", repr(model.generate("The first thing", max_new_tokens=8, do_sample=False, verbose=False)))
+    continuation = model.generate("The first thing", max_new_tokens=8, do_sample=False, verbose=False)
+    print("greedy continuation:", repr(continuation))
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

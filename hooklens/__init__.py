@@ -5,15 +5,15 @@ The classes are imported through TransformerLens's module paths (`hooklens.Hooke
 `from hooklens import HookedTransformer` and `from hooklens.HookedTransformer import HookedTransformer` work: the
 name bound last, here, is the class.
 """
-from hooklens.ActivationCache import ActivationCache
 from hooklens.ablation import head_ablation
+from hooklens.ActivationCache import ActivationCache
 from hooklens.attention import attention_backend
 from hooklens.attribution import attribution_patching, neuron_integrated_gradients
 from hooklens.config import HookedTransformerConfig
 from hooklens.FactoredMatrix import FactoredMatrix
+from hooklens.head_scores import head_scores
 from hooklens.hook_points import HookPoint
 from hooklens.HookedRootModule import HookedRootModule
-from hooklens.head_scores import head_scores
 from hooklens.HookedTransformer import HookedTransformer
 from hooklens.kv_cache import HookedTransformerKeyValueCache, HookedTransformerKeyValueCacheEntry
 from hooklens.path_patching import path_patch
@@ -23,7 +23,8 @@ TransformerLensKeyValueCache = HookedTransformerKeyValueCache
 TransformerLensKeyValueCacheEntry = HookedTransformerKeyValueCacheEntry
 
 __all__ = [
-    "ActivationCache", "FactoredMatrix", "HookedTransformer", "HookedTransformerConfig", "HookPoint", "HookedRootModule",
+    "ActivationCache", "FactoredMatrix", "HookedTransformer", "HookedTransformerConfig", "HookPoint",
+    "HookedRootModule",
     "HookedTransformerKeyValueCache", "HookedTransformerKeyValueCacheEntry", "TransformerLensKeyValueCache",
     "TransformerLensKeyValueCacheEntry",
     "attention_backend", "attribution_patching", "head_ablation", "head_scores", "neuron_integrated_gradients",

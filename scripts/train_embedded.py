@@ -250,7 +250,8 @@ def construct_circuit(model, seed: int) -> None:
                 Wo[h, T] = lam / c1 * F2[:, cols].T
 
 
-def loss_fn(model, x: torch.Tensor, y: torch.Tensor, n_neg: int = 0, gen: torch.Generator | None = None) -> torch.Tensor:
+def loss_fn(model, x: torch.Tensor, y: torch.Tensor, n_neg: int = 0,
+            gen: torch.Generator | None = None) -> torch.Tensor:
     """Cross-entropy on the positions that have a target only (the 50257-way unembedding dominates the CPU cost).
 
     With `n_neg > 0` it is a sampled softmax: the candidates are this batch's targets plus `n_neg` tokens drawn
@@ -277,41 +278,44 @@ def loss_fn(model, x: torch.Tensor, y: torch.Tensor, n_neg: int = 0, gen: torch.
 def measure(model_dir: Path, seed: int = 1234, batch: int = 16, seq_lens=EVAL_SEQ_LENS, low: int = 0,
             high: int = VOCAB) -> dict:
     """Induction / previous-token scores per head and log-prob gap on BOS + random tokens repeated twice."""
-    from hooklens import HookedTransformer
+    from hooklens import HookedTransformer, head_scores
 
     model = HookedTransformer.from_pretrained(str(model_dir), device="cpu")
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for L in seq_lens:
         rand = torch.randint(low, high, (batch, L), generator=gen)
         tokens = torch.cat([torch.full((batch, 1), BOS), rand, rand], dim=1)
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
-        ind = torch.zeros(n_layers, n_heads)
-        prev = torch.zeros(n_layers, n_heads)
-        for layer in range(n_layers):
-            pat = cache["pattern", layer]  # [batch, head, q, k]
-            ind[layer] = pat.diagonal(offset=1 - L, dim1=-2, dim2=-1).mean(dim=(0, -1))
-            prev[layer] = pat.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, -1))
+        logits = model(tokens)
+        scores = head_scores(model, tokens, kinds=("induction", "previous_token"), seq_len=L, progress=False)
+        ind, prev = scores["induction"], scores["previous_token"]  # [n_layers, n_heads]
         logp = logits.float().log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, 2L]
         first, second = logp[:, :L].mean().item(), logp[:, L:].mean().item()
         acc = (logits[:, L:-1].argmax(-1) == tokens[:, L + 1 :]).float().mean().item()
         out[str(L)] = dict(
             induction_scores=[[round(v, 4) for v in row] for row in ind.tolist()],
             prev_token_scores=[[round(v, 4) for v in row] for row in prev.tolist()],
-            best_induction=dict(zip(("layer", "head", "score"), (*divmod(int(ind.argmax()), n_heads), round(ind.max().item(), 4)))),
-            best_prev_token=dict(zip(("layer", "head", "score"), (*divmod(int(prev.argmax()), n_heads), round(prev.max().item(), 4)))),
-            logprob_first_half=round(first, 4), logprob_second_half=round(second, 4), logprob_gap=round(second - first, 4),
+            best_induction=_best_head(ind),
+            best_prev_token=_best_head(prev),
+            logprob_first_half=round(first, 4), logprob_second_half=round(second, 4),
+            logprob_gap=round(second - first, 4),
             accuracy_second_half=round(acc, 4),
         )
     return out
+
+
+def _best_head(scores: torch.Tensor) -> dict:
+    """The highest-scoring head of `[n_layers, n_heads]` scores, as {layer, head, score}."""
+    layer, head = divmod(int(scores.argmax()), scores.shape[1])
+    return dict(layer=layer, head=head, score=round(float(scores.max()), 4))
 
 
 def summary(scores: dict) -> str:
     parts = []
     for L, s in scores.items():
         bi, bp = s["best_induction"], s["best_prev_token"]
-        parts.append(f"L{L}: ind {bi['score']:.2f}@{bi['layer']}.{bi['head']} prev {bp['score']:.2f}@{bp['layer']}.{bp['head']} "
+        parts.append(f"L{L}: ind {bi['score']:.2f}@{bi['layer']}.{bi['head']} "
+                     f"prev {bp['score']:.2f}@{bp['layer']}.{bp['head']} "
                      f"gap {s['logprob_gap']:.2f} acc {s['accuracy_second_half']:.2f}")
     return " | ".join(parts)
 
@@ -337,7 +341,8 @@ def save(model, out: Path, dtype=torch.float16) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("hooklens/models/gpt2-embedded"))
-    p.add_argument("--steps", type=int, default=1500, help="number of optimizer steps (fewer if --min-steps allows early stopping)")
+    p.add_argument("--steps", type=int, default=1500,
+                   help="number of optimizer steps (fewer if --min-steps allows early stopping)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--d-model", type=int, default=128)
@@ -353,7 +358,8 @@ def main() -> None:
     p.add_argument("--corpus-chars", type=int, default=4_000_000)
     p.add_argument("--full-vocab-from", type=float, default=0.3,
                    help="fraction of --steps after which random tokens increasingly come from the full vocabulary")
-    p.add_argument("--neg-samples", type=int, default=4096, help="sampled-softmax negatives in training (0: full softmax)")
+    p.add_argument("--neg-samples", type=int, default=4096,
+                   help="sampled-softmax negatives in training (0: full softmax)")
     p.add_argument("--construct", action=argparse.BooleanOptionalAction, default=True,
                    help="set the induction circuit by hand before training (--no-construct: train from scratch)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -361,7 +367,8 @@ def main() -> None:
     p.add_argument("--stop-prev", type=float, default=0.8)
     p.add_argument("--stop-gap", type=float, default=6.0)
     p.add_argument("--min-steps", type=int, default=None,
-                   help="stop early once the --stop-* targets are met, but not before this step (default: --steps, no early stop)")
+                   help="stop early once the --stop-* targets are met, but not before this step "
+                        "(default: --steps, no early stop)")
     args = p.parse_args()
 
     if args.min_steps is None:
@@ -384,8 +391,8 @@ def main() -> None:
 
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n and "wpe" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "wte" not in n and "wpe" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
