@@ -71,45 +71,54 @@ def main() -> int:
             "flash": (flash_mod, lambda: flash_mod.flash_attention(q, k, v, z_out=z), sdpa_ms),
         }
         for kname, (module, fn, yardstick) in kernels.items():
-            original = module.launch_config
-            rows = []
-            for cfg in [None] + grid:
-                label = "default" if cfg is None else "m{BLOCK_M} n{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
-                if cfg is not None:
-                    def patched(kernel, q_, tq, tk, dh_, _cfg=cfg):
-                        base = original(kernel, q_, tq, tk, dh_)
-                        base.update(_cfg)
-                        return base
-                    module.launch_config = patched
-                try:
-                    pattern.fill_(float("nan"))
-                    z.fill_(float("nan"))
-                    fn()
-                    torch.cuda.synchronize()
-                    err_z = float((z.float() - ref_z).abs().max())
-                    err_p = float((pattern.float() - ref_pattern).abs().max()) if kname == "pattern" else 0.0
-                    ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
-                    row = dict(dtype=dtype_name, kernel=kname, config=label, us=ms * 1e3,
-                               ratio=yardstick / ms, err_z=err_z, err_pattern=err_p)
-                except Exception as e:  # compile failures (shared memory, registers) are data too
-                    row = dict(dtype=dtype_name, kernel=kname, config=label, error=f"{type(e).__name__}: {e}"[:200])
-                finally:
-                    module.launch_config = original
-                rows.append(row)
-                results.append(row)
-            ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
-            yard = "copy" if kname == "pattern" else "sdpa"
-            print(f"{dtype_name} {kname}: {len(ok)} configs ran, {len(rows) - len(ok)} failed; best 6 "
-                  f"(ratio = {yard} / kernel):")
-            for r in ok[:6] + [r for r in ok if r["config"] == "default"]:
-                print(f"  {r['config']:<20} {r['us']:8.1f} us  {r['ratio']:.2f}x  err z {r['err_z']:.1e} "
-                      f"pattern {r['err_pattern']:.1e}", flush=True)
+            buffers = (pattern, z, ref_pattern if kname == "pattern" else None, ref_z)
+            rows = [_measure(module, fn, cfg, buffers, yardstick) for cfg in [None] + grid]
+            rows = [dict(dtype=dtype_name, kernel=kname, **row) for row in rows]
+            results += rows
+            _print_best(dtype_name, kname, rows)
         torch.cuda.empty_cache()  # the next dtype's buffers replace these
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tune-attention.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                        commit=os.environ.get("HOOKLENS_COMMIT"), batch=b, seq=t, results=results), f, indent=1)
     return 0
+
+
+def _measure(module, fn, cfg, buffers, yardstick_ms: float) -> dict:
+    """Time `fn` with `module.launch_config` overridden by `cfg` (None: the library's own choice) and check its
+    outputs against the float32 reference; a configuration the compiler rejects gives a row with its error."""
+    from triton.testing import do_bench
+
+    pattern, z, ref_pattern, ref_z = buffers
+    original = module.launch_config
+    label = "default" if cfg is None else "m{BLOCK_M} n{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+    if cfg is not None:
+        def patched(kernel, q_, tq, tk, dh_):
+            return {**original(kernel, q_, tq, tk, dh_), **cfg}
+        module.launch_config = patched
+    try:
+        pattern.fill_(float("nan"))
+        z.fill_(float("nan"))
+        fn()
+        torch.cuda.synchronize()
+        err_z = float((z.float() - ref_z).abs().max())
+        err_p = float((pattern.float() - ref_pattern).abs().max()) if ref_pattern is not None else 0.0
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        return dict(config=label, us=ms * 1e3, ratio=yardstick_ms / ms, err_z=err_z, err_pattern=err_p)
+    except Exception as e:  # compile failures (shared memory, registers) are data too
+        return dict(config=label, error=f"{type(e).__name__}: {e}"[:200])
+    finally:
+        module.launch_config = original
+
+
+def _print_best(dtype_name: str, kname: str, rows) -> None:
+    ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+    yard = "copy" if kname == "pattern" else "sdpa"
+    print(f"{dtype_name} {kname}: {len(ok)} configs ran, {len(rows) - len(ok)} failed; best 6 "
+          f"(ratio = {yard} / kernel):")
+    for r in ok[:6] + [r for r in ok if r["config"] == "default"]:
+        print(f"  {r['config']:<20} {r['us']:8.1f} us  {r['ratio']:.2f}x  err z {r['err_z']:.1e} "
+              f"pattern {r['err_pattern']:.1e}", flush=True)
 
 
 if __name__ == "__main__":
