@@ -13,6 +13,9 @@ from typing import Dict
 import pytest
 import torch
 
+# The one tolerance table lives in tests/tolerances.py; re-exported here for `from conftest import ...`.
+from tolerances import TOLERANCES, tolerance  # noqa: F401
+
 # Without CUDA the Triton kernels run in Triton's interpreter, which is chosen when a kernel is decorated, i.e. when
 # hooklens.kernels is first imported. Setting it here, before any test module is imported, makes the kernel mode the
 # same whichever test file is collected first. The switch's name is INTERPRETER_ENV_VAR (subprocess tests drop it).
@@ -47,13 +50,32 @@ def _pin_default_device():
         yield
 
 
-# Tolerances per dtype for comparisons against a reference computed in the same dtype.
-TOLERANCES: Dict[torch.dtype, Dict[str, float]] = {
-    torch.float64: dict(rtol=1e-9, atol=1e-10),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
+# CUDA twins of CPU tests: parametrize a test over DEVICES; the "cuda" case is skipped where CUDA is absent.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA twin of a CPU test: needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+# The random tiny model of the analysis-tool tests (ablation, attribution, path patching, head scores, attention
+# backends). `make_tiny_model(**overrides)` changes single fields; the seed fixes the weights, so every module that
+# builds it with the same fields gets the same model.
+TINY_MODEL_CONFIG = dict(n_layers=2, d_model=32, d_head=8, n_ctx=32, d_vocab=97, act_fn="gelu_new", seed=0)
+# Overrides for the wider variant (4 heads of 16) that the attention-backend and head-score tests use.
+WIDE_TINY_MODEL = dict(d_model=64, d_head=16, n_ctx=64)
+
+
+def make_tiny_model(**overrides):
+    """A fresh `HookedTransformer(HookedTransformerConfig(**TINY_MODEL_CONFIG, **overrides))` (train mode, CPU
+    unless `device` is given), so callers can `.eval()`, `.double()` or `.to(device)` it as before."""
+    # imported here, not at the top: conftest sets TRITON_INTERPRET before anything imports hooklens
+    from hooklens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(HookedTransformerConfig(**{**TINY_MODEL_CONFIG, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The default tiny model in eval mode, one per test module (modules may add hooks or gradients to it)."""
+    return make_tiny_model().eval()
+
 
 # Small configs that still exercise every code path; "gpt2-small-shape" is only used where it matters.
 HF_CONFIGS = {

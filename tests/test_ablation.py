@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import tolerance
 
-from hooklens import HookedTransformer, HookedTransformerConfig
 from hooklens.ablation import ablation_values, head_ablation
 from hooklens.utils import get_act_name
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_ctx=32, d_vocab=97, act_fn="gelu_new", seed=0)
-    return HookedTransformer(cfg).eval()
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_head_ablation_matches_naive_loop(model, data, kind, budget):
                         progress=False)
     want = naive(model, tokens, kind, resample)
     assert got.shape == (model.cfg.n_layers, model.cfg.n_heads)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **tolerance())
     with torch.no_grad():
         base = metric(model(tokens))
     assert (got - base).abs().max() > 1e-4, "ablations must change the metric (test would be vacuous)"
@@ -68,7 +67,7 @@ def test_metric_positions_last(model, data):
         return logits[:, -1, 5].mean()
     got = head_ablation(model, tokens, last, kind="mean", metric_positions=[-1], progress=False)
     want = head_ablation(model, tokens, last, kind="mean", progress=False)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **tolerance())
 
 
 def test_mean_values_and_errors(model, data):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
-from hooklens import HookedTransformer, HookedTransformerConfig
 from hooklens.attribution import attribution_patching, exact_top_entries, neuron_integrated_gradients
 from hooklens.utils import get_act_name
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_ctx=32, d_vocab=97, act_fn="gelu_new", seed=0,
-                                  d_mlp=64)
-    return HookedTransformer(cfg).eval().double()
+    return make_tiny_model(d_mlp=64).eval().double()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from tolerances import tolerance
 
 transformer_lens = pytest.importorskip("transformer_lens")
 transformers = pytest.importorskip("transformers")
@@ -26,7 +27,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 N_LAYERS, D_MODEL, N_HEADS, N_CTX, D_VOCAB, D_MLP = 2, 64, 4, 64, 1000, 48
 BATCH, SEQ = 2, 7
-RTOL, ATOL = 1e-5, 1e-5
 
 
 def _random_hf_gpt2():
@@ -114,7 +114,7 @@ def assert_same(ours, ref):
         assert isinstance(ours, torch.Tensor)
         assert ours.shape == ref.shape, (ours.shape, ref.shape)
         assert ours.dtype == ref.dtype
-        torch.testing.assert_close(ours, ref, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(ours, ref, **tolerance())
     elif isinstance(ref, (tuple, list)) and ref and isinstance(ref[0], str):
         assert list(ours) == list(ref)
     elif isinstance(ref, (tuple, list)):
@@ -324,7 +324,7 @@ def test_compute_head_results(runs, caplog):
         assert_same(ours[key], ref[key])
         # Heads plus b_O give attn_out.
         b_O = runs["unfolded"][0].blocks[l].attn.b_O
-        torch.testing.assert_close(ours[key].sum(-2) + b_O, ours["attn_out", l], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours[key].sum(-2) + b_O, ours["attn_out", l], **tolerance("reordered_short_sum"))
     # use_attn_result=True caches hook_result itself; computing is then a no-op with a warning.
     cached, _ = _pair(runs["attn_result"])
     before = cached["result", 0, "attn"]
@@ -428,9 +428,9 @@ def test_decomposition_sums_to_resid(runs):
     """Sanity: the full decomposition adds up to the final residual stream (TL's semantics, not just TL's code)."""
     ours, _ = _pair(runs["folded"])
     total = ours.get_full_resid_decomposition().sum(0)
-    torch.testing.assert_close(total, ours["resid_post", -1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(total, ours["resid_post", -1], **tolerance("reordered_sum"))
     total = ours.get_full_resid_decomposition(layer=1, mlp_input=True, expand_neurons=False).sum(0)
-    torch.testing.assert_close(total, ours["resid_mid", 1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(total, ours["resid_mid", 1], **tolerance("reordered_sum"))
 
 
 def test_slice_matches_transformer_lens():
@@ -543,7 +543,7 @@ def test_hooklens_logit_attrs_and_head_results(hooklens_models, runs, tokens, va
         logits = hooklens_models[variant](tokens)
     dla = ours.logit_attrs(stack, answers, pos_slice=-1).sum(0)
     expected = logits[torch.arange(BATCH), -1, answers] - hooklens_models[variant].b_U[answers]
-    torch.testing.assert_close(dla, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dla, expected, **tolerance("reordered_sum"))
 
 
 def test_hooklens_logit_attrs_string_tokens(hooklens_models, runs, tokens):
@@ -610,6 +610,6 @@ def test_projected_decomposition_equals_projecting_the_full_one(runs, mlp_input,
     full, labels = ours.get_full_resid_decomposition(**kwargs)
     projected, projected_labels = ours.get_full_resid_decomposition(project_output_onto=PROJECT_2D, **kwargs)
     assert projected_labels == labels
-    torch.testing.assert_close(projected, full @ PROJECT_2D, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(projected, full @ PROJECT_2D, **tolerance())
     with pytest.raises(ValueError, match=r"\[d_model\] or \[d_model, n_outs\]"):
         ours.stack_neuron_results(1, project_output_onto=torch.zeros(2, D_MODEL, 1))

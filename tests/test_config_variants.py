@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from tolerances import tolerance
 
 import hooklens
 from hooklens import HookedTransformer, HookedTransformerConfig
@@ -55,7 +56,10 @@ def tokens_for(cfg, batch=3, length=13):
     return torch.randint(0, min(cfg.d_vocab, cfg.d_vocab_out), (batch, length), generator=generator)
 
 
-def assert_close(actual, expected, what="", rtol=1e-5, atol=1e-5):
+SAME_DTYPE = tolerance()  # the default bounds: float32 against a same-dtype reference
+
+
+def assert_close(actual, expected, what="", rtol=SAME_DTYPE["rtol"], atol=SAME_DTYPE["atol"]):
     assert actual.shape == expected.shape, f"{what}: {tuple(actual.shape)} != {tuple(expected.shape)}"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
@@ -103,7 +107,7 @@ def test_activations_logits_loss_and_weights_match(variant, processing):
     for key in tl_cache.keys():
         assert_close(cache[key], tl_cache[key], what=key)
     assert_close(logits, tl_logits, what="logits")
-    assert_close(ours(tokens), tl_logits, what="logits (fused attention path)", atol=1e-4)
+    assert_close(ours(tokens), tl_logits, what="logits (fused attention path)", **tolerance("logits_tl_twin"))
     assert_close(ours(tokens, return_type="loss"), tl(tokens, return_type="loss"), what="loss")
 
 
@@ -116,7 +120,8 @@ def test_processing_preserves_function(variant):
     raw.load_and_process_state_dict(dict(state), **PROCESSING["none"])
     processed.load_and_process_state_dict(dict(state), **PROCESSING["all"])
     tokens = tokens_for(raw.cfg)
-    assert_close(processed(tokens).log_softmax(-1), raw(tokens).log_softmax(-1), atol=1e-4, what=variant)
+    assert_close(processed(tokens).log_softmax(-1), raw(tokens).log_softmax(-1), **tolerance("logits_tl_twin"),
+                 what=variant)
 
 
 @pytest.mark.parametrize("variant", ["gelu_new", "solu_ln", "attn_only"])
@@ -235,7 +240,7 @@ def test_transformerlens_format_directory_loads(tmp_path, weights_file):
         assert_close(cache[key], tl_cache[key], what=key)
     raw = HookedTransformer.from_pretrained_no_processing(tmp_path, device="cpu")
     assert raw.cfg.normalization_type == "LN"
-    assert_close(raw(tokens).log_softmax(-1), ours(tokens).log_softmax(-1), atol=1e-4)
+    assert_close(raw(tokens).log_softmax(-1), ours(tokens).log_softmax(-1), **tolerance("logits_tl_twin"))
 
 
 def test_transformer_lens_fields_of_other_architectures_read_as_unused():

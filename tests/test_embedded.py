@@ -29,7 +29,8 @@ def repeated_random_tokens(model, seq_len: int, batch: int, seed: int, low: int 
 def scores(model, tokens: torch.Tensor, seq_len: int):
     with torch.inference_mode():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
-    ind = torch.stack([cache["pattern", l].diagonal(1 - seq_len, -2, -1).mean((0, -1)) for l in range(model.cfg.n_layers)])
+    layers = range(model.cfg.n_layers)
+    ind = torch.stack([cache["pattern", l].diagonal(1 - seq_len, -2, -1).mean((0, -1)) for l in layers])
     prev = torch.stack([cache["pattern", l].diagonal(-1, -2, -1).mean((0, -1)) for l in range(model.cfg.n_layers)])
     logp = logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     gap = (logp[:, seq_len:].mean() - logp[:, :seq_len].mean()).item()

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from conftest import tl_model_from_hf
+from tolerances import tolerance
 
 from hooklens import HookedTransformer
 from hooklens import evals as hl_evals
@@ -44,7 +45,7 @@ def test_induction_loss_matches_transformerlens(pair, prepend_bos):
     torch.manual_seed(123)
     theirs = tl_evals.induction_loss(tl, batch_size=2, subseq_len=20, prepend_bos=prepend_bos, device="cpu")
     assert ours.shape == theirs.shape == ()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, **tolerance())
     # A random model has no induction heads: the loss is about log(d_vocab), not near zero.
     assert 0.5 * torch.log(torch.tensor(50257.0)) < ours < 2 * torch.log(torch.tensor(50257.0))
 
@@ -58,7 +59,7 @@ def test_induction_loss_depends_on_the_seed_like_transformerlens(pair):
     assert not torch.equal(losses[0], losses[1])
     torch.manual_seed(1)
     torch.testing.assert_close(losses[1], tl_evals.induction_loss(tl, batch_size=2, subseq_len=20, device="cpu"),
-                               rtol=1e-5, atol=1e-5)
+                               **tolerance())
 
 
 @pytest.mark.parametrize(
@@ -106,7 +107,7 @@ def test_sanity_check_evaluate_and_ioi_eval_match_transformerlens(pair):
     import io
 
     model, tl = pair
-    torch.testing.assert_close(hl_evals.sanity_check(model), tl_evals.sanity_check(tl), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hl_evals.sanity_check(model), tl_evals.sanity_check(tl), **tolerance())
 
     tokens = torch.randint(0, 50000, (6, 12), generator=torch.Generator().manual_seed(0))
     loader = [{"tokens": tokens[i:i + 2]} for i in range(0, 6, 2)]

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import HF_CONFIGS, load_hf, save_hf_gpt2, tl_model_from_hf
+from tolerances import tolerance
 
 from hooklens import HookedTransformer
 from hooklens.kv_cache import HookedTransformerKeyValueCache
@@ -419,8 +420,8 @@ def test_kv_cache_chunks_equal_full_forward(tiny_model, kv_tokens, split):
     assert cache.past_length == split
     second = tiny_model(kv_tokens[:, split:], past_kv_cache=cache)
     assert cache.past_length == kv_tokens.shape[1]
-    torch.testing.assert_close(first, full[:, :split], rtol=0, atol=1e-5)
-    torch.testing.assert_close(second, full[:, split:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(first, full[:, :split], **tolerance("same_dtype_abs"))
+    torch.testing.assert_close(second, full[:, split:], **tolerance("same_dtype_abs"))
 
 
 def test_kv_cache_token_by_token_and_with_pattern_hooks(tiny_model, kv_tokens):
@@ -429,16 +430,16 @@ def test_kv_cache_token_by_token_and_with_pattern_hooks(tiny_model, kv_tokens):
     steps = [tiny_model(kv_tokens[:, :5], past_kv_cache=cache)]
     for i in range(5, kv_tokens.shape[1]):
         steps.append(tiny_model(kv_tokens[:, i : i + 1], past_kv_cache=cache))
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **tolerance("same_dtype_abs"))
     # Same through the reference (pattern-materializing) attention path.
     cache = HookedTransformerKeyValueCache.init_cache(tiny_model.cfg, tiny_model.cfg.device, kv_tokens.shape[0])
     _, c1 = tiny_model.run_with_cache(kv_tokens[:, :10], past_kv_cache=cache)
     logits2, c2 = tiny_model.run_with_cache(kv_tokens[:, 10:], past_kv_cache=cache)
     _, c_full = tiny_model.run_with_cache(kv_tokens)
-    torch.testing.assert_close(logits2, full[:, 10:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits2, full[:, 10:], **tolerance("same_dtype_abs"))
     assert c2["blocks.1.attn.hook_pattern"].shape == (2, tiny_model.cfg.n_heads, 14, 24)
     torch.testing.assert_close(c2["blocks.1.attn.hook_pattern"], c_full["blocks.1.attn.hook_pattern"][:, :, 10:],
-                               rtol=0, atol=1e-5)
+                               **tolerance("same_dtype_abs"))
 
 
 def test_frozen_kv_cache_does_not_grow(tiny_model, kv_tokens):
@@ -448,7 +449,7 @@ def test_frozen_kv_cache_does_not_grow(tiny_model, kv_tokens):
     cache.freeze()
     for _ in range(2):  # the same continuation twice: the frozen cache is reused, not extended
         logits = tiny_model(kv_tokens[:, 10:], past_kv_cache=cache)
-        torch.testing.assert_close(logits, full[:, 10:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits, full[:, 10:], **tolerance("same_dtype_abs"))
         assert cache.past_length == 10 and cache.previous_attention_mask.shape == (2, 10)
     cache.unfreeze()
     tiny_model(kv_tokens[:, 10:], past_kv_cache=cache)

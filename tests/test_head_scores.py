@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import WIDE_TINY_MODEL, make_tiny_model
 
 import hooklens.attention as A
-from hooklens import HookedTransformer, HookedTransformerConfig
 from hooklens.attention import attention_backend
 from hooklens.head_scores import ALL_KINDS, head_scores
 
@@ -19,8 +19,7 @@ SEQ_LEN = 9
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = HookedTransformerConfig(n_layers=2, d_model=64, d_head=16, n_ctx=64, d_vocab=97, act_fn="gelu_new", seed=0)
-    return HookedTransformer(cfg).to(DEVICE)
+    return make_tiny_model(**WIDE_TINY_MODEL).to(DEVICE)
 
 
 @pytest.fixture(scope="module")

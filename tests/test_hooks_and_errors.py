@@ -144,7 +144,8 @@ def test_forward_that_raises_leaves_no_hooks(model):
 
 def test_hook_registration_failure_leaves_no_hooks(model, tokens):
     with pytest.raises(KeyError):
-        model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda a, hook: None), ("blocks.0.hook_rsid_pre", lambda a, hook: None)])
+        model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda a, hook: None),
+                                                ("blocks.0.hook_rsid_pre", lambda a, hook: None)])
     assert no_hooks_attached(model)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import HF_CONFIGS, load_hf, save_hf_gpt2
+from tolerances import tolerance
 
 from hooklens import HookedTransformer, loading
 from hooklens.loading import CheckpointError
@@ -60,9 +61,9 @@ def test_names_resolve_to_the_cached_snapshot(use_hub, reference, name):
     snapshot = use_hub / "models--openai-community--gpt2" / "snapshots" / SNAPSHOT
     assert loading.resolve_model_dir(name) == snapshot
     model = HookedTransformer.from_pretrained(name)
-    torch.testing.assert_close(model(TOKENS), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(TOKENS), expected, **tolerance("same_dtype_abs"))
     raw = HookedTransformer.from_pretrained_no_processing(name)
-    torch.testing.assert_close(raw(TOKENS), hf_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(raw(TOKENS), hf_logits, **tolerance("logits_cross_impl"))
     assert model.cfg.model_name == name
 
 
@@ -73,7 +74,8 @@ def test_legacy_repo_spelling_and_monkeypatched_cache_dir(hub, reference, tmp_pa
     monkeypatch.setattr(loading, "_hf_cache_dir", lambda: legacy)
     monkeypatch.chdir(tmp_path)
     assert loading.resolve_model_dir("gpt2") == legacy / "models--gpt2" / "snapshots" / SNAPSHOT
-    torch.testing.assert_close(HookedTransformer.from_pretrained("gpt2-small")(TOKENS), reference[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(HookedTransformer.from_pretrained("gpt2-small")(TOKENS), reference[0],
+                               **tolerance("same_dtype_abs"))
 
 
 def test_newest_complete_snapshot_wins(hub, tmp_path, monkeypatch):
@@ -163,7 +165,7 @@ def test_checkpoint_without_transformer_prefix_loads(st_dir, tmp_path):
     save_file(body, str(bare / "model.safetensors"))
     _assert_same_model(HookedTransformer.from_pretrained(bare), HookedTransformer.from_pretrained(st_dir))
     torch.testing.assert_close(HookedTransformer.from_pretrained_no_processing(bare)(TOKENS), hf(TOKENS).logits,
-                               rtol=0, atol=1e-4)
+                               **tolerance("logits_cross_impl"))
     bare_bin = _copy_config(st_dir, tmp_path / "bare_bin")
     torch.save(body, bare_bin / "pytorch_model.bin")
     _assert_same_model(HookedTransformer.from_pretrained(bare_bin), HookedTransformer.from_pretrained(st_dir))
@@ -249,7 +251,7 @@ def test_from_pretrained_takes_transformer_lens_signature(hf_dirs):
     _, cache = model.run_with_cache(tokens)
     _, tl_cache = tl.run_with_cache(tokens)
     for name in ("blocks.1.hook_resid_post", "blocks.1.attn.hook_pattern", "blocks.0.mlp.hook_post"):
-        torch.testing.assert_close(cache[name], tl_cache[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache[name], tl_cache[name], **tolerance())
     with pytest.raises(ValueError, match="sequence|n_ctx|context"):
         model(torch.zeros(1, 17, dtype=torch.long))
 

@@ -13,13 +13,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES, requires_cuda
 
 from hooklens import ops
 from hooklens.ops import lowrank as L
 
 BACKENDS = ["cpp", "torch"]
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA twin of a CPU test: needs CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from hooklens.ops import lowrank
 from hooklens.ops.patching import masked_patch, masked_patch_reference
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA twin of a CPU test: needs CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 @pytest.fixture(scope="module", autouse=True)

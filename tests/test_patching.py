@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from tolerances import tolerance
 
 import hooklens.patching as patching
 from hooklens import HookedTransformer
@@ -73,7 +74,7 @@ def test_matches_transformerlens(setup, fn_name):
     ours = getattr(patching, fn_name)(model, corrupted, clean_cache, metric, progress=False)
     theirs = run_tl(fn_name, tl, corrupted, tl_clean_cache, metric)
     assert ours.shape == theirs.shape
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, **tolerance("reordered_sum"))
     assert ours.abs().max() > 0, "the sweep must measure something"
 
 
@@ -82,7 +83,7 @@ def test_every_functions_match_transformerlens(setup, fn_name):
     model, tl, corrupted, clean_cache, tl_clean_cache, metric = setup
     ours = getattr(patching, fn_name)(model, corrupted, clean_cache, metric, progress=False)
     theirs = run_tl(fn_name, tl, corrupted, tl_clean_cache, metric)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, **tolerance("reordered_sum"))
 
 
 def test_dest_src_pattern_patching_matches_transformerlens(models):
@@ -94,7 +95,7 @@ def test_dest_src_pattern_patching_matches_transformerlens(models):
         return logits[:, -1].log_softmax(-1)[:, 13].mean()
     ours = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric, progress=False)
     theirs = run_tl("get_act_patch_attn_head_pattern_dest_src_pos", tl, corrupted, tl_cache, metric)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, **tolerance("reordered_sum"))
 
 
 def naive_loop(model, corrupted, clean_cache, metric, setter, activation_name, indices):
@@ -119,7 +120,7 @@ def test_each_optimization_is_exact(setup):
         for positions in (None, [-1]):
             actual = patching.get_act_patch_attn_head_out_by_pos(
                 model, corrupted, clean_cache, metric, memory_budget=budget, metric_positions=positions, progress=False)
-            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(actual, expected, **tolerance())
 
 
 def test_partial_logits_leave_unread_positions_nan(setup):
@@ -162,7 +163,7 @@ def test_custom_setter_and_index_df(setup):
             return_index_df=True, progress=False)
     assert not [w for w in caught if "not writable" in str(w.message)]  # pandas' read-only arrays are copied
     assert returned_df is df and actual.shape == (len(df),)
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual, expected, **tolerance())
 
 
 def test_metric_that_is_not_vmappable_still_works(setup):
@@ -213,7 +214,7 @@ def test_user_setters_run_as_written(setup, setter):
     ours = patching.generic_activation_patch(model, corrupted, clean_cache, metric, setter, "resid_mid",
                                              index_axis_names=axes, progress=False)
     theirs = _tl_generic(tl, corrupted, tl_clean_cache, metric, setter, "resid_mid", index_axis_names=axes)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, theirs, **tolerance())
 
 
 def test_left_padded_prompts_keep_their_mask(tmp_path_factory):
@@ -235,7 +236,7 @@ def test_left_padded_prompts_keep_their_mask(tmp_path_factory):
     for fn_name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos"):
         ours = getattr(patching, fn_name)(model, corrupted, clean_cache, metric, progress=False)
         theirs = run_tl(fn_name, tl, corrupted, tl_clean_cache, metric)
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours, theirs, **tolerance())
 
 
 @pytest.mark.parametrize("hook_name", ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_mid", "hook_embed"])
@@ -250,7 +251,7 @@ def test_hooks_already_on_the_model_apply_once(setup, hook_name, caplog):
         for fn_name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos"):
             ours = getattr(patching, fn_name)(model, corrupted, clean_cache, metric, progress=False)
             theirs = run_tl(fn_name, tl, corrupted, tl_clean_cache, metric)
-            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours, theirs, **tolerance())
     finally:
         model.reset_hooks()
         tl.reset_hooks()
@@ -266,12 +267,12 @@ def test_index_df_extras_match_transformerlens(setup):
                                              "resid_pre", index_df=df, progress=False)
     theirs = _tl_generic(tl, corrupted, tl_clean_cache, metric, tl_patching.layer_pos_patch_setter, "resid_pre",
                          index_df=df)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, theirs, **tolerance())
 
     only_layer_1 = {"blocks.1.hook_resid_pre": clean_cache["blocks.1.hook_resid_pre"]}
     ours = patching.generic_activation_patch(model, corrupted, only_layer_1, metric, patching.layer_pos_patch_setter,
                                              "resid_pre", index_df=df.iloc[:2], progress=False)
-    torch.testing.assert_close(ours, theirs[:2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, theirs[:2], **tolerance())
 
     values, index_df = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric, return_index_df=True,
                                                         progress=False)
@@ -285,7 +286,7 @@ def test_index_df_extras_match_transformerlens(setup):
     tl_one_clean = {name: value[:1] for name, value in tl_clean_cache.items()}
     ours = patching.get_act_patch_attn_out(model, many, one_clean, metric, progress=False)
     theirs = run_tl("get_act_patch_attn_out", tl, many, tl_one_clean, metric)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, theirs, **tolerance())
 
 
 def test_results_are_float32_as_in_transformerlens(setup):

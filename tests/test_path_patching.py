@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
+from tolerances import tolerance
 
-from hooklens import HookedTransformer, HookedTransformerConfig
 from hooklens.path_patching import path_patch, path_patch_senders
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_ctx=32, d_vocab=97, act_fn="gelu_new", seed=0)
-    return HookedTransformer(cfg).eval()
+    return make_tiny_model(n_layers=3).eval()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_path_patch_matches_reference(model, data, senders, receivers):
     clean, corrupted = data
     got = path_patch(model, clean, corrupted, senders, receivers, metric)
     want = reference(model, clean, corrupted, senders, receivers, metric)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **tolerance())
     with torch.no_grad():
         base = metric(model(corrupted))
     assert abs(got - base) > 1e-4, "the path must matter (else the test is vacuous)"
@@ -88,7 +88,7 @@ def test_receiver_before_sender_is_a_noop(model, data):
     clean, corrupted = data
     got = path_patch(model, clean, corrupted, [(2, 0)], [("blocks.1.attn.hook_q", 0)], metric)
     with torch.no_grad():
-        torch.testing.assert_close(got, metric(model(corrupted)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, metric(model(corrupted)), **tolerance())
 
 
 def test_direct_path_of_all_heads_equals_activation_patching_the_last_layer(model, data):
@@ -101,7 +101,7 @@ def test_direct_path_of_all_heads_equals_activation_patching_the_last_layer(mode
         _, cache = model.run_with_cache(clean)
         want = metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.2.attn.hook_z",
                                                                   lambda z, hook: cache["blocks.2.attn.hook_z"])]))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **tolerance())
 
 
 def test_sender_sweep_matches_loop(model, data):
@@ -112,7 +112,7 @@ def test_sender_sweep_matches_loop(model, data):
     for layer in range(3):
         for head in range(model.cfg.n_heads):
             want = path_patch(model, clean, corrupted, [(layer, head)], receivers, metric)
-            torch.testing.assert_close(got[layer, head], want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[layer, head], want, **tolerance())
     some = path_patch_senders(model, clean, corrupted, receivers, metric, senders=[(0, 1)])
     assert torch.isnan(some).sum() == some.numel() - 1
     torch.testing.assert_close(some[0, 1], got[0, 1])

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import load_hf, tl_model_from_hf
+from tolerances import tolerance
 
 from hooklens import HookedTransformer, HookedTransformerConfig, loading
 from hooklens.components import LayerNormPre
@@ -39,7 +40,10 @@ def params(model):
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def assert_same_parameters(ours, theirs, atol=1e-5, rtol=1e-5):
+SAME_DTYPE = tolerance()  # the default bounds: float32 against a same-dtype reference
+
+
+def assert_same_parameters(ours, theirs, rtol=SAME_DTYPE["rtol"], atol=SAME_DTYPE["atol"]):
     a, b = params(ours), params(theirs)
     assert sorted(a) == sorted(b)
     for name in a:
@@ -62,7 +66,7 @@ def test_each_processing_flag_matches_transformerlens(hf_dirs, flags):
     theirs = tl_model_from_hf(directory, **flags)
     assert ours.cfg.normalization_type == theirs.cfg.normalization_type
     assert_same_parameters(ours, theirs)
-    torch.testing.assert_close(ours(TOKENS), theirs(TOKENS), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours(TOKENS), theirs(TOKENS), **tolerance("logits_tl_twin"))
 
 
 def test_every_flag_combination_keeps_log_probs(tiny_dir):
@@ -87,11 +91,12 @@ def test_refactor_keeps_logits(hf_dirs, name):
     plain = HookedTransformer.from_pretrained(directory)
     refactored = HookedTransformer.from_pretrained(directory, refactor_factored_attn_matrices=True)
     assert not torch.allclose(refactored.W_Q, plain.W_Q, atol=1e-3), "refactor changed nothing"
-    torch.testing.assert_close(refactored(TOKENS), plain(TOKENS), rtol=0, atol=1e-4)
+    torch.testing.assert_close(refactored(TOKENS), plain(TOKENS), **tolerance("logits_cross_impl"))
     # The products (what the heads compute) are preserved; b_V is folded into b_O.
     (q1, k1), (q2, k2) = qk_eff(refactored), qk_eff(plain)
-    torch.testing.assert_close(q1 @ k1.transpose(-1, -2), q2 @ k2.transpose(-1, -2), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(refactored.W_V @ refactored.W_O, plain.W_V @ plain.W_O, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q1 @ k1.transpose(-1, -2), q2 @ k2.transpose(-1, -2), **tolerance("reordered_sum"))
+    torch.testing.assert_close(refactored.W_V @ refactored.W_O, plain.W_V @ plain.W_O,
+                               **tolerance("reordered_short_sum"))
     assert torch.count_nonzero(refactored.b_V) == 0
 
 
@@ -105,7 +110,7 @@ def test_refactor_matches_transformerlens(hf_dirs, name):
     directory = hf_dirs[name]
     ours = HookedTransformer.from_pretrained(directory, refactor_factored_attn_matrices=True)
     theirs = tl_processed(directory, refactor_factored_attn_matrices=True)
-    tol = dict(rtol=1e-4, atol=1e-4)
+    tol = tolerance("reordered_sum")
     # Products and biases: independent of how the SVD picks signs.
     (q, k), (tq, tk) = qk_eff(ours), qk_eff(theirs)
     torch.testing.assert_close(q @ k.transpose(-1, -2), tq @ tk.transpose(-1, -2), **tol)
@@ -123,17 +128,17 @@ def test_refactor_matches_transformerlens(hf_dirs, name):
     a, b = params(ours), params(theirs)
     for key in a:
         if ".attn." not in key:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
-    torch.testing.assert_close(ours(TOKENS), theirs(TOKENS), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(a[key], b[key], **tolerance(), msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(ours(TOKENS), theirs(TOKENS), **tolerance("logits_tl_twin"))
 
 
 def test_refactor_factors_have_tl_structure(tiny_dir):
     """TL's refactor: W_O has orthonormal rows (W_V = U S, W_O = V^T); W_Q and W_K share singular values."""
     model = HookedTransformer.from_pretrained(tiny_dir, refactor_factored_attn_matrices=True)
     eye = torch.eye(model.cfg.d_head).expand_as(model.W_O @ model.W_O.transpose(-1, -2))
-    torch.testing.assert_close(model.W_O @ model.W_O.transpose(-1, -2), eye, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.W_O @ model.W_O.transpose(-1, -2), eye, **tolerance("same_dtype_abs"))
     q, k = qk_eff(model)
-    torch.testing.assert_close(q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k, **tolerance("reordered_short_sum"))
 
 
 def test_refactor_without_fold_ln_matches_transformerlens(tiny_dir):
@@ -141,9 +146,9 @@ def test_refactor_without_fold_ln_matches_transformerlens(tiny_dir):
     flags = dict(fold_ln=False, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
     ours = HookedTransformer.from_pretrained(tiny_dir, refactor_factored_attn_matrices=True, **flags)
     theirs = tl_processed(tiny_dir, refactor_factored_attn_matrices=True, **flags)
-    torch.testing.assert_close(ours(TOKENS), theirs(TOKENS), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours(TOKENS), theirs(TOKENS), **tolerance("logits_tl_twin"))
     torch.testing.assert_close(ours(TOKENS), HookedTransformer.from_pretrained(tiny_dir, **flags)(TOKENS),
-                               rtol=0, atol=1e-4)
+                               **tolerance("logits_cross_impl"))
 
 
 # -- load_and_process_state_dict on a model built from a config -------------------------------------------------
@@ -178,12 +183,12 @@ def test_load_and_process_state_dict_on_config_built_model(hf_dirs, source):
     reference = HookedTransformer.from_pretrained(directory)
     assert_same_parameters(model, reference, atol=1e-6, rtol=1e-6)
     assert_same_parameters(model, tl_model_from_hf(directory))
-    torch.testing.assert_close(model(TOKENS), reference(TOKENS), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(TOKENS), reference(TOKENS), **tolerance("same_dtype_abs"))
 
     unprocessed = HookedTransformer(_cfg_for(hf.config))
     unprocessed.load_and_process_state_dict(state, **NO_PROCESSING)
     assert unprocessed.cfg.normalization_type == "LN"
-    torch.testing.assert_close(unprocessed(TOKENS), hf(TOKENS).logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(unprocessed(TOKENS), hf(TOKENS).logits, **tolerance("logits_cross_impl"))
 
 
 def test_reloading_an_already_processed_state_dict(tiny_dir):
@@ -193,7 +198,7 @@ def test_reloading_an_already_processed_state_dict(tiny_dir):
     model = HookedTransformer(_cfg_for(hf_config, normalization_type="LNPre"))
     model.load_and_process_state_dict(processed.state_dict())
     assert_same_parameters(model, processed, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(model(TOKENS), processed(TOKENS), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(TOKENS), processed(TOKENS), **tolerance("same_dtype_abs"))
 
 
 def test_process_weights_is_pure(tiny_dir):
