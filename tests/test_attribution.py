@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_model
+from tolerances import tolerance
 
 from hooklens.attribution import attribution_patching, exact_top_entries, neuron_integrated_gradients
 from hooklens.utils import get_act_name
@@ -141,7 +142,7 @@ def test_ig_matches_step_by_step_reference(model, batch_alphas):
     assert got.shape == (2, 64)
     for layer in range(2):
         want = reference_ig(model, tokens, target, layer, steps, position)
-        torch.testing.assert_close(got[layer], want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got[layer], want, **tolerance("small_grads", torch.float64))
     one = neuron_integrated_gradients(model, tokens, target, layer=1, steps=steps, position=position)
     assert (one[0] == 0).all()
     torch.testing.assert_close(one[1], got[1])
@@ -175,10 +176,23 @@ def test_ig_completeness(model):
         assert abs(2 * ig50 - ig25 - gap) <= 0.2 * err + 1e-7
 
 
-def test_attention_score_attributions_are_finite(model, data):
+def test_attention_score_attributions_are_finite_and_first_order(model, data):
     """Masked scores are -inf in both runs; their attribution is 0, not NaN (which poisoned any sum)."""
     clean, corrupted = data
     out = attribution_patching(model, clean, corrupted, metric, activation_names=("attn_scores",))
     scores = out["attn_scores"]  # [layer, head, dest, src]
     assert torch.isfinite(scores).all()
     assert (scores.triu(diagonal=1) == 0).all() and scores.abs().sum() > 0
+    # Visible entries carry the real first-order estimate: central finite differences of the metric, moving one
+    # score entry (all batch rows) from corrupted to clean; entries the corruption changes (positions 2-4 feed
+    # them). Same bound as test_matches_finite_differences.
+    eps = 1e-6
+    with torch.no_grad():
+        for layer, head, dest, src in [(0, 1, 4, 2), (0, 3, 7, 3), (1, 0, 5, 5), (1, 2, 7, 1)]:
+            name = get_act_name("attn_scores", layer)
+            plus = _moved_metric(model, clean, corrupted, name, (head, dest, src), eps, metric)
+            minus = _moved_metric(model, clean, corrupted, name, (head, dest, src), -eps, metric)
+            fd = (plus - minus) / (2 * eps)
+            est = scores[layer, head, dest, src]
+            assert abs(fd) > 1e-6, (layer, head, dest, src, "the patch must matter here")
+            assert abs(est - fd) <= 1e-3 * abs(fd) + 1e-8, (layer, head, dest, src, est, fd)

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from tolerances import tolerance
+from transformers import GPT2LMHeadModel
 
 from hooklens.embedded import embedded_model_dir, load_embedded
 
@@ -49,8 +51,16 @@ def test_loads_as_float32(model):
     assert model.W_E.dtype == torch.float32
     assert model.W_E.shape == (50257, model.cfg.d_model)
     assert torch.isfinite(model.W_E).all()
-    logits = model("def f(x):\n    return x", return_type="logits")
+    text = "def f(x):\n    return x"
+    logits = model(text, return_type="logits")
+    tokens = model.to_tokens(text)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    # The values: HF's GPT-2 on the same checkpoint (in float32; hooklens folds and centers the weights, so the
+    # log-probs agree, not the raw logits).
+    hf = GPT2LMHeadModel.from_pretrained(embedded_model_dir(), attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        hf_logits = hf.eval()(tokens).logits
+    torch.testing.assert_close(logits.log_softmax(-1), hf_logits.log_softmax(-1), **tolerance("logits_cross_impl"))
 
 
 @pytest.mark.parametrize("seq_len", SEQ_LENS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import WIDE_TINY_MODEL, make_tiny_model
+from tolerances import tolerance
 
 import hooklens.attention as A
 from hooklens.attention import attention_backend
@@ -15,6 +16,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS_RUN = A.triton_available() and A._load_kernels().kernels_runnable_on(DEVICE)
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="Triton missing, or no CUDA and the interpreter is off")
 SEQ_LEN = 9
+# The first query with an entry on each kind's line, in a BOS + x + x prompt with len(x) = SEQ_LEN.
+FIRST_QUERY = {"induction": SEQ_LEN - 1, "duplicate_token": SEQ_LEN, "previous_token": 1, "current_token": 0, "bos": 0}
+
+
+def uniform_attention_score(kind, T):
+    """The score of a head attending uniformly (query i to its i + 1 visible keys): the mean of 1 / (i + 1) over
+    the queries i that have an entry on the kind's line."""
+    return torch.tensor([1.0 / (i + 1) for i in range(FIRST_QUERY[kind], T)], dtype=torch.float64).mean().float()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +64,7 @@ def test_torch_backend_equals_hook_based(model, rep_tokens):
     assert set(got) == set(ALL_KINDS)
     for kind in ALL_KINDS:
         assert got[kind].shape == (2, 4) and got[kind].dtype == torch.float32
-        assert torch.allclose(got[kind], expected[kind], atol=1e-6), kind
+        torch.testing.assert_close(got[kind], expected[kind], **tolerance("pattern_mean"), msg=kind)
 
 
 @needs_kernels
@@ -70,7 +79,7 @@ def test_triton_backend_uses_in_kernel_stats_and_equals_hook_based(model, rep_to
         got = head_scores(model, rep_tokens, kinds=ALL_KINDS, batch_size=2, progress=False)  # 3 chunks
     assert len(calls) == 3 * model.cfg.n_layers
     for kind in ALL_KINDS:
-        assert torch.allclose(got[kind], expected[kind], atol=1e-6), kind
+        torch.testing.assert_close(got[kind], expected[kind], **tolerance("pattern_mean"), msg=kind)
 
 
 def test_streaming_and_arguments(model, rep_tokens):
@@ -81,31 +90,29 @@ def test_streaming_and_arguments(model, rep_tokens):
         one = head_scores(model, rep_tokens[0], kinds="induction", progress=False)
         one_ref = head_scores(model, rep_tokens[:1], kinds=["induction"], progress=False)
     assert list(whole) == ["induction", "previous_token", "duplicate_token", "bos"]
+    expected = hook_based_scores(model, rep_tokens, SEQ_LEN)
     for kind in whole:
-        assert torch.allclose(whole[kind], chunked[kind], atol=1e-6)
+        torch.testing.assert_close(whole[kind], expected[kind], **tolerance("pattern_mean"), msg=kind)
+        torch.testing.assert_close(chunked[kind], whole[kind], **tolerance("pattern_mean"), msg=kind)
         assert torch.equal(whole[kind], explicit[kind])
     assert list(one) == ["induction"] and torch.equal(one["induction"], one_ref["induction"])
-    # a model with induction heads would score high; this random one scores like uniform attention
-    assert whole["bos"].min() > 0 and whole["induction"].max() < 1
+    # A model with induction heads scores several times uniform attention's induction score (an induction head
+    # puts most of its weight on one key); this random model scores like uniform attention, within a factor 2.
+    for kind in whole:
+        ratio = whole[kind] / uniform_attention_score(kind, rep_tokens.shape[1])
+        assert ((ratio > 0.5) & (ratio < 2)).all(), (kind, ratio)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_kernels)])
 def test_uniform_attention_scores_are_exact(model, rep_tokens, backend):
     """With q = 0 every query attends uniformly to its i + 1 visible keys, so each score is known in closed form:
     the mean of 1 / (i + 1) over the queries i that have an entry on the kind's line."""
-    T = rep_tokens.shape[1]
-
-    def expected(first_query):
-        return torch.tensor([1.0 / (i + 1) for i in range(first_query, T)], dtype=torch.float64).mean().float()
-
-    first_query = {"induction": SEQ_LEN - 1, "duplicate_token": SEQ_LEN, "previous_token": 1, "current_token": 0,
-                   "bos": 0}
     zero_q = [(lambda name: name.endswith("attn.hook_q"), lambda q, hook: torch.zeros_like(q))]
     with attention_backend(backend), model.hooks(fwd_hooks=zero_q):
         got = head_scores(model, rep_tokens, kinds=ALL_KINDS, progress=False)
-    for kind, first in first_query.items():
-        want = expected(first).expand(model.cfg.n_layers, model.cfg.n_heads)
-        assert torch.allclose(got[kind], want, atol=1e-6, rtol=0), (kind, got[kind], want)
+    for kind in FIRST_QUERY:
+        want = uniform_attention_score(kind, rep_tokens.shape[1]).expand(model.cfg.n_layers, model.cfg.n_heads)
+        torch.testing.assert_close(got[kind], want, **tolerance("pattern_mean_abs"), msg=kind)
 
 
 def test_argument_errors(model, rep_tokens):
