@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from tolerances import tolerance
 
 import hooklens.utils as utils
 from hooklens import FactoredMatrix, HookedTransformer
@@ -27,7 +28,10 @@ def sorted_eigs(values: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, -1, key.argsort(dim=-1))
 
 
-def assert_close(a, b, atol=1e-8, rtol=1e-6, what=""):
+FACTORED_F64 = tolerance("factored_float64", torch.float64)
+
+
+def assert_close(a, b, atol=FACTORED_F64["atol"], rtol=FACTORED_F64["rtol"], what=""):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
@@ -136,10 +140,10 @@ def test_matches_transformerlens_factored_matrix():
     assert tuple(ours.shape) == tuple(theirs.shape) and ours.ndim == theirs.ndim
     assert (ours.ldim, ours.rdim, ours.mdim) == (theirs.ldim, theirs.rdim, theirs.mdim)
     for name in ("AB", "BA", "S"):
-        assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-4, rtol=1e-4, what=name)
-    assert_close(ours.norm(), theirs.norm(), atol=1e-4, rtol=1e-4)
+        assert_close(getattr(ours, name), getattr(theirs, name), **tolerance("reordered_sum"), what=name)
+    assert_close(ours.norm(), theirs.norm(), **tolerance("reordered_sum"))
     assert_close(sorted_eigs(ours.eigenvalues.to(torch.complex64)), sorted_eigs(theirs.eigenvalues),
-                 atol=1e-4, rtol=1e-4)
+                 **tolerance("reordered_sum"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs_V = theirs.V
@@ -148,17 +152,18 @@ def test_matches_transformerlens_factored_matrix():
     ours_svd, theirs_svd = FactoredMatrix(A2, B2).svd(), TLFactoredMatrix(A2, B2).svd()
     assert [t.shape for t in ours_svd] == [t.shape for t in theirs_svd]
     U, S, V = ours_svd
-    assert_close(U @ S.diag_embed() @ V.transpose(-2, -1), A2 @ B2, atol=1e-4, rtol=1e-4)
+    assert_close(U @ S.diag_embed() @ V.transpose(-2, -1), A2 @ B2, **tolerance("reordered_sum"))
     # Singular vectors are defined up to sign: compare the sign-invariant projections.
-    assert_close(ours.U @ ours.U.transpose(-2, -1), theirs.U @ theirs.U.transpose(-2, -1), atol=1e-4, rtol=1e-4)
-    assert_close(ours.V @ ours.V.transpose(-2, -1), theirs_V @ theirs_V.transpose(-2, -1), atol=1e-4, rtol=1e-4)
+    assert_close(ours.U @ ours.U.transpose(-2, -1), theirs.U @ theirs.U.transpose(-2, -1), **tolerance("reordered_sum"))
+    assert_close(ours.V @ ours.V.transpose(-2, -1), theirs_V @ theirs_V.transpose(-2, -1), **tolerance("reordered_sum"))
     for index in [(1,), (0, 2), (1, 0, slice(3, 9)), (0, 1, 5), (0, 1, 5, 7), (slice(None), 1)]:
         assert_close(ours[index].AB, theirs[index].AB, atol=1e-5, what=str(index))
     assert_close(ours.T.AB, theirs.T.AB)
-    assert_close(ours.collapse_l().norm(dim=(-2, -1)), theirs.collapse_l().norm(dim=(-2, -1)), atol=1e-4, rtol=1e-4)
+    assert_close(ours.collapse_l().norm(dim=(-2, -1)), theirs.collapse_l().norm(dim=(-2, -1)),
+                 **tolerance("reordered_sum"))
     assert_close(ours.get_corner(3), theirs.get_corner(3))
     left = rand(3, 16, seed=9).float()
-    assert_close((left @ ours @ left.T).AB, (left @ theirs @ left.T).AB, atol=1e-4, rtol=1e-4)
+    assert_close((left @ ours @ left.T).AB, (left @ theirs @ left.T).AB, **tolerance("reordered_sum"))
     # Products have TL's inner dimension (so .S / .U / .V have its shapes), whichever side is narrower.
     wide, narrow = rand(10, 6, seed=10).float(), rand(6, 4, seed=11).float()
     square = rand(4, 4, seed=12).float()
@@ -173,7 +178,7 @@ def test_matches_transformerlens_factored_matrix():
         product, reference = make_ours(), make_theirs()
         assert (product.ldim, product.mdim, product.rdim) == (reference.ldim, reference.mdim, reference.rdim)
         assert product.S.shape == reference.S.shape
-        assert_close(product.AB, reference.AB, atol=1e-4, rtol=1e-4)
+        assert_close(product.AB, reference.AB, **tolerance("reordered_sum"))
 
 
 def test_composition_scores_match_transformerlens():
@@ -184,16 +189,17 @@ def test_composition_scores_match_transformerlens():
     expected = tl_utils.composition_scores(tl_left, tl_right, broadcast_dims=True)
     actual = utils.composition_scores(left, right, broadcast_dims=True)
     assert actual.shape == (2, 3, 2, 3)
-    assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    assert_close(actual, expected, **tolerance("reordered_short_sum"))
     assert_close(utils.composition_scores(left, right, broadcast_dims=False),
-                 tl_utils.composition_scores(tl_left, tl_right, broadcast_dims=False), atol=1e-5, rtol=1e-4)
+                 tl_utils.composition_scores(tl_left, tl_right, broadcast_dims=False),
+                 **tolerance("reordered_short_sum"))
     # The other branch (shared dim larger than m1 * m2).
     wide_l = FactoredMatrix(rand(3, 40, 2, seed=5).float(), rand(3, 2, 40, seed=6).float())
     wide_r = FactoredMatrix(rand(2, 40, 2, seed=7).float(), rand(2, 2, 40, seed=8).float())
     assert_close(utils.composition_scores(wide_l, wide_r),
                  tl_utils.composition_scores(TLFactoredMatrix(wide_l.A, wide_l.B),
                                              TLFactoredMatrix(wide_r.A, wide_r.B)),
-                 atol=1e-5, rtol=1e-4)
+                 **tolerance("reordered_short_sum"))
 
 
 def top_1_acc(full_circuit, batch_size=40):
@@ -215,21 +221,21 @@ def test_circuit_workflows_match_transformerlens(tiny_dir):
     def copying(e):
         return (e.sum(-1) / e.abs().sum(-1)).real
 
-    assert_close(copying(ours_eigs).float(), copying(tl_eigs), atol=1e-4, rtol=1e-4, what="OV copying scores")
+    assert_close(copying(ours_eigs).float(), copying(tl_eigs), **tolerance("reordered_sum"), what="OV copying scores")
     W_E, W_U = model.W_E[:300], model.W_U[:, :300]  # a 300-token vocabulary slice keeps the test fast
     full = W_E @ model.OV @ W_U
     tl_full = W_E @ tl.OV @ W_U
-    assert_close(copying(full.eigenvalues).float(), copying(tl_full.eigenvalues), atol=1e-4, rtol=1e-4,
+    assert_close(copying(full.eigenvalues).float(), copying(tl_full.eigenvalues), **tolerance("reordered_sum"),
                  what="full OV circuit copying scores")
-    assert_close(full.AB, tl_full.AB, atol=1e-4, rtol=1e-4)
+    assert_close(full.AB, tl_full.AB, **tolerance("reordered_sum"))
     k_comp = W_E @ model.QK[1, 2] @ (W_E @ model.OV[0, 3]).T
     tl_k_comp = W_E @ tl.QK[1, 2] @ (W_E @ tl.OV[0, 3]).T
     assert top_1_acc(k_comp) == top_1_acc(tl_k_comp)
     rows = torch.arange(k_comp.ldim)
     assert (k_comp.argmax(-1) == rows).sum().item() / k_comp.ldim == top_1_acc(tl_k_comp)
-    assert_close(model.all_composition_scores("K"), tl.all_composition_scores("K"), atol=1e-5, rtol=1e-4)
-    assert_close(model.all_composition_scores("Q"), tl.all_composition_scores("Q"), atol=1e-5, rtol=1e-4)
-    assert_close(model.all_composition_scores("V"), tl.all_composition_scores("V"), atol=1e-5, rtol=1e-4)
+    assert_close(model.all_composition_scores("K"), tl.all_composition_scores("K"), **tolerance("reordered_short_sum"))
+    assert_close(model.all_composition_scores("Q"), tl.all_composition_scores("Q"), **tolerance("reordered_short_sum"))
+    assert_close(model.all_composition_scores("V"), tl.all_composition_scores("V"), **tolerance("reordered_short_sum"))
     assert_close(model.blocks[1].attn.OV.AB, tl.blocks[1].attn.OV.AB)
 
 
@@ -264,7 +270,7 @@ def test_max_float32_and_half_inputs():
     dense = (A.double() @ B.double()).max(-1)
     values, indices = fm.max(-1)
     assert values.dtype == torch.float32
-    assert_close(values.double(), dense.values, atol=1e-5, rtol=1e-5)
+    assert_close(values.double(), dense.values, **tolerance())
     # Rows whose two largest entries are further apart than float32 rounding get the exact float64 argmax.
     top2 = (A.double() @ B.double()).topk(2, -1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-4

@@ -64,6 +64,8 @@ TOLERANCES: Dict[str, Dict[torch.dtype, Dict[str, float]]] = {
     "lowrank": {F64: dict(rtol=1e-9, atol=1e-9), F32: dict(rtol=1e-5, atol=1e-5)},
     # The same routine run twice in float64 with another thread split: only the reduction order differs.
     "lowrank_threads": {F64: dict(rtol=1e-12, atol=1e-12)},
+    # FactoredMatrix in float64 (SVD, eigenvalues, products of the factors) against dense torch.linalg on A @ B.
+    "factored_float64": {F64: dict(rtol=1e-6, atol=1e-8)},
     # Row maxima of A @ B against the dense product's: one dot product per entry, no solver.
     "lowrank_row_max": {F64: dict(rtol=1e-12, atol=1e-12), F32: dict(rtol=1e-5, atol=1e-5)},
     # Eigenvalues from LAPACK on the device against the torch backend (the same LAPACK algorithm).
