@@ -150,6 +150,10 @@ def make_model(args):
     return GPT2LMHeadModel(cfg)
 
 
+# Residual subspaces of the construction (d_model = 128): token identity, position, "previous token".
+_T, _P, _S = slice(0, 64), slice(64, 96), slice(96, 128)
+
+
 def _zero_mean_basis(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """`n x k` orthonormal columns orthogonal to the all-ones vector (so LayerNorm's centering leaves them alone)."""
     A = torch.randn(n, k, generator=gen)
@@ -175,13 +179,30 @@ def construct_circuit(model, seed: int) -> None:
     dh = d // H
     assert d == 128 and H == 4, "the construction is written for d_model=128, n_head=4"
     gen = torch.Generator().manual_seed(seed + 7)
-    T, P, S = slice(0, 64), slice(64, 96), slice(96, 128)
+    w, margin, B_P = _set_embeddings(model, seed, gen)
+    c0 = math.sqrt(d / 30.0)  # LayerNorm scale at layer 0: |x| = sqrt(30)
+    G = _zero_mean_basis(64, 32, gen)[:, :dh]  # token part -> d_head (random orthonormal projection)
+    B_S = _zero_mean_basis(32, 31, gen)
+    for layer, block in enumerate(model.transformer.h):
+        block.attn.c_attn.bias.zero_()
+        block.attn.c_proj.bias.zero_()
+        block.mlp.c_proj.weight.mul_(0.1)
+        if layer == 0:
+            _set_previous_token_head(block, w, margin, B_P, G, B_S, c0)
+        else:
+            _set_induction_heads(block, G, B_S, gen)
+
+
+def _set_embeddings(model, seed: int, gen: torch.Generator):
+    """Token embeddings in T, sinusoidal positions in P. Returns (frequencies w, the positional margin, B_P)."""
+    cfg = model.config
+    d = cfg.n_embd
     # Token embeddings: zero-mean in T, norm sqrt(15) (equal to the positional part's norm).
     B_T = _zero_mean_basis(64, 63, gen)
     E = torch.randn(cfg.vocab_size, 63, generator=gen) @ B_T.T
     E = E / E.norm(dim=1, keepdim=True) * math.sqrt(15)
     wte = torch.zeros(cfg.vocab_size, d)
-    wte[:, T] = E
+    wte[:, _T] = E
     model.transformer.wte.weight.copy_(wte)
     # Positions: 15 frequencies chosen (seeded search) so sum_f cos(w_f * delta) is low for every delta != 0.
     rng = np.random.default_rng(seed)
@@ -198,56 +219,62 @@ def construct_circuit(model, seed: int) -> None:
     s = torch.cat([torch.cos(pos), torch.sin(pos)], dim=1)  # [n_pos, 30]
     B_P = _zero_mean_basis(32, 30, gen)
     wpe = torch.zeros(cfg.n_positions, d)
-    wpe[:, P] = s @ B_P.T
+    wpe[:, _P] = s @ B_P.T
     model.transformer.wpe.weight.copy_(wpe)
+    return w, 15 - best[0], B_P
+
+
+def _set_previous_token_head(block, w, margin: float, B_P, G, B_S, c0: float) -> None:
+    """Head 0.0: q from P rotated back one position, k from P (score peaks at j = i-1); OV writes G^T e into S."""
+    Wqkv = block.attn.c_attn.weight  # [d, 3d]: x @ W -> q | k | v
+    Wo = block.attn.c_proj.weight  # [d, d]: z @ W
+    d = Wo.shape[0]
+    dh = G.shape[1]
     # Rotation by -w_f on each (cos, sin) pair: R s_i = s_{i-1}.
     R = torch.zeros(30, 30)
     c, sn = torch.cos(w), torch.sin(w)
     idx = torch.arange(15)
     R[idx, idx], R[idx, idx + 15] = c, sn
     R[idx + 15, idx], R[idx + 15, idx + 15] = -sn, c
-    c0 = math.sqrt(d / 30.0)  # LayerNorm scale at layer 0: |x| = sqrt(30)
-    G = _zero_mean_basis(64, 32, gen)[:, :dh]  # token part -> d_head (random orthonormal projection)
-    B_S = _zero_mean_basis(32, 31, gen)
-    for layer, block in enumerate(model.transformer.h):
-        Wqkv = block.attn.c_attn.weight  # [d, 3d]: x @ W -> q | k | v
-        Wo = block.attn.c_proj.weight  # [d, d]: z @ W
-        block.attn.c_attn.bias.zero_()
-        block.attn.c_proj.bias.zero_()
-        block.mlp.c_proj.weight.mul_(0.1)
-        if layer == 0:
-            h = slice(0, dh)
-            # score = alpha * c0^2 * s_{i-1}.s_j / sqrt(dh); margin (15 - best[0]) -> ~12 nats
-            alpha = 12.0 * math.sqrt(dh) / (c0 ** 2 * (15 - best[0]))
-            Wqkv[:, 0:d][:, h] = 0
-            Wqkv[:, d : 2 * d][:, h] = 0
-            Wqkv[:, 2 * d :][:, h] = 0
-            Wqkv[P, 0:d][:, 0:30] = alpha * (B_P @ R.T)
-            Wqkv[P, d : 2 * d][:, 0:30] = B_P
-            Wqkv[T, 2 * d :][:, 0:dh] = G  # v = c0 * G^T e
-            Wo[h, :] = 0
-            gamma = 1.0 / c0
-            Wo[0:31, S] = gamma * B_S.T  # write G^T e (first 31 coords) into S
-        else:
-            # LayerNorm scale at layer 1: |x| ~ sqrt(15 + 15 + |G^T e|^2 ~ 7.5)
-            c1 = math.sqrt(d / 37.5)
-            for hi, Gv in ((0, G), (1, None)):
-                h = slice(hi * dh, (hi + 1) * dh)
-                Wqkv[:, 0:d][:, h] = 0
-                Wqkv[:, d : 2 * d][:, h] = 0
-                Wqkv[:, 2 * d :][:, h] = 0
-                # q = c1 G^T e_i; k = c1 * (B_S^T S-part) = c1 * (G^T e_{j-1})[:31]
-                beta = 14.0 * math.sqrt(dh) / (c1 ** 2 * 7.5)
-                Wqkv[T, 0:d][:, h][:, 0:31] = beta * G[:, 0:31]
-                Wqkv[S, d : 2 * d][:, h][:, 0:31] = B_S
-            # OVs: two complementary 32-dim halves of the token space, copied back into T.
-            F2 = torch.linalg.qr(torch.randn(64, 64, generator=gen)).Q
-            lam = 3.0
-            for hi, cols in ((0, slice(0, 32)), (1, slice(32, 64))):
-                h = slice(hi * dh, (hi + 1) * dh)
-                Wqkv[T, 2 * d :][:, h] = F2[:, cols]
-                Wo[h, :] = 0
-                Wo[h, T] = lam / c1 * F2[:, cols].T
+    h = slice(0, dh)
+    # score = alpha * c0^2 * s_{i-1}.s_j / sqrt(dh); margin (15 - best search value) -> ~12 nats
+    alpha = 12.0 * math.sqrt(dh) / (c0 ** 2 * margin)
+    Wqkv[:, 0:d][:, h] = 0
+    Wqkv[:, d : 2 * d][:, h] = 0
+    Wqkv[:, 2 * d :][:, h] = 0
+    Wqkv[_P, 0:d][:, 0:30] = alpha * (B_P @ R.T)
+    Wqkv[_P, d : 2 * d][:, 0:30] = B_P
+    Wqkv[_T, 2 * d :][:, 0:dh] = G  # v = c0 * G^T e
+    Wo[h, :] = 0
+    gamma = 1.0 / c0
+    Wo[0:31, _S] = gamma * B_S.T  # write G^T e (first 31 coords) into S
+
+
+def _set_induction_heads(block, G, B_S, gen: torch.Generator) -> None:
+    """Heads 1.0 and 1.1: q = G^T(token at i), k = the S part at j; OVs copy complementary halves of T back."""
+    Wqkv = block.attn.c_attn.weight  # [d, 3d]: x @ W -> q | k | v
+    Wo = block.attn.c_proj.weight  # [d, d]: z @ W
+    d = Wo.shape[0]
+    dh = G.shape[1]
+    # LayerNorm scale at layer 1: |x| ~ sqrt(15 + 15 + |G^T e|^2 ~ 7.5)
+    c1 = math.sqrt(d / 37.5)
+    for hi in (0, 1):
+        h = slice(hi * dh, (hi + 1) * dh)
+        Wqkv[:, 0:d][:, h] = 0
+        Wqkv[:, d : 2 * d][:, h] = 0
+        Wqkv[:, 2 * d :][:, h] = 0
+        # q = c1 G^T e_i; k = c1 * (B_S^T S-part) = c1 * (G^T e_{j-1})[:31]
+        beta = 14.0 * math.sqrt(dh) / (c1 ** 2 * 7.5)
+        Wqkv[_T, 0:d][:, h][:, 0:31] = beta * G[:, 0:31]
+        Wqkv[_S, d : 2 * d][:, h][:, 0:31] = B_S
+    # OVs: two complementary 32-dim halves of the token space, copied back into T.
+    F2 = torch.linalg.qr(torch.randn(64, 64, generator=gen)).Q
+    lam = 3.0
+    for hi, cols in ((0, slice(0, 32)), (1, slice(32, 64))):
+        h = slice(hi * dh, (hi + 1) * dh)
+        Wqkv[_T, 2 * d :][:, h] = F2[:, cols]
+        Wo[h, :] = 0
+        Wo[h, _T] = lam / c1 * F2[:, cols].T
 
 
 def loss_fn(model, x: torch.Tensor, y: torch.Tensor, n_neg: int = 0,
@@ -338,7 +365,7 @@ def save(model, out: Path, dtype=torch.float16) -> None:
 
 
 # -- main ----------------------------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("hooklens/models/gpt2-embedded"))
     p.add_argument("--steps", type=int, default=1500,
@@ -370,9 +397,13 @@ def main() -> None:
                    help="stop early once the --stop-* targets are met, but not before this step "
                         "(default: --steps, no early stop)")
     args = p.parse_args()
-
     if args.min_steps is None:
         args.min_steps = args.steps
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -388,7 +419,26 @@ def main() -> None:
         print(f"constructed circuit: {summary(measure(tmp0))}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
+    step, history, train_seconds = train(model, data, args, gen)
+    model.eval()
+    save(model, args.out)
+    final = {
+        "seed": args.seed, "steps": step, "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.time() - t0, 1), "threads": args.threads, "torch": torch.__version__,
+        "n_params": n_params, "corpus": corpus_info, "args": {k: str(v) for k, v in vars(args).items()},
+        "eval": {"tokens": "BOS + randint(0, 50257) x seq_len, repeated twice; batch 16; torch.Generator seed 1234",
+                 "scores": measure(args.out)},
+        "eval_randint_1000_10000": measure(args.out, seed=4321, low=1000, high=10000),
+        "history": history,
+    }
+    (args.out / "scores.json").write_text(json.dumps(final, indent=1))
+    print(f"final: {summary(final['eval']['scores'])}", flush=True)
+    print(f"wrote {args.out} in {time.time() - t0:.0f}s", flush=True)
 
+
+def train(model, data: "Batches", args: argparse.Namespace, gen: torch.Generator):
+    """AdamW with warmup + cosine decay on repeated-random and text rows; evaluates every --eval-every steps and
+    stops early once the targets are met. Returns (last step, eval history, training seconds)."""
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n and "wpe" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "wte" not in n and "wpe" not in n)]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -400,7 +450,7 @@ def main() -> None:
         frac = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-    history, scores, step = [], None, 0
+    history, step = [], 0
     ema_rep = ema_txt = None
     tmp = Path(tempfile.mkdtemp(prefix="hooklens-embedded-"))
     t_train = time.time()
@@ -435,21 +485,7 @@ def main() -> None:
             if step >= args.min_steps and targets_met(scores, args.stop_induction, args.stop_prev, args.stop_gap):
                 print("targets met; stopping", flush=True)
                 break
-    train_seconds = time.time() - t_train
-    model.eval()
-    save(model, args.out)
-    final = {
-        "seed": args.seed, "steps": step, "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.time() - t0, 1), "threads": args.threads, "torch": torch.__version__,
-        "n_params": n_params, "corpus": corpus_info, "args": {k: str(v) for k, v in vars(args).items()},
-        "eval": {"tokens": "BOS + randint(0, 50257) x seq_len, repeated twice; batch 16; torch.Generator seed 1234",
-                 "scores": measure(args.out)},
-        "eval_randint_1000_10000": measure(args.out, seed=4321, low=1000, high=10000),
-        "history": history,
-    }
-    (args.out / "scores.json").write_text(json.dumps(final, indent=1))
-    print(f"final: {summary(final['eval']['scores'])}", flush=True)
-    print(f"wrote {args.out} in {time.time() - t0:.0f}s", flush=True)
+    return step, history, time.time() - t_train
 
 
 if __name__ == "__main__":
