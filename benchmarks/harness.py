@@ -282,7 +282,8 @@ def device_slug(device: str) -> str:
 
 
 def git_commit(root: Path = REPO_ROOT) -> Optional[str]:
-    """`git rev-parse --short HEAD`, plus "-dirty" if tracked or untracked files differ from it.
+    """`git rev-parse --short HEAD`, plus "-dirty" if tracked or untracked files differ from it (rows appended to
+    the results log itself do not count: the code measured is still HEAD's).
 
     Without a git checkout (a copied working tree on a GPU machine) the environment variable HOOKLENS_COMMIT,
     set by whoever copied the tree, names the commit."""
@@ -291,8 +292,8 @@ def git_commit(root: Path = REPO_ROOT) -> Optional[str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results.jsonl"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if status else "")
