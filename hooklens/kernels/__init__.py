@@ -14,9 +14,11 @@ Importing this package imports Triton (`hooklens` itself never does; `hooklens.a
 the first time the Triton backend runs). Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter
 when TRITON_INTERPRET=1 is set before this package is first imported (how CI tests them).
 """
+import torch
+
 from hooklens.kernels._common import MAX_HEAD_DIM, SUPPORTED_DTYPES, is_interpreted
 from hooklens.kernels.attention_stats import attention_stats, stat_counts
-from hooklens.kernels.flash_attention import flash_attention
+from hooklens.kernels.flash_attention import flash_attention, runs_interpreted
 from hooklens.kernels.pattern_attention import pattern_attention
 
 __all__ = [
@@ -27,11 +29,5 @@ __all__ = [
 
 def kernels_runnable_on(device) -> bool:
     """Whether the kernels can run on tensors of `device` (CUDA, or CPU with the interpreter on)."""
-    import torch
-
     device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    from hooklens.kernels.flash_attention import _flash_attention_kernel
-
-    return device.type == "cpu" and is_interpreted(_flash_attention_kernel)
+    return device.type == "cuda" or (device.type == "cpu" and runs_interpreted())

@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from hooklens.kernels.flash_attention import _launch
+from hooklens.kernels.flash_attention import launch_flash_kernel
 
 StatSpec = Tuple[str, int]  # ("diagonal", offset) or ("column", index)
 MAX_STATS = 16
@@ -79,7 +79,7 @@ def attention_stats(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     spec = _encode(stats, q.device)
-    z, partial = _launch(q, k, v, scale, pos_offset, key_padding_mask, z_out, spec)  # [n_stats, b*h, n_mb]
+    z, partial = launch_flash_kernel(q, k, v, scale, pos_offset, key_padding_mask, z_out, spec)  # [n_stats, b*h, n_mb]
     b, h = q.shape[0], q.shape[2]
     sums = partial.sum(-1).view(len(stats), b, h)
     if reduction == "sum":

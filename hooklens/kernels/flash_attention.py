@@ -39,6 +39,7 @@ from torch import Tensor
 from hooklens.kernels._common import (
     check_out,
     check_qkv,
+    is_interpreted,
     launch_config,
     load_q_tile,
     load_v_tile,
@@ -116,6 +117,11 @@ def _flash_attention_kernel(
             tl.store(StatOut + (j * n_bh + pid_bh) * n_mb + pid_m, tl.sum(p, 0))
 
 
+def runs_interpreted() -> bool:
+    """Whether the kernels were decorated under Triton's interpreter (TRITON_INTERPRET=1 at first import)."""
+    return is_interpreted(_flash_attention_kernel)
+
+
 def flash_attention(
     q: Tensor,
     k: Tensor,
@@ -131,11 +137,13 @@ def flash_attention(
     q `[b, q, h, dh]`, k/v `[b, k, h, dh]` (any strides); `scale` multiplies q.k (default 1/sqrt(dh));
     `key_padding_mask` `[b, k]` bool/int, nonzero = real token; `z_out` an optional `[b, q, h, dh]` buffer.
     """
-    z, _ = _launch(q, k, v, scale, pos_offset, key_padding_mask, z_out, None)
+    z, _ = launch_flash_kernel(q, k, v, scale, pos_offset, key_padding_mask, z_out, None)
     return z
 
 
-def _launch(q, k, v, scale, pos_offset, key_padding_mask, z_out, stat_spec: Optional[Tensor]):
+def launch_flash_kernel(q, k, v, scale, pos_offset, key_padding_mask, z_out, stat_spec: Optional[Tensor]):
+    """Validate and launch the flash kernel (shared by `flash_attention` and `attention_stats`, which adds the
+    pattern-line sums of `stat_spec` in the epilogue). Returns (z, per-block partial sums or None)."""
     b, tq, tk, h, dh = check_qkv(_flash_attention_kernel, q, k, v, pos_offset, key_padding_mask)
     sm_scale = to_scale(scale, dh)
     check_out("z_out", z_out, (b, tq, h, dh), q.device)
