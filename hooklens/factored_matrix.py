@@ -16,6 +16,13 @@ Differences from TransformerLens 3.9, on purpose:
   as TL 3.9 does; `.Vh` is TL's deprecated alias of `.V` (it always returned V) and warns as TL's does.
 * `trace()`, `max(dim)` and `argmax(dim)` exist (TL has none); the last two reduce rows or columns of
   `AB` without forming it.
+* `eigenvalues` come from hooklens's own small eigensolver, sorted by descending magnitude (ties: descending
+  imaginary part); LAPACK's order, which TL returns, depends on the Hessenberg deflation and is not reproducible
+  without calling LAPACK on every head. The values are the same.
+
+Bad input that TL rejects with an `assert` (inner dimensions that do not match, a non-scalar tensor after `*`,
+`BA` / `eigenvalues` of a non-square matrix) raises `InvalidInputError`, which is both a `ValueError` and the
+`AssertionError` TL users catch; leading dimensions that do not broadcast raise `RuntimeError`, as in TL.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from hooklens.errors import InvalidInputError
 from hooklens.utils import get_corner
 
 Index = Union[int, slice, Tuple[Any, ...], None]
@@ -66,12 +74,17 @@ class FactoredMatrix:
 
     def __init__(self, A: Tensor, B: Tensor, *, left: Optional[Tensor] = None, right: Optional[Tensor] = None):
         if A.shape[-1] != B.shape[-2]:
-            raise ValueError(f"Factored matrix must match on inner dimension, shapes were A: {tuple(A.shape)}, "
-                             f"B: {tuple(B.shape)}")
+            raise InvalidInputError(
+                f"Factored matrix must match on inner dimension, shapes were a: {A.shape}, b:{B.shape}. "
+                f"A is [..., ldim, mdim] and B [..., mdim, rdim]: A's last dimension must equal B's second-to-last "
+                f"(transpose a factor with .transpose(-2, -1) if it is the wrong way round)."
+            )
         if left is not None and left.shape[-1] != A.shape[-2]:
-            raise ValueError(f"Left factor {tuple(left.shape)} does not fit A {tuple(A.shape)}")
+            raise InvalidInputError(f"Left factor {tuple(left.shape)} does not fit A {tuple(A.shape)}: its last "
+                                    f"dimension must equal A's second-to-last.")
         if right is not None and right.shape[-2] != B.shape[-1]:
-            raise ValueError(f"Right factor {tuple(right.shape)} does not fit B {tuple(B.shape)}")
+            raise InvalidInputError(f"Right factor {tuple(right.shape)} does not fit B {tuple(B.shape)}: its "
+                                    f"second-to-last dimension must equal B's last.")
         self._A, self._B, self._left, self._right = A, B, left, right
         self.ldim = left.shape[-2] if left is not None else A.shape[-2]
         self.rdim = right.shape[-1] if right is not None else B.shape[-1]
@@ -80,7 +93,13 @@ class FactoredMatrix:
         try:
             self.batch_shape = torch.broadcast_shapes(*leading)
         except RuntimeError as err:
-            raise RuntimeError(f"Cannot broadcast the leading dimensions {leading} of a FactoredMatrix.") from err
+            raise RuntimeError(
+                f"Shape mismatch: Cannot broadcast leading dimensions. A has shape {A.shape}, B has shape {B.shape}"
+                + (f" (outer factors: left {_shape(left)}, right {_shape(right)})" if left is not None
+                   or right is not None else "")
+                + f". Leading (batch) dimensions {[tuple(t) for t in leading]} must be equal or 1, as in "
+                f"torch.broadcast_shapes; index or unsqueeze one operand so they line up. {err}"
+            ) from err
         self.shape = torch.Size(self.batch_shape + (self.ldim, self.rdim))
         self.has_leading_dims = len(self.batch_shape) > 0
 
@@ -110,7 +129,10 @@ class FactoredMatrix:
     def BA(self) -> Tensor:
         """The small square `[..., mdim, mdim]` matrix `B @ A` (needs ldim == rdim)."""
         if self.ldim != self.rdim:
-            raise ValueError(f"BA needs a square matrix (ldim == rdim), shape is {tuple(self.shape)}")
+            raise InvalidInputError(
+                f"Can only take ba if ldim==rdim, shapes were self: {self.shape}. BA (and eigenvalues, computed "
+                f"from it) needs a square matrix; for a rectangular one use svd() (singular values) instead."
+            )
         outer = _chain(self._right, self._left) if (self._left is not None or self._right is not None) else None
         BA = _chain(self._B, outer, self._A)
         return BA.broadcast_to(self.batch_shape + (self.mdim, self.mdim))
@@ -128,7 +150,7 @@ class FactoredMatrix:
         return len(self.shape)
 
     def __repr__(self) -> str:
-        return f"FactoredMatrix: Shape({tuple(self.shape)}), Hidden Dim({self.mdim})"
+        return f"FactoredMatrix: Shape({self.shape}), Hidden Dim({self.mdim})"
 
     # -- products -----------------------------------------------------------------------------------------------
     def __matmul__(self, other: Union[Tensor, "FactoredMatrix"]) -> Union["FactoredMatrix", Tensor]:
@@ -137,8 +159,11 @@ class FactoredMatrix:
         if other.ndim < 2:  # matrix @ vector
             return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
         if other.shape[-2] != self.rdim:
-            raise ValueError(f"Right matrix must match on inner dimension, shapes were self: {tuple(self.shape)}, "
-                             f"other: {tuple(other.shape)}")
+            raise InvalidInputError(
+                f"Right matrix must match on inner dimension, shapes were self: {self.shape}, other:{other.shape}. "
+                f"In `fm @ other`, other is [..., rdim={self.rdim}, n] (a vector: [rdim]); if it is [..., n, rdim], "
+                f"multiply by other.transpose(-2, -1)."
+            )
         if self.rdim < self.mdim:
             # As TL: the product's inner dim shrinks to rdim, so its S, U, V have TL's shapes. (At rdim == mdim TL
             # forms AB too, but the inner dim is the same, so the outer factor stays deferred and shared by heads.)
@@ -152,11 +177,15 @@ class FactoredMatrix:
         return FactoredMatrix(self._A, self._B, left=self._left, right=self._right @ other)
 
     def __rmatmul__(self, other: Tensor) -> Union["FactoredMatrix", Tensor]:
+        # As TL, the inner dimension is checked for vectors too.
+        if other.shape[-1] != self.ldim:
+            raise InvalidInputError(
+                f"Left matrix must match on inner dimension, shapes were self: {self.shape}, other:{other.shape}. "
+                f"In `other @ fm`, other is [..., n, ldim={self.ldim}] (a vector: [ldim]); if it is [..., ldim, n], "
+                f"multiply by other.transpose(-2, -1)."
+            )
         if other.ndim < 2:  # vector @ matrix
             return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
-        if other.shape[-1] != self.ldim:
-            raise ValueError(f"Left matrix must match on inner dimension, shapes were self: {tuple(self.shape)}, "
-                             f"other: {tuple(other.shape)}")
         if self.ldim < self.mdim:  # as TL (see __matmul__)
             return FactoredMatrix(other, self.AB)
         if self._left is None:
@@ -166,8 +195,14 @@ class FactoredMatrix:
         return FactoredMatrix(self._A, self._B, left=other @ self._left, right=self._right)
 
     def __mul__(self, scalar: Union[int, float, Tensor]) -> "FactoredMatrix":
+        """`fm * scalar` (and `scalar * fm`): scales the A factor. A one-element tensor of any number of
+        dimensions is a scalar and broadcasts as torch does (a [1, 1, 1] tensor adds a leading dimension), as in TL."""
         if isinstance(scalar, Tensor) and scalar.numel() != 1:
-            raise ValueError(f"* takes a scalar, got a tensor of shape {tuple(scalar.shape)}; use @ for matrices.")
+            raise InvalidInputError(
+                f"Tensor must be a scalar for use with * but was of shape {scalar.shape}. For matrix "
+                f"multiplication, use @ instead. To scale rows or heads, scale a factor: "
+                f"FactoredMatrix(fm.A * x[..., :, None], fm.B) scales row i by x[..., i]."
+            )
         return FactoredMatrix(self._A * scalar, self._B, left=self._left, right=self._right)
 
     __rmul__ = __mul__
@@ -183,16 +218,18 @@ class FactoredMatrix:
 
     @cached_property
     def _svd(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """`(U, S, V)`, computed once per instance (freed with it), so every call returns the same tensors."""
         A, B = self.A, self.B
         if A.dtype in (torch.float16, torch.bfloat16):
             A, B = A.float(), B.float()
-        return _lowrank().svd(A.contiguous(), B.contiguous())
+        U, S, Vh = _lowrank().svd(A.contiguous(), B.contiguous())
+        return U, S, _t(Vh)
 
     def svd(self) -> Tuple[Tensor, Tensor, Tensor]:
-        """Thin SVD `(U [..., ldim, mdim], S [..., mdim], V [..., rdim, mdim])` with
-        `U @ S.diag() @ V.transpose(-2, -1) == AB` (TransformerLens's convention and shapes)."""
-        U, S, Vh = self._svd
-        return U, S, _t(Vh)
+        """Thin SVD `(U [..., ldim, r], S [..., r], V [..., rdim, r])`, r = min(ldim, mdim, rdim), with
+        `U @ S.diag() @ V.transpose(-2, -1) == AB` (TransformerLens's convention and shapes). Cached: a second
+        call returns the same tensor objects."""
+        return self._svd
 
     @property
     def U(self) -> Tensor:
@@ -215,7 +252,7 @@ class FactoredMatrix:
     @property
     def V(self) -> Tensor:
         """Right singular vectors as columns, `[..., rdim, mdim]` (same as TransformerLens's `.V`)."""
-        return _t(self._svd[2])
+        return self._svd[2]
 
     def _gram_left(self) -> Tensor:
         """`A^T A` with the outer left factor folded in: `[..., mdim, mdim]`."""
@@ -276,7 +313,7 @@ class FactoredMatrix:
 
     def collapse_l(self) -> Tensor:
         """`S Vh`: the factorization without its orthogonal left factor, `[..., mdim, rdim]`."""
-        return self.S[..., :, None] * self._svd[2]
+        return self.S[..., :, None] * _t(self._svd[2])
 
     def collapse_r(self) -> Tensor:
         """`U S`: the factorization without its orthogonal right factor, `[..., ldim, mdim]`."""
@@ -285,13 +322,14 @@ class FactoredMatrix:
     def make_even(self) -> "FactoredMatrix":
         """The same matrix as `(U √S) @ (√S Vh)`: both halves carry half the spectrum."""
         sqrt_S = self.S.sqrt()
-        return FactoredMatrix(self.U * sqrt_S[..., None, :], sqrt_S[..., :, None] * self._svd[2])
+        return FactoredMatrix(self.U * sqrt_S[..., None, :], sqrt_S[..., :, None] * _t(self._svd[2]))
 
     def unsqueeze(self, k: int) -> "FactoredMatrix":
         if k < 0:
             k = k + self.ndim + 1
         if k > len(self.batch_shape):
-            raise ValueError(f"unsqueeze({k}) must add a leading dimension (ndim is {self.ndim}).")
+            raise InvalidInputError(f"unsqueeze({k}) must add a leading dimension (ndim is {self.ndim}): use k in "
+                                    f"[0, {len(self.batch_shape)}] or [{-self.ndim - 1}, -3].")
         return FactoredMatrix(self.A.unsqueeze(k), self.B.unsqueeze(k))
 
     def to(self, *args: Any, **kwargs: Any) -> "FactoredMatrix":
@@ -355,6 +393,10 @@ class FactoredMatrix:
             return None if t is None else t.broadcast_to(self.batch_shape + t.shape[-2:])
 
         return [expand(self._left), expand(self._A), expand(self._B), expand(self._right)]
+
+
+def _shape(t: Optional[Tensor]) -> Optional[torch.Size]:
+    return None if t is None else t.shape
 
 
 def _numel(a: Tensor, b: Tensor) -> int:
