@@ -330,12 +330,15 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
         padding_side: Optional[Literal["left", "right"]] = None,
         return_type: Optional[str] = "input",
         verbose: bool = True,
-    ) -> Union[str, List[str], Tensor]:
-        """Sample (or greedily decode with `do_sample=False`) up to `max_new_tokens` tokens, with a KV cache
-        (see `hooklens.generation.generate`)."""
+        **generation_kwargs: Any,
+    ) -> Any:
+        """Sample (or greedily decode with `do_sample=False`) up to `max_new_tokens` tokens, with a KV cache.
+        `input`: text, tokens or token embeddings `[b, p, d_model]`; `return_type`: "input", "str", "tokens" or
+        "embeds"; `output_logits=True` returns `GenerateDecoderOnlyOutput(sequences, logits)` (see
+        `hooklens.generation.generate`)."""
         return generation.generate(
             self, input, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
             do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,
             use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos, padding_side=padding_side,
-            return_type=return_type, verbose=verbose,
+            return_type=return_type, verbose=verbose, **generation_kwargs,
         )
