@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from hooklens.activation_layout import find_layout
+from hooklens.errors import InvalidInputError
 from hooklens.utils import Slice
 
 HookFunction = Callable[..., Optional[Tensor]]
@@ -36,11 +37,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LensHandle:
-    """A hook function registered on a HookPoint, with TL's bookkeeping (permanence and context level)."""
+    """A hook function registered on a HookPoint, with TL's bookkeeping (permanence and context level).
+
+    `user_hook` is the callable the user passed (TL 3.9's field); `hook` is the function the HookPoint calls,
+    the same callable here (TL keeps a PyTorch `RemovableHandle` there)."""
 
     hook: HookFunction
     is_permanent: bool = False
     context_level: Optional[int] = None
+    user_hook: Optional[HookFunction] = None
+
+    def __post_init__(self) -> None:
+        if self.user_hook is None:
+            self.user_hook = self.hook
 
     def _matches(self, including_permanent: bool, level: Optional[int]) -> bool:
         if self.is_permanent and not including_permanent:
@@ -58,8 +67,13 @@ class HookPoint(nn.Module):
         self.fwd_hooks: List[LensHandle] = []
         self.bwd_hooks: List[LensHandle] = []
 
-    def __repr__(self) -> str:
-        return f"HookPoint(name={self.name!r}, fwd_hooks={len(self.fwd_hooks)}, bwd_hooks={len(self.bwd_hooks)})"
+    def __repr__(self) -> str:  # TL's format: HookPoint(), HookPoint(name='hook_embed', 2 fwd, 1 bwd)
+        bits = [f"name={self.name!r}"] if self.name is not None else []
+        if self.fwd_hooks:
+            bits.append(f"{len(self.fwd_hooks)} fwd")
+        if self.bwd_hooks:
+            bits.append(f"{len(self.bwd_hooks)} bwd")
+        return f"HookPoint({', '.join(bits)})"
 
     # -- registration -------------------------------------------------------------------------------------------
     def add_hook(
@@ -162,15 +176,69 @@ def _fn_name(fn: Callable) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
-class HookedRootModule(nn.Module):
-    """Base class for models with HookPoints. Call `self.setup()` at the end of `__init__` to name the hooks."""
+class NotAHookPointError(KeyError, InvalidInputError, TypeError):
+    """A hook name that names a module, not a HookPoint. TL 3.9 raises AssertionError for it in `add_hook` and
+    TypeError in `run_with_hooks`; hooklens's other bad hook names raise KeyError. This is all three."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's quoted repr
+
+
+def _names_matcher(hook_dict: Dict[str, HookPoint], name_filter: NamesFilter) -> Callable[[str], bool]:
+    """`name_filter` (None, a name, a list of names or a predicate) as a predicate; listed names must exist."""
+    if name_filter is None:
+        return lambda name: True
+    if callable(name_filter):
+        return name_filter
+    wanted = {name_filter} if isinstance(name_filter, str) else set(name_filter)
+    for name in wanted:
+        if name not in hook_dict:  # a typo would otherwise read as "no hooks attached"
+            close = difflib.get_close_matches(name, list(hook_dict), n=5, cutoff=0.5)
+            raise KeyError(f"Unknown hook name {name!r}." + (f" Closest valid names: {close}." if close else ""))
+    return lambda name: name in wanted
+
+
+class HookIntrospectionMixin:
+    """`list_hooks()` for any class with a `hook_dict` (an attribute or a property, read with getattr)."""
+
+    def list_hooks(
+        self, name_filter: NamesFilter = None, dir: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = True,
+    ) -> Dict[str, List[LensHandle]]:
+        """The attached hooks by hook point name, forward before backward; hook points without hooks are left out.
+
+        `name_filter`: a hook name, a list of names, or a predicate on names (None: all). `dir`: "fwd", "bwd" or
+        "both". `including_permanent=False` leaves out permanent hooks."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}.")
+        hook_dict: Dict[str, HookPoint] = getattr(self, "hook_dict")
+        matches = _names_matcher(hook_dict, name_filter)
+        found: Dict[str, List[LensHandle]] = {}
+        for name, hook_point in hook_dict.items():
+            if not matches(name):
+                continue
+            handles = (hook_point.fwd_hooks if dir != "bwd" else []) + (hook_point.bwd_hooks if dir != "fwd" else [])
+            if not including_permanent:
+                handles = [h for h in handles if not h.is_permanent]
+            if handles:
+                found[name] = handles
+        return found
+
+
+class HookedRootModule(HookIntrospectionMixin, nn.Module):
+    """Base class for models with HookPoints. Call `self.setup()` at the end of `__init__` to name the hooks.
+
+    A subclass may define `hook_dict` (and `mod_dict`) as a property instead of calling `setup()`."""
+
+    mod_dict: Dict[str, nn.Module]
+    hook_dict: Dict[str, HookPoint]
 
     def __init__(self, *args: Any) -> None:
         super().__init__()
         self.is_caching = False
         self.context_level = 0
-        self.mod_dict: Dict[str, nn.Module] = {}
-        self.hook_dict: Dict[str, HookPoint] = {}
+        for registry in ("mod_dict", "hook_dict"):
+            if not hasattr(type(self), registry):  # a subclass's property or class attribute stays in charge
+                setattr(self, registry, {})
 
     def setup(self) -> None:
         """Index every submodule and name every HookPoint by its attribute path."""
@@ -197,6 +265,12 @@ class HookedRootModule(nn.Module):
     def get_hook_point(self, name: str) -> HookPoint:
         """The HookPoint named `name`; an unknown name raises KeyError listing the closest valid names."""
         hook_point = self.hook_dict.get(name)
+        if hook_point is None and isinstance(getattr(self, "mod_dict", {}).get(name), nn.Module):
+            raise NotAHookPointError(
+                f"{name!r} names a module ({type(self.mod_dict[name]).__name__}), not a HookPoint (TL: assert "
+                f"isinstance(hook_point, HookPoint)); hook one of its hook points, e.g. "
+                f"{[n for n in self.hook_dict if n.startswith(name + '.')][:5]}."
+            )
         if hook_point is None:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
             hint = f" Closest valid names: {close}." if close else ""
@@ -222,14 +296,19 @@ class HookedRootModule(nn.Module):
         level: Optional[int] = None,
         prepend: bool = False,
     ) -> None:
-        """Add `hook` to the hook point `name`, or to every hook point whose name passes the filter `name`."""
+        """Add `hook` to the hook point `name`, or to every hook point whose name passes the filter `name`.
+
+        As in TL, every hook point goes through `check_hooks_to_add` (a filter matching a switched-off point
+        raises); unlike TL, nothing is added when one of the matched points is refused."""
         if isinstance(name, str):
             hook_point = self.get_hook_point(name)
             self.check_and_add_hook(hook_point, name, hook, dir, is_permanent, level, prepend)
         elif callable(name):
-            for hook_name, hook_point in self.hook_dict.items():
-                if name(hook_name):  # no flag check: a filter may match points that are switched off
-                    hook_point.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+            matched = [(hook_name, point) for hook_name, point in self.hook_dict.items() if name(hook_name)]
+            for hook_name, point in matched:
+                self.check_hooks_to_add(point, hook_name, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+            for _, point in matched:
+                point.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
         else:
             raise TypeError(f"Hook name must be a string or a filter function of the name, got {type(name).__name__}.")
 
@@ -274,15 +353,26 @@ class HookedRootModule(nn.Module):
         try:
             for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
                 for name, fn in pairs:
-                    if _check:
+                    if isinstance(name, str) and _check:  # a switched-off point named outright raises (TL: no check)
                         self.add_hook(name, fn, dir=direction, level=level)
-                    else:  # caching hooks go on every selected point, including ones a cfg flag switches off
-                        self.get_hook_point(name).add_hook(fn, dir=direction, level=level)
+                    else:  # filters and caching hooks go on every selected point, switched off or not (as in TL)
+                        self._add_unchecked(name, fn, direction, level)
             yield self
         finally:
             if reset_hooks_end:
                 self.reset_hooks(clear_contexts, including_permanent=False, level=level)
             self.context_level -= 1
+
+    def _add_unchecked(self, name: Union[str, Callable[[str], bool]], fn: HookFunction, direction: Direction,
+                       level: Optional[int]) -> None:
+        if isinstance(name, str):
+            self.get_hook_point(name).add_hook(fn, dir=direction, level=level)
+        elif callable(name):
+            for hook_name, hook_point in self.hook_dict.items():
+                if name(hook_name):
+                    hook_point.add_hook(fn, dir=direction, level=level)
+        else:
+            raise TypeError(f"Hook name must be a string or a filter function of the name, got {type(name).__name__}.")
 
     def run_with_hooks(
         self,

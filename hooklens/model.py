@@ -19,6 +19,7 @@ from hooklens import tokenizer as tok
 from hooklens.cache import ActivationCache
 from hooklens.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from hooklens.config import HookedTransformerConfig
+from hooklens.errors import InvalidInputError
 from hooklens.hook_points import HookedRootModule, HookPoint
 from hooklens.kv_cache import HookedTransformerKeyValueCache
 from hooklens.model_loading import LoadingMixin
@@ -235,18 +236,19 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
 
     def check_hooks_to_add(self, hook_point: HookPoint, hook_point_name: str, hook: Any, dir: str = "fwd",
                            is_permanent: bool = False, prepend: bool = False) -> None:
-        flags = (
-            ("attn.hook_result", "use_attn_result", "set_use_attn_result"),
-            ("hook_q_input", "use_split_qkv_input", "set_use_split_qkv_input"),
-            ("hook_k_input", "use_split_qkv_input", "set_use_split_qkv_input"),
-            ("hook_v_input", "use_split_qkv_input", "set_use_split_qkv_input"),
-            ("hook_mlp_in", "use_hook_mlp_in", "set_use_hook_mlp_in"),
-            ("hook_attn_in", "use_attn_in", "set_use_attn_in"),
+        """Refuse a hook on a hook point that a cfg flag switches off (it would never run); TL asserts the same."""
+        flags = (  # (name suffix as TL tests it, cfg flag, the flag's name in TL's message, the setter)
+            ("attn.hook_result", "use_attn_result", "use_attn_result_hook", "set_use_attn_result"),
+            ("hook_q_input", "use_split_qkv_input", "use_split_qkv_input", "set_use_split_qkv_input"),
+            ("hook_k_input", "use_split_qkv_input", "use_split_qkv_input", "set_use_split_qkv_input"),
+            ("hook_v_input", "use_split_qkv_input", "use_split_qkv_input", "set_use_split_qkv_input"),
+            ("mlp_in", "use_hook_mlp_in", "use_hook_mlp_in", "set_use_hook_mlp_in"),
+            ("attn_in", "use_attn_in", "use_attn_in", "set_use_attn_in"),
         )
-        for suffix, flag, setter in flags:
+        for suffix, flag, tl_flag, setter in flags:
             if hook_point_name.endswith(suffix) and not getattr(self.cfg, flag):
-                raise ValueError(f"Cannot add a hook on {hook_point_name!r} while cfg.{flag} is False; call "
-                                 f"model.{setter}(True) first.")
+                raise InvalidInputError(f"Cannot add hook {hook_point_name} if {tl_flag} is False: cfg.{flag} "
+                                        f"switches this hook point off; call model.{setter}(True) first.")
 
     # -- hook-point switches ------------------------------------------------------------------------------------
     def set_use_attn_result(self, use_attn_result: bool) -> None:
