@@ -2,11 +2,16 @@
 
 Semantics follow TransformerLens 3.9 (`fn(activation, hook)`; a returned tensor replaces the activation, `None`
 keeps it; temporary hooks vanish at the end of `run_with_hooks` / `hooks()` even when something raises), with
-four differences that only remove surprises:
+differences that only remove surprises:
 
-* a HookPoint with no hooks costs one attribute check (no `nn.Module.__call__` machinery);
+* a HookPoint with no hooks costs one attribute check (no `nn.Module.__call__` machinery), so `LensHandle.hook`
+  is the function itself, not a PyTorch `RemovableHandle` (`LensHandle.user_hook` is the same callable, as in TL);
 * a hook that returns a tensor of the wrong shape raises an error naming the hook and the expected shape;
-* an unknown hook name raises with the closest valid names instead of silently doing nothing;
+* an unknown hook name raises with the closest valid names instead of silently doing nothing (also in
+  `list_hooks`, where TL answers `{}` for a typo as for a hook point without hooks);
+* a switched-off hook point (`hook_result` without `use_attn_result`, ...) named in `run_with_hooks` / `hooks()`
+  raises as `add_hook` does (TL attaches a hook that never runs); a filter there still matches it, as in TL;
+* `add_hook(filter, ...)` checks every matched point before adding any, so a refusal leaves no hooks behind;
 * `run_with_cache(pos_slice=...)` cuts each activation's position axis as `hooklens.activation_layout` lists it;
   TL's rule ("second from last, third for q/k/v/z/result") agrees on every default hook point but cuts the head
   axis of `hook_q_input` / `hook_k_input` / `hook_v_input` / `hook_attn_in` (and of `ln1`'s hooks when the
