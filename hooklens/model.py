@@ -261,7 +261,8 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         if self.cfg.attn_only:
-            raise ValueError("An attention-only model has no MLP input to hook.")
+            raise InvalidInputError("Can't use hook_mlp_in with attn_only model: an attention-only model has no MLP "
+                                    "input to hook.")
         self.cfg.use_hook_mlp_in = use_hook_mlp_in
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
