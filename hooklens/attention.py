@@ -58,7 +58,7 @@ Torch ops and Triton kernels differ only by float rounding (the kernels softmax 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "eager")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON_MAX_D_HEAD = 128
 
@@ -77,7 +77,7 @@ _stats: ContextVar[Optional["PatternStats"]] = ContextVar("hooklens_pattern_stat
 # -- backend selection ------------------------------------------------------------------------------------------
 @contextmanager
 def attention_backend(backend: str) -> Iterator[None]:
-    """Force the attention backend ("triton", "torch" or "auto") for every forward pass inside the block."""
+    """Force the attention backend ("auto", "triton", "torch" or "eager") for every forward pass inside the block."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}.")
     token = _backend.set(backend)
@@ -121,7 +121,7 @@ def uses_triton(device: torch.device, dtype: torch.dtype, d_head: int) -> bool:
     """Whether attention on tensors of this device / dtype / d_head runs the Triton kernels under the current
     backend. Raises when "triton" is forced but cannot run them."""
     backend = _backend.get()
-    if backend == "torch":
+    if backend in ("torch", "eager"):
         return False
     device = torch.device(device)
     supported = dtype in TRITON_DTYPES and 1 <= d_head <= TRITON_MAX_D_HEAD
@@ -144,6 +144,11 @@ def uses_triton(device: torch.device, dtype: torch.dtype, d_head: int) -> bool:
             "interpreter when TRITON_INTERPRET=1 is set before hooklens.kernels is first imported."
         )
     return True
+
+
+def eager_backend() -> bool:
+    """Whether `attention_backend("eager")` is active: TL's reference steps on every path, hooked or not."""
+    return _backend.get() == "eager"
 
 
 def grad_recording(*tensors: Tensor) -> bool:
@@ -306,7 +311,9 @@ class _KernelPattern(_KernelScores):  # the same forward (q, k -> kernel output)
         return (*_recompute_grads(fn, ctx.saved_tensors, grad), None, None, None, None)
 
 
-class _KernelPatternV(torch.autograd.Function):
+class _PrecomputedZ(torch.autograd.Function):
+    """A z computed elsewhere (the pattern kernel, or SDPA on the torch backend) given TL's edge pattern, v -> z."""
+
     @staticmethod
     def forward(ctx, pattern, v, out):  # type: ignore[override]
         ctx.save_for_backward(pattern, v)
@@ -347,7 +354,7 @@ class PatternKernelOutputs:
         """z `[b, q, h, dh]`, as `z_from_pattern(pattern, v)`."""
         if not self._grad:
             return self._z
-        return _KernelPatternV.apply(pattern, self._v, _Precomputed(self._z))
+        return _PrecomputedZ.apply(pattern, self._v, _Precomputed(self._z))
 
 
 def triton_pattern_attention(
@@ -379,6 +386,48 @@ def triton_attention_stats(
         q, k, v, specs, 1.0 / attn_scale, pos_offset, attention_mask, reduction="sum"
     )  # sums: [n_stats, b, h]
     return z, sums.sum(1)
+
+
+# -- torch backend with hooks on the scores / pattern -----------------------------------------------------------
+def _versioned_outputs():
+    """Inside `torch.inference_mode`, a context that makes new tensors normal ones: inference tensors have no
+    version counter, and the hooks' scores / pattern need one for in-place edits to be detected."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
+
+
+class SdpaPatternOutputs:
+    """The torch backend's attention when hooks (or `pattern_stats`) need the scores / pattern.
+
+    `scores` (None unless asked for) and `pattern_after(scores)` are TL's reference steps; `z_after(pattern)` is the
+    very `sdpa_attention` call un-hooked attention makes, so hooks that only read (caching hooks included) change
+    no bit of z or of anything after it. `z_after` is valid only for this call's own unedited pattern:
+    `Attention.forward` drops this object once a hook edits the scores or the pattern and recomputes with
+    `z_from_pattern`. While autograd records, z carries TL's edge pattern, v -> z (backward through
+    `z_from_pattern`), so gradients and backward hooks on hook_attn_scores / hook_pattern are TL's."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, attn_scale: float, pos_offset: int,
+                 attention_mask: Optional[Tensor], with_scores: bool):
+        self._q, self._k, self._v = q, k, v
+        self._args = (attn_scale, pos_offset, attention_mask)
+        self.scores = self._scores() if with_scores else None  # [b, h, q, k] or None
+
+    def _scores(self) -> Tensor:
+        with _versioned_outputs():
+            return attention_scores(self._q, self._k, *self._args)
+
+    def pattern_after(self, scores: Optional[Tensor]) -> Tensor:
+        """The pattern `[b, h, q, k]`: `softmax_pattern(scores)` (of q, k when no scores were asked for)."""
+        scores = self._scores() if scores is None else scores
+        with _versioned_outputs():
+            return softmax_pattern(scores)
+
+    def z_after(self, pattern: Tensor) -> Tensor:
+        """z `[b, q, h, dh]` from `sdpa_attention`, equal in value to `z_from_pattern(pattern, v)` up to rounding."""
+        if not grad_recording(pattern, self._v):
+            return sdpa_attention(self._q, self._k, self._v, *self._args)
+        with torch.no_grad():
+            z = sdpa_attention(self._q, self._k, self._v, *self._args)
+        return _PrecomputedZ.apply(pattern, self._v, _Precomputed(z))
 
 
 # -- pattern statistics (head_scores) ---------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def _head_major(h: int, d: int, dh: int, dtype: torch.dtype) -> Tensor:
 
 def _run_hook(hook_point: HookPoint, activation: Tensor) -> Tuple[Tensor, bool]:
     """`hook_point(activation)` and whether a hook edited it: returned another tensor, or changed it in place (its
-    `_version` moved). An inference tensor has no version counter, so it counts as edited (only the torch
+    `_version` moved). An inference tensor has no version counter, so it counts as edited (only the eager
     backend passes such tensors, and it recomputes nothing either way)."""
     if activation.is_inference():
         return hook_point(activation), True
@@ -186,6 +186,8 @@ class Attention(nn.Module):
         """[b, p, d] (shared input) or [b, p, h, d] (per-head input) -> [b, p, h, dh]."""
         h, d, dh = W.shape
         if x.dim() == 4:
+            if attn_ops.eager_backend():
+                W = W.contiguous()  # TL's layout: the einsum's GEMM rounds differently on head-major strides
             return torch.einsum("bphd,hde->bphe", x, W) + b
         W_flat = W.permute(0, 2, 1).reshape(h * dh, d)  # [h*dh, d], TL's F.linear layout (a view: _head_major)
         return F.linear(x, W_flat, b.reshape(h * dh)).view(x.shape[0], x.shape[1], h, dh)
@@ -209,9 +211,10 @@ class Attention(nn.Module):
             attention_mask = attention_mask[:, : k.shape[1]]  # [b, past + p]
         scale = self.cfg.attn_scale
         use_triton = attn_ops.uses_triton(q.device, q.dtype, q.shape[-1])  # the backend (attention.py)
+        eager = attn_ops.eager_backend()  # attention_backend("eager"): TL's steps on every path
         stats = attn_ops.pattern_stats_request()  # set by `with pattern_stats(...)` (head_scores), else None
         pattern_hooked = self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
-        if not pattern_hooked and stats is None:
+        if not pattern_hooked and stats is None and not eager:
             # Nothing reads or edits the scores / pattern: one fused op, no [q, k] tensor is made.
             z = attn_ops.attention_without_pattern(q, k, v, scale, pos_offset, attention_mask, use_triton)
             return self._project_out(self.hook_z(z))
@@ -221,25 +224,31 @@ class Attention(nn.Module):
             stats.add(self.layer_id, sums, from_kernel=True)
             return self._project_out(self.hook_z(z))
 
-        # TL's sequence: scores -> hook_attn_scores -> pattern -> hook_pattern -> z -> hook_z. On the triton
-        # backend one kernel call has already written scores (only if hooked), pattern and z into fresh buffers:
-        # the hooks receive those buffers, and run_with_cache keeps them without a copy. A hook that returns
-        # another tensor or edits one in place makes the kernel's later outputs stale (`kernel = None`): from
-        # there on the reference steps recompute from the edited tensor. Hooks that only read cost nothing.
-        kernel = None
+        # TL's sequence: scores -> hook_attn_scores -> pattern -> hook_pattern -> z -> hook_z. Unless the backend
+        # is "eager", `fused` is one call that has z ready: on the triton backend the pattern kernel, which has also
+        # written scores (only if hooked) and pattern into fresh buffers the hooks receive and run_with_cache keeps
+        # without a copy; on the torch backend the reference steps for scores and pattern, and z from the same
+        # SDPA call un-hooked attention makes (so read-only hooks leave every bit of the output unchanged). A hook
+        # that returns another tensor or edits one in place makes `fused`'s later outputs stale (`fused = None`):
+        # from there on the reference steps recompute from the edited tensor. Hooks that only read cost nothing.
+        with_scores = self.hook_attn_scores.has_hooks()
         if use_triton:
-            with_scores = self.hook_attn_scores.has_hooks()
-            kernel = attn_ops.triton_pattern_attention(q, k, v, scale, pos_offset, attention_mask, with_scores)
-            scores = kernel.scores  # None when hook_attn_scores has no hooks (nothing would see it)
+            fused = attn_ops.triton_pattern_attention(q, k, v, scale, pos_offset, attention_mask, with_scores)
+        elif not eager:
+            fused = attn_ops.SdpaPatternOutputs(q, k, v, scale, pos_offset, attention_mask, with_scores)
         else:
+            fused = None
+        if fused is None:
             scores = attn_ops.attention_scores(q, k, scale, pos_offset, attention_mask)  # [b, h, q, k]
+        else:
+            scores = fused.scores  # None when hook_attn_scores has no hooks (nothing would see it)
         if scores is not None:
             scores, edited = _run_hook(self.hook_attn_scores, scores)  # [b, h, q, k]
-            kernel = None if edited else kernel
-        pattern = kernel.pattern_after(scores) if kernel is not None else attn_ops.softmax_pattern(scores)
+            fused = None if edited else fused
+        pattern = fused.pattern_after(scores) if fused is not None else attn_ops.softmax_pattern(scores)
         pattern, edited = _run_hook(self.hook_pattern, pattern)  # [b, h, q, k]
-        kernel = None if edited else kernel
-        z = kernel.z_after(pattern) if kernel is not None else attn_ops.z_from_pattern(pattern, v)  # [b, p, h, dh]
+        fused = None if edited else fused
+        z = fused.z_after(pattern) if fused is not None else attn_ops.z_from_pattern(pattern, v)  # [b, p, h, dh]
         if stats is not None:
             stats.add(self.layer_id, attn_ops.pattern_line_sums(pattern.detach(), stats.specs), from_kernel=False)
         return self._project_out(self.hook_z(z))
@@ -247,11 +256,18 @@ class Attention(nn.Module):
     def _project_out(self, z: Tensor) -> Tensor:
         """z `[b, p, h, dh]` -> `[b, p, d]` through W_O, b_O (per head through `hook_result` when enabled)."""
         batch, pos, h, dh = z.shape
-        if not self.cfg.use_attn_result:
-            z_flat = z.reshape(batch * pos, h * dh)  # [b*p, h*dh]
-            return torch.addmm(self.b_O, z_flat, self.W_O.reshape(h * dh, -1)).view(batch, pos, -1)  # [b, p, d]
-        result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))  # [b, p, h, d], without b_O
-        return result.sum(dim=-2) + self.b_O
+        eager = attn_ops.eager_backend()
+        if self.cfg.use_attn_result:
+            if eager:  # TL's formula, bit for bit: a broadcast product summed over d_head
+                result = (z.unsqueeze(-1) * self.W_O).sum(-2)  # [b, p, h, dh, 1] * [h, dh, d] -> [b, p, h, d]
+            else:
+                result = torch.einsum("bphe,hed->bphd", z, self.W_O)  # [b, p, h, d], without b_O
+            return self.hook_result(result).sum(dim=-2) + self.b_O
+        z_flat = z.reshape(batch * pos, h * dh)  # [b*p, h*dh]
+        if eager:  # TL's GEMM: F.linear with W_O as a contiguous [d, h*dh] matrix (rounds unlike addmm's)
+            W_O_rows = self.W_O.permute(2, 0, 1).reshape(-1, h * dh).contiguous()  # [d, h*dh]
+            return F.linear(z_flat, W_O_rows, self.b_O).view(batch, pos, -1)  # [b, p, d]
+        return torch.addmm(self.b_O, z_flat, self.W_O.reshape(h * dh, -1)).view(batch, pos, -1)  # [b, p, d]
 
     @property
     def OV(self) -> FactoredMatrix:
@@ -325,6 +341,11 @@ class TransformerBlock(nn.Module):
 
     def _attention(self, resid_pre: Tensor, past_kv_cache_entry, attention_mask: Optional[Tensor]) -> Tensor:
         if not (self.cfg.use_split_qkv_input or self.cfg.use_attn_in):
+            if attn_ops.eager_backend():
+                # TL's graph: ln1 once per q, k and v input (its hooks fire three times), so gradients summed into
+                # resid_pre round as TL's do.
+                q_in, k_in, v_in = self.ln1(resid_pre), self.ln1(resid_pre), self.ln1(resid_pre)
+                return self.attn(q_in, k_in, v_in, past_kv_cache_entry, attention_mask)
             # One LayerNorm call feeds q, k and v (TL calls ln1 three times on the same input; the values are
             # identical, so ln1's hooks fire once here instead of three times).
             x = self.ln1(resid_pre)
@@ -353,4 +374,6 @@ class Unembed(nn.Module):
 
     def forward(self, residual: Tensor) -> Tensor:  # [b, p, d] -> [b, p, v]
         residual = self.hook_in(residual)
+        if attn_ops.eager_backend():  # TL's GEMM: F.linear with a contiguous W_U^T (rounds unlike addmm's)
+            return self.hook_out(F.linear(residual, self.W_U.T.contiguous(), self.b_U))
         return self.hook_out(addmm_last_dim(self.b_U, self.W_U, residual))
