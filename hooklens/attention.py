@@ -9,7 +9,8 @@ call, which of these ops to run.
 Reference (TL 3.9's eager attention, the one ground truth for the CPU path, the kernel tests and the benchmarks):
 `attention_scores` -> `softmax_pattern` -> `z_from_pattern`, composed by `reference_attention`.
 
-Backend (`with hooklens.attention_backend("auto" | "triton" | "torch"):`, a context variable, default "auto"):
+Backend (`with hooklens.attention_backend("auto" | "triton" | "torch" | "eager"):`, a context variable, default
+"auto"):
 
 * "torch": PyTorch ops only.
 * "triton": the kernels of `hooklens.kernels` (imported on first use, never by `import hooklens`). CUDA tensors,
@@ -20,18 +21,35 @@ Backend (`with hooklens.attention_backend("auto" | "triton" | "torch"):`, a cont
   for attention nothing reads the pattern of: that runs PyTorch's `scaled_dot_product_attention` on every device,
   because PyTorch's fused attention kernels are faster than hooklens's flash kernel for GPT-2 shapes. The flash
   kernel runs only when asked for with "triton".
+* "eager": TL 3.9's computation, op for op, on every path: the reference steps even when no hook reads the
+  pattern, and (in hooklens/components.py) TL's formulas where hooklens's faster ones round differently — ln1
+  called once per q / k / v input (its hooks fire three times, as in TL), the W_O and unembed GEMMs as TL's
+  `F.linear` on contiguous transposed weights, TL's `hook_result` product, TL's weight layout for split q/k/v
+  inputs. On CPU in float32, logits, every activation and every gradient equal TL 3.9's bit for bit on identical
+  weights. For users who need TL's numbers exactly; it runs at TL's speed.
 
 What `Attention.forward` runs:
 
-| hooks on attn_scores / pattern     | torch backend                       | triton backend                        |
-|------------------------------------|-------------------------------------|---------------------------------------|
-| none                               | `sdpa_attention` (z only)           | `triton_flash_attention` (*)          |
-| any (caching or user hooks)        | the reference steps, hooks between  | `triton_pattern_attention`, hooks     |
-| none, inside `pattern_stats(...)`  | the reference steps + line sums     | `triton_attention_stats` (**)         |
+| hooks on attn_scores / pattern     | torch backend                         | triton backend                      |
+|------------------------------------|---------------------------------------|-------------------------------------|
+| none                               | `sdpa_attention` (z only)             | `triton_flash_attention` (*)        |
+| any (caching or user hooks)        | `SdpaPatternOutputs`, hooks between   | `triton_pattern_attention`, hooks   |
+| none, inside `pattern_stats(...)`  | `SdpaPatternOutputs` + line sums      | `triton_attention_stats` (**)       |
+| (any, "eager" backend)             | the reference steps, hooks between    | —                                   |
 
 (*) via `attention_without_pattern`: "auto" runs `sdpa_attention` here (see above).
 (**) the flash kernel sums the requested pattern lines in its epilogue, so no pattern is materialized. The stats
 kernel has no backward: while autograd records, the pattern kernel runs and the sums come from its pattern.
+
+Consistency: hooks that only read never change which op makes z. On the torch backend (every CPU run under
+"auto") `SdpaPatternOutputs` gives the hooks TL's reference scores and pattern and takes z from the very
+`sdpa_attention` call un-hooked attention makes, so `model(x)`, `run_with_hooks(x, <read-only hooks>)` and
+`run_with_cache(x)` give bitwise identical logits and activations. Only a hook that edits the scores or the pattern
+(returns another tensor or changes it in place) switches z to `z_from_pattern` of the edited tensor. On CUDA the
+fused kernels stay: un-hooked attention runs SDPA ("auto") or the flash kernel ("triton"), hooked attention the
+pattern kernel, so those paths agree to float32 rounding of a reordered softmax sum (tests/tolerances.py
+"fused_vs_eager": rtol 1e-4, atol 2e-5 on activations; bfloat16 / float16 round at their own precision), not bit for
+bit. "torch" takes z from one SDPA call on both paths on CUDA too; "eager" gives TL's exact numbers.
 
 Triton path with hooks: one kernel call writes `pattern` (and `attn_scores` when that hook point has hooks) and `z`
 into fresh buffers (`PatternKernelOutputs`). The hooks run on those buffers. If a hook returned a different tensor
@@ -423,11 +441,12 @@ class SdpaPatternOutputs:
 
     def z_after(self, pattern: Tensor) -> Tensor:
         """z `[b, q, h, dh]` from `sdpa_attention`, equal in value to `z_from_pattern(pattern, v)` up to rounding."""
+        # The un-hooked path's exact call, in the same grad mode (so the same SDPA kernel is picked); its own graph
+        # is dropped for TL's edge through the pattern.
+        z = sdpa_attention(self._q, self._k, self._v, *self._args)
         if not grad_recording(pattern, self._v):
-            return sdpa_attention(self._q, self._k, self._v, *self._args)
-        with torch.no_grad():
-            z = sdpa_attention(self._q, self._k, self._v, *self._args)
-        return _PrecomputedZ.apply(pattern, self._v, _Precomputed(z))
+            return z
+        return _PrecomputedZ.apply(pattern, self._v, _Precomputed(z.detach()))
 
 
 # -- pattern statistics (head_scores) ---------------------------------------------------------------------------

@@ -212,3 +212,28 @@ def test_eager_backend_kv_cached_generation_equals_transformer_lens(twins):
             ours = model.generate(tokens, **kwargs)
         theirs = tl.generate(tokens, **kwargs)
     assert torch.equal(ours, theirs)
+
+
+def test_eager_backend_runs_tl_steps_and_fires_ln1_hooks_like_tl(twins, monkeypatch):
+    """No fused op under "eager", even without hooks; ln1's hooks fire once per q / k / v input, as in TL."""
+    import hooklens.attention as A
+
+    model, tl = twins
+    assert "eager" in A.BACKENDS
+    sdpa_calls = []
+    monkeypatch.setattr(A, "sdpa_attention", lambda *args: sdpa_calls.append(1))
+    fired = {"ours": 0, "theirs": 0}
+
+    def count(who):
+        def hook(activation, hook):
+            fired[who] += 1
+        return hook
+
+    tokens = model.to_tokens(PROMPTS["sentence"])
+    with torch.no_grad(), attention_backend("eager"):
+        model(tokens)
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln1.hook_normalized", count("ours"))])
+    with torch.no_grad():
+        tl.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln1.hook_normalized", count("theirs"))])
+    assert not sdpa_calls
+    assert fired["ours"] == fired["theirs"] == 3
