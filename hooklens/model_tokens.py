@@ -12,7 +12,19 @@ import torch
 from torch import Tensor
 
 from hooklens import tokenizer as tok
+from hooklens.errors import InvalidInputError
 from hooklens.utils import get_attention_mask
+
+
+def _token_not_in_prompt_error(single_token: int, prepend_bos: Optional[bool]) -> InvalidInputError:
+    """TL's exact "The token does not occur in the prompt" error; the advice rides along as a note (shown in the
+    traceback) so that `str(error)` stays TL's message, which TL users' code compares."""
+    error = InvalidInputError("The token does not occur in the prompt")
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(f"Token id {single_token} is not in the tokens. For a string prompt, check prepend_bos "
+                       f"(here {prepend_bos}, None = the model's default): the BOS token is only there when it is "
+                       "prepended, and a word's id changes with a leading space (' cat' vs 'cat').")
+    return error
 
 
 class TokensMixin:
@@ -120,7 +132,8 @@ class TokensMixin:
         """The id of a string that is exactly one token; raises if it is not."""
         tokens = self.to_tokens(string, prepend_bos=False).squeeze(0)
         if tokens.numel() != 1:
-            raise ValueError(f"{string!r} is not a single token: it tokenizes to {self.to_str_tokens(tokens)}.")
+            raise InvalidInputError(f"Input string: {string} is not a single token! It tokenizes to "
+                                    f"{self.to_str_tokens(tokens)}; use to_tokens for longer strings.")
         return int(tokens[0])
 
     def to_single_str_token(self, int_token: int) -> str:
@@ -134,14 +147,17 @@ class TokensMixin:
         prepend_bos: Optional[bool] = None,
         padding_side: Optional[Literal["left", "right"]] = None,
     ) -> int:
-        """Position of `single_token` in `input` (a string or `[pos]` / `[1, pos]` tokens)."""
+        """Position of `single_token` (an id, or a string that is one token) in `input` (a string, tokenized with
+        `prepend_bos` / `padding_side`, or `[pos]` / `[1, pos]` tokens). A token that is not there raises TL's
+        AssertionError-compatible `InvalidInputError("The token does not occur in the prompt")`."""
         if isinstance(input, str):
             tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         else:
             tokens = input
         if tokens.dim() == 2:
             if tokens.shape[0] != 1:
-                raise ValueError(f"Rank-2 tokens must have shape [1, pos], got {tuple(tokens.shape)}")
+                raise InvalidInputError(f"If tokens are rank two, they must have shape [1, seq_len], not "
+                                        f"{tokens.shape}: pass one prompt, e.g. tokens[i:i+1] or tokens[i].")
             tokens = tokens[0]
         if isinstance(single_token, str):
             single_token = self.to_single_token(single_token)
@@ -149,12 +165,12 @@ class TokensMixin:
             single_token = int(single_token)
         indices = torch.nonzero(tokens == single_token).flatten()
         if len(indices) == 0:
-            raise ValueError(f"Token {single_token} does not occur in the prompt.")
+            raise _token_not_in_prompt_error(single_token, prepend_bos)
         if mode == "first":
             return int(indices[0])
         if mode == "last":
             return int(indices[-1])
-        raise ValueError(f"mode must be 'first' or 'last', not {mode!r}")
+        raise ValueError(f"mode must be 'first' or 'last', not {mode}")
 
     def tokens_to_residual_directions(self, tokens: Union[str, int, Tensor]) -> Tensor:
         """Unembedding direction(s) of token(s): `[d_model]`, or `[..., d_model]` for a tensor of tokens."""

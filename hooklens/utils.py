@@ -6,13 +6,17 @@ Copyright (c) 2022 TransformerLensOrg); see https://github.com/TransformerLensOr
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
-from typing import Any, List, Optional, Tuple, Union
+import sys
+from copy import deepcopy
+from typing import Any, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
@@ -39,6 +43,22 @@ __all__ = [
     "SliceInput",
     "Slice",
     "test_prompt",
+    "calc_fan_in_and_fan_out",
+    "init_xavier_uniform_",
+    "init_xavier_normal_",
+    "init_kaiming_uniform_",
+    "init_kaiming_normal_",
+    "is_library_available",
+    "get_tokenizer_with_bos",
+    "logits_to_df",
+    "sample_logits",
+    "tokenize_and_concatenate",
+    "keep_single_column",
+    "get_nested_attr",
+    "set_nested_attr",
+    "repeat_along_head_dimension",
+    "filter_dict_by_prefix",
+    "composition_scores",
 ]
 
 USE_DEFAULT_VALUE = None
@@ -262,6 +282,74 @@ def solu(input: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
+# Weight initialization (TL's conventions: [d_in, d_out] matrices, [n_heads, d_model, d_head] attention weights)
+# ---------------------------------------------------------------------------
+
+NonlinearityType = Literal[
+    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "sigmoid", "tanh", "relu", "leaky_relu", "selu",
+]
+
+
+def calc_fan_in_and_fan_out(tensor: torch.Tensor) -> Tuple[int, int]:
+    """(fan_in, fan_out) in TL's layout: `[d]` -> (1, d), `[d_in, d_out]` -> (d_in, d_out),
+    `[n_heads, d_model, d_head]` -> (d_model, n_heads * d_head). Scalars and 4+-D tensors raise ValueError."""
+    # lazy: hooklens.model_weights imports this module (composition_scores), so a top-level import is a cycle
+    from hooklens.model_weights import fan_in_and_fan_out
+
+    if tensor.dim() == 0:
+        raise ValueError("Fan in and fan out can not be computed for scalars.")
+    if tensor.dim() > 3:
+        raise ValueError(f"Fan in and fan out can not be computed for shape {tensor.shape} tensors.")
+    return fan_in_and_fan_out(tensor)
+
+
+def init_xavier_uniform_(param: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """Fill `param` in place from U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)); returns `param`."""
+    fan_in, fan_out = calc_fan_in_and_fan_out(param)
+    bound = gain * np.sqrt(6.0 / (fan_in + fan_out))
+    return nn.init.uniform_(param, -bound, bound)
+
+
+def init_xavier_normal_(param: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """Fill `param` in place from N(0, std^2), std = gain * sqrt(2 / (fan_in + fan_out)); returns `param`."""
+    fan_in, fan_out = calc_fan_in_and_fan_out(param)
+    return nn.init.normal_(param, mean=0.0, std=gain * np.sqrt(2.0 / (fan_in + fan_out)))
+
+
+def _kaiming_gain_and_fan(param: torch.Tensor, a: float, nonlinearity: str, gain: float, mode: str):
+    """(gain * calculate_gain(nonlinearity, a), fan): fan is fan_in for mode "fan_in", else fan_out."""
+    fan_in, fan_out = calc_fan_in_and_fan_out(param)
+    return gain * nn.init.calculate_gain(nonlinearity, a), fan_in if mode == "fan_in" else fan_out
+
+
+def init_kaiming_uniform_(
+    param: torch.Tensor, a: float = 0, nonlinearity: NonlinearityType = "relu", gain: float = 1.0,
+    mode: str = "fan_in",
+) -> torch.Tensor:
+    """Kaiming (He) uniform init in place: U(-b, b), b = gain * calculate_gain(nonlinearity, a) * sqrt(3 / fan).
+    `a` is the nonlinearity's parameter (leaky_relu's slope), as in torch; returns `param`."""
+    gain, fan = _kaiming_gain_and_fan(param, a, nonlinearity, gain, mode)
+    bound = gain * np.sqrt(3.0 / fan)
+    return nn.init.uniform_(param, -bound, bound)
+
+
+def init_kaiming_normal_(
+    param: torch.Tensor, a: float = 0, nonlinearity: NonlinearityType = "relu", gain: float = 1.0,
+    mode: str = "fan_in",
+) -> torch.Tensor:
+    """Kaiming (He) normal init in place: N(0, std^2), std = gain * calculate_gain(nonlinearity, a) / sqrt(fan);
+    returns `param`."""
+    gain, fan = _kaiming_gain_and_fan(param, a, nonlinearity, gain, mode)
+    return nn.init.normal_(param, mean=0.0, std=gain * np.sqrt(1.0 / fan))
+
+
+def is_library_available(name: str) -> bool:
+    """Whether module `name` is importable, found without importing it."""
+    return name in sys.modules or importlib.util.find_spec(name) is not None
+
+
+# ---------------------------------------------------------------------------
 # Tokenization helpers
 # ---------------------------------------------------------------------------
 
@@ -275,6 +363,32 @@ def get_input_with_manually_prepended_bos(
     if isinstance(input, str):
         return bos_token + input
     return [bos_token + string for string in input]
+
+
+def get_tokenizer_with_bos(tokenizer: Any) -> Any:
+    """A tokenizer like `tokenizer` that prepends BOS itself (`add_bos_token=True`), reloaded from its
+    `name_or_path` with the same init arguments and padding side; `tokenizer` itself when it already does, has
+    no BOS token, or cannot express one (TL 3.9's semantics)."""
+    if tokenizer.bos_token is None:
+        return tokenizer
+    init_kwargs = deepcopy(tokenizer.init_kwargs)
+    pretrained_model_name_or_path = init_kwargs.pop("name_or_path")
+    add_bos_token = init_kwargs.pop("add_bos_token", None)
+    if add_bos_token is None:
+        add_bos_token = getattr(tokenizer, "add_bos_token", False)
+    if add_bos_token:
+        return tokenizer
+    from transformers import AutoTokenizer  # lazy: transformers is slow to import and only this helper needs it
+
+    huggingface_token = os.environ.get("HF_TOKEN", "")
+    try:
+        tokenizer_with_bos = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, add_bos_token=True, token=huggingface_token or None, **init_kwargs
+        )
+    except ValueError:  # special tokens the post-processor template cannot express: keep the original
+        return tokenizer
+    tokenizer_with_bos.padding_side = tokenizer.padding_side  # from_pretrained resets it
+    return tokenizer_with_bos
 
 
 def get_tokens_with_bos_removed(
@@ -418,6 +532,26 @@ def tokenize_and_concatenate(
     if set_format:
         tokenized.set_format(type="torch", columns=["tokens"])
     return tokenized
+
+
+def logits_to_df(logits: torch.Tensor, tokenizer: Optional[Any] = None, top_k: Optional[int] = None) -> Any:
+    """A `[d_vocab]` logit vector as a pandas DataFrame sorted by descending probability, columns `token_index`,
+    `token_string` (only with a tokenizer), `logit`, `log_prob`, `probability`; `top_k` keeps the first rows."""
+    import pandas as pd  # lazy: pandas is an optional dependency, needed by this helper only
+
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    probs = log_probs.exp()
+    order = torch.argsort(probs, descending=True)
+    if top_k is not None:
+        order = order[:top_k]
+    indices = order.cpu().tolist()
+    data: dict = {"token_index": indices}
+    if tokenizer is not None:
+        data["token_string"] = [tokenizer.decode([i]) for i in indices]
+    data["logit"] = logits[order].detach().cpu().tolist()
+    data["log_prob"] = log_probs[order].detach().cpu().tolist()
+    data["probability"] = probs[order].detach().cpu().tolist()
+    return pd.DataFrame(data)
 
 
 def sample_logits(
