@@ -199,7 +199,9 @@ def convert_hf_gpt2_state_dict(hf_state: Dict[str, Tensor], cfg: HookedTransform
             t + "mlp.W_in": state[p + "mlp.c_fc.weight"], t + "mlp.b_in": state[p + "mlp.c_fc.bias"],
             t + "mlp.W_out": state[p + "mlp.c_proj.weight"], t + "mlp.b_out": state[p + "mlp.c_proj.bias"],
         })
-    return {k: v.contiguous() for k, v in out.items()}
+    # TL's converter returns these views as they are (W_Q/W_K/W_V head-major views of c_attn, W_U the transpose of
+    # the embedding): processing reduces over them in their strides, so keeping them makes its sums round as TL's.
+    return out
 
 
 # -- weight processing (TL's formulas, in TL's order) -------------------------------------------------------------
@@ -326,12 +328,17 @@ def process_weights(
     has_ln = "ln_final.w" in state
     if fold_ln and has_ln:
         state = fold_layer_norm(state, cfg)
-    if center_writing_weights_ and (fold_ln or cfg.normalization_type in ("LN", "LNPre")):
+    centre_writes = center_writing_weights_ and (fold_ln or cfg.normalization_type in ("LN", "LNPre"))
+    if centre_writes:
         state = center_writing_weights(state, cfg)
     if center_unembed_:
         state = center_unembed(state)
     if fold_value_biases_:
         state = fold_value_biases(state, cfg)
+        if centre_writes:  # with W_O centred, b_V @ W_O has zero mean only up to rounding: TL re-centres b_O
+            for l in range(cfg.n_layers):
+                b_O = state[f"blocks.{l}.attn.b_O"]
+                state[f"blocks.{l}.attn.b_O"] = b_O - b_O.mean()
     if refactor_factored_attn_matrices_:
         state = refactor_factored_attn_matrices(state, cfg)
     return state
@@ -466,7 +473,7 @@ def load_checkpoint(
     )
     if ln_folded:
         cfg.normalization_type = "LNPre"
-    return cfg, {k: v.to(dtype) for k, v in state.items()}
+    return cfg, {k: v.to(dtype).contiguous() for k, v in state.items()}  # contiguous: safetensors can save them
 
 
 def truncate_checkpoint(
