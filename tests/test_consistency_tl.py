@@ -11,11 +11,14 @@ The TL twin's processed weights are loaded into the hooklens model, so both run 
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import tl_model_from_hf
 from tolerances import tolerance
 
+import hooklens.patching as patching
 from hooklens import HookedTransformer
 from hooklens.attention import attention_backend
 
@@ -237,3 +240,28 @@ def test_eager_backend_runs_tl_steps_and_fires_ln1_hooks_like_tl(twins, monkeypa
         tl.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln1.hook_normalized", count("theirs"))])
     assert not sdpa_calls
     assert fired["ours"] == fired["theirs"] == 3
+
+
+@pytest.mark.parametrize("sweep", ["get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos"])
+def test_patching_sweeps_under_eager_equal_transformer_lens_bitwise(tiny_dir, sweep):
+    """The seeds' IOI patching numbers: from_pretrained weights + the eager backend give TL's results exactly,
+    although the sweep engine batches many patches per forward."""
+    with warnings.catch_warnings():  # TL's import-time deprecation notices
+        warnings.simplefilter("ignore")
+        import transformer_lens.patching as tl_patching
+
+        tl = tl_model_from_hf(tiny_dir)
+    ours = HookedTransformer.from_pretrained(str(tiny_dir), device="cpu")
+    clean = ours.to_tokens("When John and Mary went to the shops, John gave the bag to")
+    corrupted = ours.to_tokens("When John and Mary went to the shops, Mary gave the bag to")
+    mary, john = ours.to_single_token(" Mary"), ours.to_single_token(" John")
+
+    def logit_diff(logits):
+        return logits[:, -1, mary].mean() - logits[:, -1, john].mean()
+
+    _, tl_cache = tl.run_with_cache(clean)
+    want = getattr(tl_patching, sweep)(tl, corrupted, tl_cache, logit_diff)
+    with attention_backend("eager"):
+        _, cache = ours.run_with_cache(clean)
+        got = getattr(patching, sweep)(ours, corrupted, cache, logit_diff, progress=False)
+    assert torch.equal(got, want)
