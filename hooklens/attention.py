@@ -55,16 +55,17 @@ Triton path with hooks: one kernel call writes `pattern` (and `attn_scores` when
 into fresh buffers (`PatternKernelOutputs`). The hooks run on those buffers. If a hook returned a different tensor
 or edited it in place (its `_version` changed), the kernel's later outputs are stale and the rest is recomputed
 from the edited tensor with the reference steps (edited scores: `softmax_pattern`, `hook_pattern`,
-`z_from_pattern`; edited pattern: `z_from_pattern`). Hooks that only read — caching hooks included — cost no
-recomputation.
+`z_from_pattern`; edited pattern: `z_from_pattern`). Hooks that only read cost no recomputation. A write through
+`.data` or a NumPy view moves no version counter, so when a hook other than hooklens's caching hooks is attached,
+`Attention.forward` also compares the values with a copy taken before the hooks ran (`_run_hook`): such edits are
+applied on every backend, at the price of one copy and one comparison (a host sync) per hooked tensor.
 
 Cache-buffer hand-off: the pattern / scores the hooks receive are the kernel's output buffers themselves.
 `run_with_cache`'s caching hook stores `activation.detach()`, a view of that same storage, so the cache holds the
-buffer the kernel wrote — no copy, and no need to identify caching hooks (read-only-ness is detected generically
-through identity + `_version`). Copies happen only where the caching hook itself makes them (`device=`, a list
-`pos_slice`), exactly as with the torch backend. Under `torch.inference_mode` the buffers are allocated as normal
-tensors (inference tensors have no version counter). An edit made through `.data` is invisible to `_version` and
-is not detected; edit the tensor itself or return a new one.
+buffer the kernel wrote — no copy. Caching hooks are marked read-only (`hook_points.read_only_hook`), so caching
+alone needs no value comparison either. Copies happen only where the caching hook itself makes them (`device=`, a
+list `pos_slice`), exactly as with the torch backend. Under `torch.inference_mode` the buffers are allocated as
+normal tensors (inference tensors have no version counter).
 
 Autograd: the kernels run without autograd. When autograd records (grad enabled and q/k/v require grad), their
 outputs are wrapped in autograd.Functions whose backward recomputes with PyTorch ops: the pattern kernel's outputs

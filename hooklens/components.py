@@ -136,13 +136,19 @@ def _head_major(h: int, d: int, dh: int, dtype: torch.dtype) -> Tensor:
 
 def _run_hook(hook_point: HookPoint, activation: Tensor) -> Tuple[Tensor, bool]:
     """`hook_point(activation)` and whether a hook edited it: returned another tensor, or changed it in place (its
-    `_version` moved). An inference tensor has no version counter, so it counts as edited (only the eager
+    `_version` moved). A write through `.data` or a NumPy view moves neither, so when a hook other than a caching
+    hook is attached the values are also compared with a copy taken before the hooks ran (one extra pass; caching
+    hooks alone cost nothing). An inference tensor has no version counter, so it counts as edited (only the eager
     backend passes such tensors, and it recomputes nothing either way)."""
     if activation.is_inference():
         return hook_point(activation), True
+    before = activation.detach().clone() if hook_point.may_edit() else None
     version = activation._version
     hooked = hook_point(activation)
-    return hooked, hooked is not activation or activation._version != version
+    edited = hooked is not activation or activation._version != version
+    if not edited and before is not None:
+        edited = not torch.equal(before, activation.detach())
+    return hooked, edited
 
 
 class Attention(nn.Module):

@@ -40,6 +40,16 @@ Direction = Literal["fwd", "bwd"]
 logger = logging.getLogger(__name__)
 
 
+READ_ONLY_ATTR = "hooklens_read_only"
+
+
+def read_only_hook(fn: HookFunction) -> HookFunction:
+    """Mark `fn` as a hook that never changes the activation (hooklens's caching hooks), so code that detects edits
+    need not compare values around it. Returns `fn`."""
+    setattr(fn, READ_ONLY_ATTR, True)
+    return fn
+
+
 @dataclass
 class LensHandle:
     """A hook function registered on a HookPoint, with TL's bookkeeping (permanence and context level).
@@ -115,6 +125,13 @@ class HookPoint(nn.Module):
     ) -> bool:
         dirs = ("fwd", "bwd") if dir == "both" else (dir,)
         return any(h._matches(including_permanent, level) for d in dirs for h in self._handles(d))
+
+    def may_edit(self) -> bool:
+        """Whether a forward hook that may change the activation's values is attached: any hook except those marked
+        `read_only_hook` (hooklens's caching hooks); PyTorch's own module hooks count too."""
+        if self._forward_hooks or self._forward_pre_hooks:
+            return True
+        return any(not getattr(h.hook, READ_ONLY_ATTR, False) for h in self.fwd_hooks)
 
     def clear_context(self) -> None:
         self.ctx = {}
@@ -432,7 +449,7 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         for name in self.hook_dict:
             if name_filter_fn(name):
                 pos_axis = self._cached_pos_axis(name, remove_batch_dim)
-                fwd_hooks.append((name, partial(save_hook, is_backward=False, pos_axis=pos_axis)))
+                fwd_hooks.append((name, read_only_hook(partial(save_hook, is_backward=False, pos_axis=pos_axis))))
                 if incl_bwd:
                     bwd_hooks.append((name, partial(save_hook, is_backward=True, pos_axis=pos_axis)))
         return cache, fwd_hooks, bwd_hooks
