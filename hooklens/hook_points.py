@@ -19,8 +19,12 @@ differences that only remove surprises:
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+import os
+import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +45,16 @@ logger = logging.getLogger(__name__)
 
 
 READ_ONLY_ATTR = "hooklens_read_only"
+
+
+def _caller_stacklevel() -> int:
+    """`warnings.warn`'s stacklevel of the first frame outside hooklens and contextlib: the user's line."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package_dir)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def read_only_hook(fn: HookFunction) -> HookFunction:
@@ -378,7 +392,9 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
                     if isinstance(name, str) and _check:  # a switched-off point named outright raises (TL: no check)
                         self.add_hook(name, fn, dir=direction, level=level)
                     else:  # filters and caching hooks go on every selected point, switched off or not (as in TL)
-                        self._add_unchecked(name, fn, direction, level)
+                        matched = self._add_unchecked(name, fn, direction, level)
+                        if _check and callable(name):
+                            self._warn_if_filter_never_fires(matched)
             yield self
         finally:
             if reset_hooks_end:
@@ -386,15 +402,36 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
             self.context_level -= 1
 
     def _add_unchecked(self, name: Union[str, Callable[[str], bool]], fn: HookFunction, direction: Direction,
-                       level: Optional[int]) -> None:
+                       level: Optional[int]) -> List[str]:
+        """Attach `fn` to the named point or every point the filter selects; returns the names it went on."""
         if isinstance(name, str):
             self.get_hook_point(name).add_hook(fn, dir=direction, level=level)
-        elif callable(name):
-            for hook_name, hook_point in self.hook_dict.items():
-                if name(hook_name):
-                    hook_point.add_hook(fn, dir=direction, level=level)
-        else:
+            return [name]
+        if not callable(name):
             raise TypeError(f"Hook name must be a string or a filter function of the name, got {type(name).__name__}.")
+        matched = [hook_name for hook_name in self.hook_dict if name(hook_name)]
+        for hook_name in matched:
+            self.hook_dict[hook_name].add_hook(fn, dir=direction, level=level)
+        return matched
+
+    def _warn_if_filter_never_fires(self, matched: List[str]) -> None:
+        """A filter whose hook can never run — it selects no hook point, or only switched-off ones — is almost
+        always a mistake (TL attaches it silently): warn, naming what it selected and the switch to turn on."""
+        reasons = []
+        for hook_name in matched:
+            try:
+                self.check_hooks_to_add(self.hook_dict[hook_name], hook_name, None)
+            except AssertionError as error:
+                reasons.append(str(error))
+            else:
+                return  # at least one selected point is active
+        if not matched:
+            message = "A hook filter selected no hook point, so its hook never runs; check the filter against " \
+                      "model.hook_dict."
+        else:
+            message = (f"A hook filter selected only switched-off hook points ({', '.join(matched[:4])}"
+                       f"{', ...' if len(matched) > 4 else ''}), so its hook never runs. {reasons[0]}")
+        warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
 
     def run_with_hooks(
         self,
