@@ -166,3 +166,19 @@ def tl_model_from_hf(directory: Path, fold_ln=True, center_writing_weights=True,
         center_unembed=center_unembed, fold_value_biases=fold_value_biases,
     )
     return model.eval()
+
+
+# Hooks that edit attention scores / patterns (returning a new tensor or in place), shared by the tests that check
+# every edit reaches z on every backend.
+def zero_head_0(pattern, hook):
+    out = pattern.clone()
+    out[:, 0] = 0
+    return out
+
+
+def in_place_shift(pattern, hook):
+    pattern[:, 1, :, 0] += 0.25
+
+
+def in_place_scores(scores, hook):
+    scores.mul_(0.5)

@@ -12,7 +12,14 @@ import sys
 
 import pytest
 import torch
-from conftest import INTERPRETER_ENV_VAR, WIDE_TINY_MODEL, make_tiny_model
+from conftest import (
+    INTERPRETER_ENV_VAR,
+    WIDE_TINY_MODEL,
+    in_place_scores,
+    in_place_shift,
+    make_tiny_model,
+    zero_head_0,
+)
 from tolerances import tolerance
 
 import hooklens.attention as A
@@ -276,24 +283,10 @@ def test_read_only_hooks_do_not_recompute(model, tokens, monkeypatch):
     assert recompute.calls == 0 and softmax.calls == 0 and reference.calls == 0
 
 
-def zero_head_0(pattern, hook):
-    out = pattern.clone()
-    out[:, 0] = 0
-    return out
-
-
-def in_place_shift(pattern, hook):
-    pattern[:, 1, :, 0] += 0.25
-
-
 def ablate_scores(scores, hook):
     out = scores.clone()
     out[:, :, 3:, 1] = float("-inf")
     return out
-
-
-def in_place_scores(scores, hook):
-    scores.mul_(0.5)
 
 
 @needs_kernels

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tl_model_from_hf
+from conftest import in_place_scores, in_place_shift, tl_model_from_hf, zero_head_0
 from tolerances import tolerance
 
 import hooklens.patching as patching
@@ -128,20 +128,6 @@ def test_kv_cached_generation_agrees_with_cached_run(twins, backend):
         with model.hooks(fwd_hooks=read_only_hooks(attention_pattern_point, {})):
             hooked = model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False, stop_at_eos=False)
     assert torch.equal(plain, hooked)
-
-
-def zero_head_0(pattern, hook):
-    out = pattern.clone()
-    out[:, 0] = 0
-    return out
-
-
-def in_place_shift(pattern, hook):
-    pattern[:, 1, :, 0] += 0.25
-
-
-def in_place_scores(scores, hook):
-    scores.mul_(0.5)
 
 
 @pytest.mark.parametrize("edit", [zero_head_0, in_place_shift, in_place_scores], ids=lambda f: f.__name__)
