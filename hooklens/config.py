@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
+
+from hooklens.errors import InvalidInputError
 
 
 def default_device() -> str:
@@ -49,6 +52,87 @@ def _check_unsupported(name: str, value: Any) -> None:
         raise NotImplementedError(
             f"{name}={value!r} describes an architecture outside the GPT-2 family, which hooklens does not support "
             f"(leave it at {_UNSUPPORTED_FIELDS[name]!r})."
+        )
+
+
+# What each size means, for errors that say how to fix a bad value ("GPT-2 small" gives a value that works).
+_SIZE_HINTS: Dict[str, str] = {
+    "n_layers": "the number of transformer blocks, 12 for GPT-2 small; 0 gives an embedding-unembedding model",
+    "d_model": "the residual stream width, 768 for GPT-2 small",
+    "n_ctx": "the number of positions the model reads, 1024 for GPT-2",
+    "d_head": "the width of one attention head, 64 for GPT-2",
+    "n_heads": "the number of heads per layer, 12 for GPT-2 small",
+    "d_mlp": "the MLP's hidden width, 3072 for GPT-2 small; None means 4 * d_model",
+    "d_vocab": "the vocabulary size, 50257 for GPT-2",
+    "d_vocab_out": "the number of logits, 50257 for GPT-2",
+}
+# The "derive it" value of a size field, and what it means.
+_UNSET = {"n_heads": (-1, "derives it as d_model // d_head"), "d_vocab": (-1, "takes it from the tokenizer"),
+          "d_vocab_out": (-1, "makes it d_vocab")}
+# (field, smallest valid value): checked in this order, before any size is used.
+_SIZE_RULES = (("n_layers", 0), ("d_model", 1), ("n_ctx", 1), ("d_head", 1), ("n_heads", 1), ("d_mlp", 1),
+               ("d_vocab", 1), ("d_vocab_out", 1))
+# No GPT-2-style model comes near 2**38 weights (GPT-2 XL has 1.6e9; 2**38 float32 weights fill 1 TiB): a config
+# that asks for more has a typo, and building it would exhaust memory before any error could name the field.
+MAX_MODEL_WEIGHTS = 2**38
+
+
+def _check_size(name: str, value: Any, low: int, label: Optional[str] = None, derivable: bool = True) -> Any:
+    """`value` as an int if it is a valid size for field `name` (or, if `derivable`, its "derive it" value), else
+    an error that names `label` (default: `name`) and says which values work."""
+    unset, meaning = _UNSET.get(name, (None, "")) if derivable else (None, "")
+    if unset is not None and value == unset and not isinstance(value, bool):
+        return value
+    label = label or name
+    fix = (f"set it to {'a positive integer' if low == 1 else 'an integer >= 0'} ({_SIZE_HINTS[name]})"
+           + (f", or to {unset}, which {meaning}." if meaning else "."))
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{label}={value!r} is not an integer: {fix}")
+    if value < low:
+        raise InvalidInputError(f"{label}={value!r} cannot form a model: {fix}")
+    return int(value)
+
+
+def _check_positive_real(name: str, value: Any, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} is not a number: {fix}.")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"{name}={value!r} cannot form a model (it must be finite and > 0): {fix}.")
+
+
+def _model_weights(cfg: "HookedTransformerConfig") -> Dict[str, int]:
+    """How many weights each part of the model described by `cfg` holds, keyed by the fields that size it."""
+    d = cfg.d_model
+    per_layer = 4 * cfg.n_heads * cfg.d_head * d + (0 if cfg.attn_only else 2 * d * cfg.d_mlp)
+    return {"d_vocab (embedding)": max(cfg.d_vocab, 0) * d, "n_ctx (position embedding)": cfg.n_ctx * d,
+            "d_vocab_out (unembedding)": max(cfg.d_vocab_out, 0) * d,
+            "n_layers x (n_heads, d_head, d_mlp) (blocks)": cfg.n_layers * per_layer}
+
+
+def check_config_values(cfg: "HookedTransformerConfig") -> None:
+    """Raise, naming the field and a value that works, if `cfg` cannot form a model: sizes that are not positive
+    integers, eps or attn_scale <= 0, or more weights than any GPT-2-style model has (`MAX_MODEL_WEIGHTS`).
+
+    Runs when a config is built, and again wherever fields are changed afterwards (from_pretrained's overrides)."""
+    for name, low in _SIZE_RULES:
+        if name == "d_mlp" and (cfg.attn_only or cfg.d_mlp is None):
+            continue  # None means 4 * d_model; an attention-only model has no MLP, so TL configs carry any d_mlp
+        setattr(cfg, name, _check_size(name, getattr(cfg, name), low))
+    _check_positive_real("eps", cfg.eps, "set eps (LayerNorm's epsilon) to e.g. 1e-5, GPT-2's value")
+    if cfg.attn_scale != -1.0:
+        _check_positive_real("attn_scale", cfg.attn_scale, "leave attn_scale at -1 for sqrt(d_head), or pass "
+                             "use_attn_scale=False for no scaling")
+    if cfg.n_heads == -1 or (cfg.d_mlp is None and not cfg.attn_only):
+        return  # derived by __post_init__, which checks the result
+    parts = _model_weights(cfg)
+    total = sum(parts.values())
+    if total > MAX_MODEL_WEIGHTS:
+        largest = max(parts, key=parts.get)
+        raise InvalidInputError(
+            f"This config describes a model with {total:.3g} weights ({total * 4 / 2**40:.3g} TiB in float32), "
+            f"more than any GPT-2-style model (GPT-2 XL has 1.6e9); most of them come from {largest}. Check those "
+            f"fields (n_ctx={cfg.n_ctx}, d_vocab={cfg.d_vocab}, d_model={cfg.d_model}, d_mlp={cfg.d_mlp}, "
+            f"n_layers={cfg.n_layers}) for a typo."
         )
 
 
@@ -95,9 +179,11 @@ class HookedTransformerConfig:
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        check_config_values(self)
         if self.n_heads == -1:
             if self.d_model % self.d_head != 0:
-                raise ValueError(f"d_model={self.d_model} is not a multiple of d_head={self.d_head}; set n_heads.")
+                raise InvalidInputError(f"d_model={self.d_model} is not a multiple of d_head={self.d_head}; set "
+                                        "n_heads, or pick a d_head that divides d_model.")
             self.n_heads = self.d_model // self.d_head
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
@@ -127,12 +213,15 @@ class HookedTransformerConfig:
             self.attn_scale = math.sqrt(self.d_head)
         if not self.use_attn_scale:
             self.attn_scale = 1.0
+        check_config_values(self)  # again, now that n_heads, d_mlp and attn_scale are derived
         if self.default_prepend_bos not in (True, False):
             raise ValueError(f"default_prepend_bos must be True or False, got {self.default_prepend_bos!r}")
         if self.device is None:
             self.device = default_device()
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype)
+        if isinstance(self.dtype, str):  # "float32" or "torch.float32", as configs saved to JSON spell it
+            self.dtype = getattr(torch, self.dtype.removeprefix("torch."), self.dtype)
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"dtype={self.dtype!r} is not a torch dtype: pass e.g. torch.float32 or 'float32'.")
         self.n_params = self.n_layers * (self.d_model * self.d_head * self.n_heads * 4)
         if not self.attn_only:
             self.n_params += self.n_layers * self.d_model * self.d_mlp * 2
@@ -177,6 +266,27 @@ class HookedTransformerConfig:
         return self.act_fn == "solu_ln"
 
 
+# Hugging Face GPT2Config's size fields -> the HookedTransformerConfig field each becomes (for the hints).
+_HF_SIZE_FIELDS = {"n_layer": "n_layers", "n_embd": "d_model", "n_head": "n_heads", "n_positions": "n_ctx",
+                   "vocab_size": "d_vocab", "n_inner": "d_mlp"}
+
+
+def _check_hf_sizes(hf_config: Any) -> None:
+    """Errors in the Hugging Face field names (those of config.json) for GPT-2 configs that cannot form a model."""
+    for hf_name, name in _HF_SIZE_FIELDS.items():
+        value = getattr(hf_config, hf_name, None)
+        if hf_name == "n_inner" and value is None:
+            continue  # None means 4 * n_embd
+        _check_size(name, value, 0 if hf_name == "n_layer" else 1, f"GPT-2 config {hf_name}", derivable=False)
+    if hf_config.n_embd % hf_config.n_head != 0:
+        raise InvalidInputError(
+            f"GPT-2 config n_head={hf_config.n_head} does not divide n_embd={hf_config.n_embd}: every head is n_embd / "
+            f"n_head wide. Set n_head to a divisor of n_embd (GPT-2 small: n_embd=768, n_head=12)."
+        )
+    _check_positive_real("GPT-2 config layer_norm_epsilon", getattr(hf_config, "layer_norm_epsilon", None),
+                         "set layer_norm_epsilon to e.g. 1e-5, GPT-2's value")
+
+
 def config_from_hf(
     hf_config: Any, dtype: torch.dtype = torch.float32, model_name: str = "custom"
 ) -> HookedTransformerConfig:
@@ -190,6 +300,7 @@ def config_from_hf(
         raise NotImplementedError(
             f"activation_function={act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}."
         )
+    _check_hf_sizes(hf_config)
     d_model = hf_config.n_embd
     n_heads = hf_config.n_head
     if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or getattr(
