@@ -125,7 +125,7 @@ def prompt_tokens(
         tokens = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=side)
         left_padded = side == "left"
     else:
-        tokens = input if input.dim() == 2 else input[None]  # [p] -> [1, p]
+        tokens = model._token_ids(input)  # [b, p] int ids on the model's device, or a clear error
         # Left-padded token prompts (TL: padding_side="left" or a left-padding tokenizer): mask the leading pads.
         left_padded = model.tokenizer is not None and model.resolve_padding_side(padding_side) == "left"
     attention_mask = model.padding_attention_mask(tokens, prepend_bos, "left") if left_padded else None

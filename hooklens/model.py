@@ -108,28 +108,115 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
     def bfloat16(self) -> "HookedTransformer":
         return self.to(torch.bfloat16)
 
-    # -- forward ------------------------------------------------------------------------------------------------
-    def _check_tokens(self, tokens: Tensor, pos_offset: int) -> None:
-        """Refuse token ids the model cannot embed: non-integer, wrong rank, too long, or outside the vocabulary."""
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"Token ids must be an integer tensor, got dtype {tokens.dtype}.")
+    # -- input checks: dtype and shape checks, then one reduction over the caller's tokens and mask ------------
+    def _token_ids(self, tokens: Any) -> Tensor:
+        """Tokens `[b, p]` (or `[p]`) as ids the embedding can index with, on the model's device; refuses what
+        cannot be token ids (non-integer dtypes, a dtype too narrow for the vocabulary, wrong rank, empty)."""
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"Input must be a string, a list of strings or a tensor of token ids, got "
+                            f"{type(tokens).__name__}; wrap ids with torch.tensor(ids).")
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            residual = "; a residual stream [batch, pos, d_model] goes in with start_at_layer=0" \
+                if tokens.dim() == 3 and tokens.is_floating_point() else ""
+            raise TypeError(f"Token ids must be an integer tensor, got dtype {tokens.dtype}: pass ids as torch.long "
+                            f"(e.g. tokens.long()){residual}.")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            # Indexing refuses int8/int16 and reads uint8 as a boolean mask, so narrower ids are widened. Only when
+            # the dtype holds every id of the vocabulary, though: otherwise an id may have wrapped round to a
+            # valid-looking one before it got here (a signed dtype that holds d_vocab ids turns any overflow
+            # negative, which the range check refuses).
+            if self.cfg.d_vocab > 2 ** torch.iinfo(tokens.dtype).bits:
+                raise TypeError(f"Token ids of dtype {tokens.dtype} cannot hold every id of this model's vocabulary "
+                                f"(d_vocab={self.cfg.d_vocab}), so some may have wrapped round already; build the "
+                                "tokens as torch.long from the original ids (to_tokens returns torch.long).")
+            tokens = tokens.long()
+        if tokens.dim() == 1:
+            tokens = tokens[None]  # [p] -> [1, p]
         if tokens.dim() != 2 or tokens.shape[-1] == 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"Tokens must be [batch, pos] (or [pos]) with at least one position, got shape {tuple(tokens.shape)}"
-                + ("; an empty string needs prepend_bos=True to give a token." if tokens.dim() == 2 else ".")
+                + ("; an empty string needs prepend_bos=True to give a token." if tokens.dim() == 2 else
+                   "; run one [batch, pos] tensor per call (e.g. tokens.flatten(0, -2) merges the leading dims).")
             )
-        if tokens.shape[-1] + pos_offset > self.cfg.n_ctx:
-            raise ValueError(
-                f"Sequence length {tokens.shape[-1] + pos_offset} exceeds the model's context "
-                f"n_ctx={self.cfg.n_ctx}; truncate the input (to_tokens(..., truncate=True) does) or split it into "
-                "windows."
-            )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise ValueError(
-                f"Token ids must lie in [0, {self.cfg.d_vocab}) for this model, got range "
-                f"[{int(tokens.min())}, {int(tokens.max())}]; check the tokenizer matches the model."
-            )
+        if tokens.shape[0] == 0:
+            raise InvalidInputError(f"Tokens have an empty batch (shape {tuple(tokens.shape)}): pass at least one "
+                                    "prompt.")
+        return tokens.to(self.embed.W_E.device)
 
+    def _check_context(self, tokens: Tensor, past_kv_cache: Optional[HookedTransformerKeyValueCache]) -> int:
+        """The number of cached positions before `tokens`; refuses a batch the cache was not built for and a
+        sequence longer than the model's context (W_pos has n_ctx rows)."""
+        pos_offset = past_kv_cache.past_length if past_kv_cache is not None else 0
+        if past_kv_cache is not None and past_kv_cache.previous_attention_mask.shape[0] != tokens.shape[0]:
+            raise InvalidInputError(
+                f"past_kv_cache holds {past_kv_cache.previous_attention_mask.shape[0]} prompts but the tokens have "
+                f"batch size {tokens.shape[0]}; build the cache with HookedTransformerKeyValueCache.init_cache(cfg, "
+                "device, batch_size) for this batch.")
+        if tokens.shape[-1] + pos_offset > self.cfg.n_ctx:
+            raise InvalidInputError(
+                f"Sequence length {tokens.shape[-1] + pos_offset} exceeds the model's context n_ctx={self.cfg.n_ctx}"
+                f"{f' ({pos_offset} of them in past_kv_cache)' if pos_offset else ''}; keep the first n_ctx tokens "
+                f"(tokens[:, :{self.cfg.n_ctx}], or to_tokens(text, truncate=True)) or split the input into windows."
+            )
+        return pos_offset
+
+    def _check_attention_mask(self, attention_mask: Tensor, tokens: Tensor) -> Tensor:
+        """A padding mask `[b, p]` of 0/1 (1 = real token) with the tokens' shape, on their device."""
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise TypeError(
+                f"attention_mask must be a 0/1 integer or bool tensor (1 = real token), got dtype "
+                f"{attention_mask.dtype}; convert a 0./1. mask with mask.long() (an additive 0/-inf mask is not "
+                "supported: pass (mask == 0).long())."
+            )
+        if attention_mask.shape != tokens.shape:
+            raise InvalidInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
+                                    f"{tuple(tokens.shape)}; pass one 0/1 entry per token.")
+        return attention_mask.to(tokens.device)
+
+    def _check_values(self, tokens: Optional[Tensor], attention_mask: Optional[Tensor]) -> None:
+        """Refuse token ids outside the vocabulary, mask entries other than 0/1, and prompts that are all padding
+        (`attention_mask` `[b, past + p]`, including the cached part). One host sync, whatever is checked."""
+        flags: Dict[str, Tensor] = {}
+        if tokens is not None:
+            low, high = tokens.aminmax()
+            flags["token range"] = (low < 0) | (high >= self.cfg.d_vocab)
+        if attention_mask is not None:
+            flags["mask values"] = ((attention_mask != 0) & (attention_mask != 1)).any()
+            flags["padding-only rows"] = (~attention_mask.bool().any(dim=1)).any()
+        if not flags:
+            return
+        failed = dict(zip(flags, torch.stack(list(flags.values())).tolist()))
+        if failed.get("token range"):
+            raise InvalidInputError(
+                f"Token ids must lie in [0, {self.cfg.d_vocab}) for this model, got range "
+                f"[{int(low)}, {int(high)}]; check the tokenizer matches the model."
+            )
+        if failed.get("mask values"):
+            values = sorted(set(attention_mask.unique().tolist()))
+            raise InvalidInputError(
+                f"attention_mask must hold only 0 (padding) and 1 (real token), got values {values[:8]}"
+                f"{' ...' if len(values) > 8 else ''}; pass (mask != 0).long() if nonzero means a real token.")
+        if failed.get("padding-only rows"):
+            empty = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
+            raise InvalidInputError(
+                f"attention_mask rows {empty} have no real token (all 0): such a prompt is padding only, so its "
+                "outputs are meaningless (its loss is NaN); drop those rows or give each prompt at least one token.")
+
+    def _check_layers(self, start_at_layer: Optional[int], stop_at_layer: Optional[int]) -> None:
+        """Refuse a layer bound outside the model: as in TL each is a slice bound over the blocks, so it may be
+        negative, but one outside [-n_layers, n_layers] would run a silently clipped range of blocks."""
+        n_layers = self.cfg.n_layers
+        for name, value in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int or None, got {type(value).__name__}.")
+            if not -n_layers <= value <= n_layers:
+                raise InvalidInputError(
+                    f"{name}={value} is outside this model's {n_layers} layers: it is a slice bound over the blocks "
+                    f"and must lie in [-{n_layers}, {n_layers}] (None = from the start / to the end).")
+
+    # -- forward ------------------------------------------------------------------------------------------------
     def input_to_embed(
         self,
         input: Union[str, List[str], Tensor],
@@ -144,20 +231,19 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
             tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         else:
             tokens = input
-        if tokens.dim() == 1:
-            tokens = tokens[None]  # [p] -> [1, p]
-        tokens = tokens.to(self.embed.W_E.device)
-        pos_offset = past_kv_cache.past_length if past_kv_cache is not None else 0
-        self._check_tokens(tokens, pos_offset)
+        tokens = self._token_ids(tokens)
+        pos_offset = self._check_context(tokens, past_kv_cache)
         if attention_mask is not None or past_kv_cache is not None or self.resolve_padding_side(padding_side) == "left":
             if attention_mask is None:
                 attention_mask = self.padding_attention_mask(tokens, prepend_bos, padding_side, required=True)
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
-                                 f"{tuple(tokens.shape)}.")
-            attention_mask = attention_mask.to(tokens.device)
+            attention_mask = self._check_attention_mask(attention_mask, tokens)
             if past_kv_cache is not None:
+                # checked with the cached part (a chunk of padding after real tokens is fine) before it is stored
+                self._check_values(tokens, torch.cat([past_kv_cache.previous_attention_mask.to(tokens.device),
+                                                      attention_mask], dim=-1))
                 attention_mask = past_kv_cache.append_attention_mask(attention_mask)  # [b, past + p]
+        if attention_mask is None or past_kv_cache is None:
+            self._check_values(tokens, attention_mask)
         if self.cfg.use_hook_tokens:
             tokens = self.hook_tokens(tokens)
         embed = self.hook_embed(self.embed(tokens))  # [b, p, d]
@@ -187,14 +273,21 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if shortformer_pos_embed is not None:
             raise NotImplementedError("shortformer positional embeddings are not supported (GPT-2 family only).")
+        self._check_layers(start_at_layer, stop_at_layer)
         if start_at_layer is None:
             residual, tokens, _, attention_mask = self.input_to_embed(
                 input, prepend_bos, padding_side, attention_mask, past_kv_cache
             )
         else:
-            if not isinstance(input, Tensor) or input.dim() != 3:
-                raise ValueError("With start_at_layer, input must be the residual stream [batch, pos, d_model].")
+            if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_model:
+                shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+                raise InvalidInputError(f"With start_at_layer, input must be the residual stream [batch, pos, "
+                                        f"d_model={self.cfg.d_model}], got {shape}; tokens go in without "
+                                        "start_at_layer.")
             residual = input
+            if attention_mask is not None:  # the mask the blocks read: one entry per position, as for tokens
+                attention_mask = self._check_attention_mask(attention_mask, residual[..., 0])
+                self._check_values(None, attention_mask)
         for index in range(self.cfg.n_layers)[start_at_layer:stop_at_layer]:
             entry = past_kv_cache[index] if past_kv_cache is not None else None
             residual = self.blocks[index](residual, entry, attention_mask)  # [b, p, d]

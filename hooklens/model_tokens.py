@@ -5,6 +5,10 @@
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import warnings
 from typing import Any, List, Literal, Optional, Union
 
 import numpy as np
@@ -14,6 +18,33 @@ from torch import Tensor
 from hooklens import tokenizer as tok
 from hooklens.errors import InvalidInputError
 from hooklens.utils import get_attention_mask
+
+
+def user_stacklevel() -> int:
+    """`warnings.warn`'s stacklevel of the caller's line: the first frame outside hooklens, torch (`nn.Module`'s
+    call wrappers, `torch.no_grad` decorators) and contextlib, however deep inside a forward the warning is made."""
+    hooklens_dir = os.path.dirname(os.path.abspath(__file__))
+    inside = (hooklens_dir + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(inside)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_truncated(lengths: List[int], n_ctx: int) -> None:
+    """Say that text longer than the context lost its end: the kept tokens give a result that looks complete."""
+    too_long = [n for n in lengths if n > n_ctx]
+    longest = max(too_long)
+    which = "The input tokenizes" if len(lengths) == 1 else \
+        f"{len(too_long)} of {len(lengths)} inputs are too long (the longest tokenizes"
+    warnings.warn(
+        f"{which} to {longest} tokens, more than the model's context n_ctx={n_ctx}"
+        f"{')' if len(lengths) > 1 else ''}: only the first {n_ctx} tokens are used and the last "
+        f"{longest - n_ctx} are dropped. Shorten the text or split it into windows; to truncate on purpose without "
+        "this warning, pass model.to_tokens(text, truncate=True) (and give the model those tokens).",
+        UserWarning, stacklevel=user_stacklevel(),
+    )
 
 
 def _token_not_in_prompt_error(single_token: int, prepend_bos: Optional[bool]) -> InvalidInputError:
@@ -85,18 +116,26 @@ class TokensMixin:
         prepend_bos: Optional[bool] = None,
         padding_side: Optional[Literal["left", "right"]] = None,
         move_to_device: bool = True,
-        truncate: bool = True,
+        truncate: Optional[bool] = None,
     ) -> Tensor:
-        """Strings -> `[batch, pos]` token ids (lists are padded with the pad token on `padding_side`)."""
+        """Strings -> `[batch, pos]` token ids (lists are padded with the pad token on `padding_side`).
+
+        Each text keeps its first `n_ctx` tokens unless `truncate=False`. As in TL, truncation is the default, but
+        unless `truncate=True` is passed explicitly, cutting tokens off warns (UserWarning): a truncated prompt's
+        result otherwise looks like the whole prompt's."""
         tokenizer = self.require_tokenizer("to_tokens")
-        tokens = tok.encode_batch(
-            tokenizer,
-            [input] if isinstance(input, str) else list(input),
-            prepend_bos=self.resolve_prepend_bos(prepend_bos),
-            tokenizer_prepends_bos=bool(self.cfg.tokenizer_prepends_bos),
-            padding_side=self.resolve_padding_side(padding_side),
-            max_length=self.cfg.n_ctx if truncate else None,
-        )
+        texts = [input] if isinstance(input, str) else input
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(text, str) for text in texts):
+            raise TypeError(f"to_tokens takes a string or a list of strings, got {type(input).__name__}; token ids "
+                            "need no tokenizing (pass them to the model directly).")
+        if not texts:
+            raise InvalidInputError("to_tokens got an empty list of strings: pass at least one prompt.")
+        rows = tok.encode_ids(tokenizer, texts, prepend_bos=self.resolve_prepend_bos(prepend_bos),
+                              tokenizer_prepends_bos=bool(self.cfg.tokenizer_prepends_bos))
+        if truncate is None and max(len(ids) for ids in rows) > self.cfg.n_ctx:
+            _warn_truncated([len(ids) for ids in rows], self.cfg.n_ctx)
+        max_length = self.cfg.n_ctx if truncate is None or truncate else None
+        tokens = tok.pad_ids(rows, tokenizer.pad_token_id, self.resolve_padding_side(padding_side), max_length)
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
     def to_string(self, tokens: Union[List[int], Tensor, np.ndarray]) -> Union[str, List[str]]:

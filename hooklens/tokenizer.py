@@ -58,17 +58,29 @@ def encode_batch(
     max_length: Optional[int],
 ) -> Tensor:
     """Texts -> `[batch, pos]` ids: optional BOS first, truncated to `max_length`, padded with the pad token."""
+    rows = encode_ids(tokenizer, texts, prepend_bos, tokenizer_prepends_bos)
+    return pad_ids(rows, tokenizer.pad_token_id, padding_side, max_length)
+
+
+def encode_ids(tokenizer: Any, texts: List[str], prepend_bos: bool, tokenizer_prepends_bos: bool) -> List[List[int]]:
+    """Texts -> one list of ids per text, BOS first when `prepend_bos` (exactly once, whatever the tokenizer
+    adds), nothing truncated: callers see how long each text really is before `pad_ids` cuts it."""
     encoded = tokenizer(list(texts), add_special_tokens=tokenizer_prepends_bos)["input_ids"]
     rows = []
     for ids in encoded:
         ids = list(ids)
         if tokenizer_prepends_bos and ids and ids[0] == tokenizer.bos_token_id:
             ids = ids[1:]  # normalize: add BOS ourselves below, exactly once
-        if prepend_bos:
-            ids = [tokenizer.bos_token_id] + ids
-        rows.append(ids[:max_length] if max_length is not None else ids)
+        rows.append([tokenizer.bos_token_id] + ids if prepend_bos else ids)
+    return rows
+
+
+def pad_ids(rows: List[List[int]], pad_id: int, padding_side: str, max_length: Optional[int]) -> Tensor:
+    """Rows of ids -> `[batch, pos]`: each row keeps its first `max_length` ids, then is padded with `pad_id` on
+    `padding_side` to the longest row."""
+    rows = [ids[:max_length] if max_length is not None else ids for ids in rows]
     length = max(len(r) for r in rows) if rows else 0
-    tokens = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
     for i, ids in enumerate(rows):
         if not ids:
             continue
