@@ -12,6 +12,17 @@ differences that only remove surprises:
 * a switched-off hook point (`hook_result` without `use_attn_result`, ...) named in `run_with_hooks` / `hooks()`
   raises as `add_hook` does (TL attaches a hook that never runs); a filter there still matches it, as in TL;
 * `add_hook(filter, ...)` checks every matched point before adding any, so a refusal leaves no hooks behind;
+* temporary hooks (`run_with_hooks`, `hooks()`, `run_with_cache`'s caching hooks) run only in the thread (or
+  asyncio task) whose `hooks()` block added them: a forward in another thread does not see them, and contexts
+  entered and left in any order remove only their own hooks (TL's hooks are model-wide, so concurrent runs see
+  and remove each other's). Permanent hooks, hooks added with `add_hook` and hooks a block leaves behind with
+  `reset_hooks_end=False` stay model-wide, as in TL. `list_hooks` and `repr` show every attached hook;
+  `has_hooks`, `remove_hooks`, `reset_hooks` act on the hooks this thread would run;
+* a hook that returns a tensor of another dtype or on another device (a meta tensor included) raises naming the
+  hook, the hook point and what was expected, instead of failing later inside the model;
+* an activation that `run_with_cache` has stored is not rewritten by a later hook that edits it in place (TL's
+  cache would show the edited values): before a hook that may edit runs on a cached tensor, the cache entry is
+  replaced by a copy (no copy when no such hook runs);
 * `run_with_cache(pos_slice=...)` cuts each activation's position axis as `hooklens.activation_layout` lists it;
   TL's rule ("second from last, third for q/k/v/z/result") agrees on every default hook point but cuts the head
   axis of `hook_q_input` / `hook_k_input` / `hook_v_input` / `hook_attn_in` (and of `ln1`'s hooks when the
@@ -21,15 +32,20 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import logging
 import os
 import sys
+import threading
 import warnings
+import weakref
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -45,6 +61,35 @@ logger = logging.getLogger(__name__)
 
 
 READ_ONLY_ATTR = "hooklens_read_only"
+# Set on an activation a caching hook stored without a copy: [(cache dict, key, stored alias)]. A hook that may
+# edit the activation in place first swaps those cache entries for copies (see `_protect_cached`).
+CACHED_ALIASES_ATTR = "_hooklens_cached_aliases"
+
+
+class _ContextToken:
+    """Identifies one open `hooks()` block of one model; its temporary hooks carry it."""
+
+    __slots__ = ("owner", "serial")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = id(owner)
+        self.serial = next(_SERIALS)  # itertools.count's next() is atomic under the GIL
+
+    def __repr__(self) -> str:
+        return f"<hooks() block {self.serial}>"
+
+
+_SERIALS = itertools.count(1)
+# The `hooks()` blocks open in the running thread / asyncio task. A new thread starts with none, so it runs no
+# other thread's temporary hooks; a ContextVar, like the attention backend's switch.
+_OPEN_BLOCKS: ContextVar[FrozenSet[_ContextToken]] = ContextVar("hooklens_open_hook_blocks", default=frozenset())
+# Activations tagged with CACHED_ALIASES_ATTR (weak references) while the outermost `hooks()` block of this thread
+# is open; it removes the tags on exit, so none outlives the block (a tag would travel with the tensor into a
+# pickle or a deepcopy). Outside any block (caching hooks from `add_caching_hooks`) nothing is tagged: TL's aliasing.
+_TAGGED: ContextVar[Optional[List[weakref.ref]]] = ContextVar("hooklens_tagged_activations", default=None)
+# Registration replaces a HookPoint's handle list (copy on write), so a forward iterating the old list in another
+# thread never sees it half-updated; the lock keeps two threads' read-modify-write from losing a hook.
+_REGISTRATION_LOCK = threading.RLock()
 
 
 def _caller_stacklevel() -> int:
@@ -69,21 +114,76 @@ class LensHandle:
     """A hook function registered on a HookPoint, with TL's bookkeeping (permanence and context level).
 
     `user_hook` is the callable the user passed (TL 3.9's field); `hook` is the function the HookPoint calls,
-    the same callable here (TL keeps a PyTorch `RemovableHandle` there)."""
+    the same callable here (TL keeps a PyTorch `RemovableHandle` there). `context_token` is the `hooks()` block
+    that added a temporary hook (it runs only where that block is open); None for a model-wide hook."""
 
     hook: HookFunction
     is_permanent: bool = False
     context_level: Optional[int] = None
     user_hook: Optional[HookFunction] = None
+    context_token: Optional[_ContextToken] = None
 
     def __post_init__(self) -> None:
         if self.user_hook is None:
             self.user_hook = self.hook
 
-    def _matches(self, including_permanent: bool, level: Optional[int]) -> bool:
+    def visible(self, open_blocks: Optional[FrozenSet[_ContextToken]] = None) -> bool:
+        """Whether a forward in the running thread runs this hook: model-wide, or its `hooks()` block is open."""
+        if self.context_token is None:
+            return True
+        return self.context_token in (_OPEN_BLOCKS.get() if open_blocks is None else open_blocks)
+
+    def _matches(self, including_permanent: bool, level: Optional[int], open_blocks: FrozenSet) -> bool:
         if self.is_permanent and not including_permanent:
             return False
-        return level is None or self.context_level == level
+        return (level is None or self.context_level == level) and self.visible(open_blocks)
+
+
+def _visible(handles: List[LensHandle]) -> List[LensHandle]:
+    """The handles a forward in the running thread runs (no ContextVar read when all are model-wide)."""
+    if all(h.context_token is None for h in handles):
+        return handles
+    open_blocks = _OPEN_BLOCKS.get()
+    return [h for h in handles if h.context_token is None or h.context_token in open_blocks]
+
+
+def _protect_cached(activation: Tensor) -> None:
+    """Before a hook that may edit `activation` in place runs: replace the cache entries that alias it by copies, so
+    the cache keeps the values it stored (TL's cache shows the edit). Costs nothing for an uncached activation."""
+    aliases = activation.__dict__.pop(CACHED_ALIASES_ATTR, None)
+    for cache, key, stored in aliases or ():
+        if cache.get(key) is stored:
+            cache[key] = stored.clone()
+
+
+def _tag_cached(activation: Tensor, cache: dict, key: str, stored: Tensor) -> None:
+    """Note on `activation` that `cache[key]` is `stored`, an alias of it (see `_protect_cached`)."""
+    tagged = _TAGGED.get()
+    if tagged is None:
+        return
+    aliases = activation.__dict__.get(CACHED_ALIASES_ATTR)
+    if aliases is None:
+        aliases = activation.__dict__[CACHED_ALIASES_ATTR] = []
+        tagged.append(weakref.ref(activation))
+    aliases.append((cache, key, stored))
+
+
+@contextmanager
+def _tagging_scope() -> Iterator[None]:
+    """Open in the outermost `hooks()` block of a thread: caching hooks tag activations inside it, untagged on exit."""
+    if _TAGGED.get() is not None:
+        yield
+        return
+    tagged: List[weakref.ref] = []
+    _TAGGED.set(tagged)
+    try:
+        yield
+    finally:
+        _TAGGED.set(None)  # not ContextVar.reset: the block may close in another context than it opened in
+        for ref in tagged:
+            activation = ref()
+            if activation is not None:
+                activation.__dict__.pop(CACHED_ALIASES_ATTR, None)
 
 
 class HookPoint(nn.Module):
@@ -112,17 +212,17 @@ class HookPoint(nn.Module):
         is_permanent: bool = False,
         level: Optional[int] = None,
         prepend: bool = False,
+        context_token: Optional[_ContextToken] = None,
     ) -> None:
-        """Register `hook(activation, hook=self)`; `dir="bwd"` receives the gradient of the activation."""
+        """Register `hook(activation, hook=self)`; `dir="bwd"` receives the gradient of the activation.
+        `context_token` (set by `hooks()`) makes the hook run only where that block is open."""
         if not callable(hook):
             raise TypeError(f"Hook for {self.name!r} must be callable as fn(activation, hook), "
                             f"got {type(hook).__name__}.")
-        handles = self._handles(dir)
-        handle = LensHandle(hook, is_permanent, level)
-        if prepend:
-            handles.insert(0, handle)
-        else:
-            handles.append(handle)
+        handle = LensHandle(hook, is_permanent, level, context_token=context_token)
+        with _REGISTRATION_LOCK:
+            handles = self._handles(dir)
+            self._set_handles(dir, [handle, *handles] if prepend else [*handles, handle])
 
     def add_perma_hook(self, hook: HookFunction, dir: Direction = "fwd") -> None:
         self.add_hook(hook, dir=dir, is_permanent=True)
@@ -130,22 +230,45 @@ class HookPoint(nn.Module):
     def remove_hooks(
         self, dir: Literal["fwd", "bwd", "both"] = "fwd", including_permanent: bool = False, level: Optional[int] = None
     ) -> None:
-        for d in ("fwd", "bwd") if dir == "both" else (dir,):
-            kept = [h for h in self._handles(d) if not h._matches(including_permanent, level)]
-            self._handles(d)[:] = kept
+        """Remove the hooks this thread would run (another thread's temporary hooks are that thread's to remove)."""
+        open_blocks = _OPEN_BLOCKS.get()
+        with _REGISTRATION_LOCK:
+            for d in ("fwd", "bwd") if dir == "both" else (dir,):
+                self._set_handles(d, [h for h in self._handles(d)
+                                      if not h._matches(including_permanent, level, open_blocks)])
+
+    def _remove_block_hooks(self, token: _ContextToken, keep: bool) -> None:
+        """At the end of `token`'s `hooks()` block: remove its hooks, or with `keep` make them model-wide (TL's
+        `reset_hooks_end=False`: they run in later forwards until `reset_hooks()`)."""
+        if not self.fwd_hooks and not self.bwd_hooks:
+            return
+        with _REGISTRATION_LOCK:
+            for d in ("fwd", "bwd"):
+                handles = self._handles(d)
+                if any(h.context_token is token for h in handles):
+                    if keep:
+                        for h in handles:
+                            h.context_token = None if h.context_token is token else h.context_token
+                    else:
+                        self._set_handles(d, [h for h in handles if h.context_token is not token])
 
     def has_hooks(
         self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = True, level: Optional[int] = None
     ) -> bool:
+        """Whether hooks that a forward in this thread runs are attached (another thread's temporary ones are not
+        counted)."""
+        if not self.fwd_hooks and not self.bwd_hooks:
+            return False
+        open_blocks = _OPEN_BLOCKS.get()
         dirs = ("fwd", "bwd") if dir == "both" else (dir,)
-        return any(h._matches(including_permanent, level) for d in dirs for h in self._handles(d))
+        return any(h._matches(including_permanent, level, open_blocks) for d in dirs for h in self._handles(d))
 
     def may_edit(self) -> bool:
-        """Whether a forward hook that may change the activation's values is attached: any hook except those marked
-        `read_only_hook` (hooklens's caching hooks); PyTorch's own module hooks count too."""
+        """Whether a forward hook that may change the activation's values runs in this thread: any hook except those
+        marked `read_only_hook` (hooklens's caching hooks); PyTorch's own module hooks count too."""
         if self._forward_hooks or self._forward_pre_hooks:
             return True
-        return any(not getattr(h.hook, READ_ONLY_ATTR, False) for h in self.fwd_hooks)
+        return any(not getattr(h.hook, READ_ONLY_ATTR, False) for h in _visible(self.fwd_hooks))
 
     def clear_context(self) -> None:
         self.ctx = {}
@@ -166,6 +289,12 @@ class HookPoint(nn.Module):
             return self.bwd_hooks
         raise ValueError(f"Hook direction must be 'fwd' or 'bwd', got {dir!r}.")
 
+    def _set_handles(self, dir: str, handles: List[LensHandle]) -> None:
+        if dir == "fwd":
+            self.fwd_hooks = handles
+        else:
+            self.bwd_hooks = handles
+
     # -- running ------------------------------------------------------------------------------------------------
     def __call__(self, x: Tensor) -> Tensor:  # bypasses nn.Module.__call__: a hook point without hooks is free
         if self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
@@ -175,16 +304,25 @@ class HookPoint(nn.Module):
         return self.forward(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        for handle in list(self.fwd_hooks):
+        for handle in _visible(self.fwd_hooks):  # registration replaces the list, so this one stays as it is
+            if not getattr(handle.hook, READ_ONLY_ATTR, False):
+                _protect_cached(x)
             result = handle.hook(x, hook=self)
             if result is not None:
                 x = self._checked_replacement(result, x, handle.hook, "activation")
         if self.bwd_hooks and x.requires_grad:
-            x.register_hook(self._run_bwd_hooks)
+            # Which backward hooks run is decided now, in the forward's thread: backward may run in another one.
+            visible = _visible(self.bwd_hooks)
+            if visible:
+                x.register_hook(partial(self._run_bwd_hooks, visible))
         return x
 
-    def _run_bwd_hooks(self, grad: Tensor) -> Tensor:
-        for handle in list(self.bwd_hooks):
+    def _run_bwd_hooks(self, visible: List[LensHandle], grad: Tensor) -> Tensor:
+        for handle in self.bwd_hooks:  # those still attached (a block's exit removes its hooks) that were visible
+            if not any(handle is v for v in visible):
+                continue
+            if not getattr(handle.hook, READ_ONLY_ATTR, False):
+                _protect_cached(grad)
             result = handle.hook(grad, hook=self)
             if result is not None:
                 if isinstance(result, tuple) and len(result) == 1:
@@ -193,17 +331,35 @@ class HookPoint(nn.Module):
         return grad
 
     def _checked_replacement(self, result: Any, original: Tensor, fn: HookFunction, what: str) -> Tensor:
+        """`result` if it can stand in for `original`: a tensor of the same shape, dtype and device."""
+        where = f"Hook {_fn_name(fn)} on {self.name!r}"
         if not isinstance(result, Tensor):
-            raise TypeError(
-                f"Hook {_fn_name(fn)} on {self.name!r} returned {type(result).__name__}; a hook must return None "
-                f"(keep the {what}) or a tensor of shape {tuple(original.shape)}."
-            )
+            raise TypeError(f"{where} returned {type(result).__name__}; a hook must return None (keep the {what}) "
+                            f"or a tensor of shape {tuple(original.shape)}.")
         if result.shape != original.shape:
-            raise ValueError(
-                f"Hook {_fn_name(fn)} on {self.name!r} returned a tensor of shape {tuple(result.shape)}, but the "
-                f"{what} there has shape {tuple(original.shape)}; return a tensor of exactly that shape (or None)."
-            )
+            raise InvalidInputError(
+                f"{where} returned a tensor of shape {tuple(result.shape)}, but the {what} there has shape "
+                f"{tuple(original.shape)}; return a tensor of exactly that shape (or None).")
+        if result.device != original.device:
+            data = " (a meta tensor has no values)" if result.is_meta else ""
+            raise InvalidInputError(
+                f"{where} returned a tensor on device {result.device}{data}, but the {what} there is on "
+                f"{original.device}; return a tensor on {original.device} (e.g. `result.to({what}.device)`).")
+        if result.dtype != original.dtype and not _interchangeable_dtypes(result, original):
+            raise InvalidInputError(
+                f"{where} returned a {result.dtype} tensor, but the {what} there is {original.dtype}; return the "
+                f"same dtype (e.g. `result.to({what}.dtype)`), the model's next operations expect it.")
         return result
+
+
+def _interchangeable_dtypes(result: Tensor, original: Tensor) -> bool:
+    """Dtypes the model takes in place of each other: any floating types under autocast (which casts the next op's
+    inputs), and integer token ids of any width (uint8 and bool index as masks, so they are not ids)."""
+    if result.is_floating_point() and original.is_floating_point():
+        return torch.is_autocast_enabled(original.device.type)
+    not_ids = (torch.bool, torch.uint8)
+    return (not result.is_floating_point() and not result.is_complex() and result.dtype not in not_ids
+            and not original.is_floating_point() and not original.is_complex() and original.dtype not in not_ids)
 
 
 def _fn_name(fn: Callable) -> str:
@@ -271,7 +427,6 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
     def __init__(self, *args: Any) -> None:
         super().__init__()
         self.is_caching = False
-        self.context_level = 0
         for registry in ("mod_dict", "hook_dict"):
             if not hasattr(type(self), registry):  # a subclass's property or class attribute stays in charge
                 setattr(self, registry, {})
@@ -383,35 +538,66 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         clear_contexts: bool = False,
         _check: bool = True,
     ) -> Iterator["HookedRootModule"]:
-        """Context manager: the hooks are attached inside the block and removed on exit, even on error."""
-        self.context_level += 1
-        level = self.context_level
-        try:
-            for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
-                for name, fn in pairs:
-                    if isinstance(name, str) and _check:  # a switched-off point named outright raises (TL: no check)
-                        self.add_hook(name, fn, dir=direction, level=level)
-                    else:  # filters and caching hooks go on every selected point, switched off or not (as in TL)
-                        matched = self._add_unchecked(name, fn, direction, level)
-                        if _check and callable(name):
-                            self._warn_if_filter_never_fires(matched)
-            yield self
-        finally:
-            if reset_hooks_end:
-                self.reset_hooks(clear_contexts, including_permanent=False, level=level)
-            self.context_level -= 1
+        """Context manager: the hooks are attached inside the block and removed on exit, even on error.
+
+        They run only in this thread (or asyncio task), inside the block: a forward in another thread does not see
+        them, and blocks entered and left in any order remove only their own hooks. With `reset_hooks_end=False`
+        they outlive the block as model-wide hooks (TL's behaviour), until `reset_hooks()`."""
+        token = _ContextToken(self)
+        level = self.context_level + 1  # TL's level: how deeply this model's blocks are nested, here per thread
+        with _tagging_scope():
+            _OPEN_BLOCKS.set(_OPEN_BLOCKS.get() | {token})
+            try:
+                self._add_block_hooks(fwd_hooks, bwd_hooks, level, token, _check)
+                yield self
+            finally:
+                try:
+                    if reset_hooks_end and clear_contexts:
+                        self.clear_contexts()
+                    for hook_point in self.hook_dict.values():
+                        hook_point._remove_block_hooks(token, keep=not reset_hooks_end)
+                finally:  # not ContextVar.reset: blocks may close in any order (an ExitStack, a generator)
+                    _OPEN_BLOCKS.set(_OPEN_BLOCKS.get() - {token})
+
+    def _add_block_hooks(self, fwd_hooks: Sequence, bwd_hooks: Sequence, level: int, token: _ContextToken,
+                         check: bool) -> None:
+        for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+            for name, fn in pairs:
+                if isinstance(name, str) and check:  # a switched-off point named outright raises (TL: no check)
+                    point = self.get_hook_point(name)
+                    self.check_hooks_to_add(point, name, fn, dir=direction)
+                    point.add_hook(fn, dir=direction, level=level, context_token=token)
+                else:  # filters and caching hooks go on every selected point, switched off or not (as in TL)
+                    matched = self._add_unchecked(name, fn, direction, level, token)
+                    if check and callable(name):
+                        self._warn_if_filter_never_fires(matched)
+
+    @property
+    def context_level(self) -> int:
+        """How many of this model's `hooks()` blocks are open in the running thread (TL's counter, which is shared
+        by all threads there; here each thread counts its own). The level `hooks()` gives its hooks is one more."""
+        owner = id(self)
+        return sum(1 for token in _OPEN_BLOCKS.get() if token.owner == owner)
+
+    @context_level.setter
+    def context_level(self, value: int) -> None:
+        if value == self.context_level:  # TL-era code that initialises the counter (to 0) keeps working
+            return
+        raise AttributeError(f"context_level is the number of hooks() blocks open in this thread (now "
+                             f"{self.context_level}); it changes by entering or leaving `with model.hooks(...)`, "
+                             f"not by assignment (got {value!r}).")
 
     def _add_unchecked(self, name: Union[str, Callable[[str], bool]], fn: HookFunction, direction: Direction,
-                       level: Optional[int]) -> List[str]:
+                       level: Optional[int], token: Optional[_ContextToken] = None) -> List[str]:
         """Attach `fn` to the named point or every point the filter selects; returns the names it went on."""
         if isinstance(name, str):
-            self.get_hook_point(name).add_hook(fn, dir=direction, level=level)
+            self.get_hook_point(name).add_hook(fn, dir=direction, level=level, context_token=token)
             return [name]
         if not callable(name):
             raise TypeError(f"Hook name must be a string or a filter function of the name, got {type(name).__name__}.")
         matched = [hook_name for hook_name in self.hook_dict if name(hook_name)]
         for hook_name in matched:
-            self.hook_dict[hook_name].add_hook(fn, dir=direction, level=level)
+            self.hook_dict[hook_name].add_hook(fn, dir=direction, level=level, context_token=token)
         return matched
 
     def _warn_if_filter_never_fires(self, matched: List[str]) -> None:
@@ -460,7 +646,12 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         cache: Optional[dict] = None,
         pos_slice: Any = None,
     ) -> Tuple[dict, list, list]:
-        """Hooks that store `activation.detach()` (and `<name>_grad` with `incl_bwd`) into `cache`."""
+        """Hooks that store `activation.detach()` (and `<name>_grad` with `incl_bwd`) into `cache`.
+
+        The stored tensor shares memory with the activation (no copy), as in TL. Unlike TL, a hook that runs later
+        in the same forward and may edit that activation in place (any hook not marked `read_only_hook`, here or at
+        a hook point that receives the same tensor, such as the next block's `hook_resid_pre`) does not rewrite
+        the cache: the entry is replaced by a copy just before that hook runs."""
         cache = {} if cache is None else cache
         name_filter_fn = self._names_filter_fn(names_filter)
         # TL's Slice.unwrap: a bare int becomes [int] so the position dim is kept; a Slice is used as is.
@@ -481,6 +672,8 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
             if position_slice is not None and -stored.dim() <= pos_axis < stored.dim():
                 stored = position_slice.apply(stored, dim=pos_axis)
             cache[key] = stored
+            if stored.device == tensor.device:  # an alias: a later editing hook copies it first (_protect_cached)
+                _tag_cached(tensor, cache, key, stored)
 
         fwd_hooks, bwd_hooks = [], []
         for name in self.hook_dict:
@@ -488,7 +681,7 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
                 pos_axis = self._cached_pos_axis(name, remove_batch_dim)
                 fwd_hooks.append((name, read_only_hook(partial(save_hook, is_backward=False, pos_axis=pos_axis))))
                 if incl_bwd:
-                    bwd_hooks.append((name, partial(save_hook, is_backward=True, pos_axis=pos_axis)))
+                    bwd_hooks.append((name, read_only_hook(partial(save_hook, is_backward=True, pos_axis=pos_axis))))
         return cache, fwd_hooks, bwd_hooks
 
     def _cached_pos_axis(self, name: str, remove_batch_dim: bool) -> int:
