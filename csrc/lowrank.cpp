@@ -30,8 +30,9 @@
 // cache; on CUDA it takes row chunks of at most ~256 MiB of A @ B.
 //
 // The ops are forward-only in C++; hooklens/ops/lowrank.py registers their backward formulas: closed forms
-// for lowrank_trace, lowrank_fro_norm and lowrank_max, a torch.linalg recomputation for the eigenvalue and
-// SVD ops.
+// for lowrank_trace, lowrank_fro_norm and lowrank_max (and _lowrank_max_chunked), a torch.linalg recomputation
+// for the eigenvalue and SVD ops. It also registers the fake (meta) kernels, which make the same device and dtype
+// checks as check_factors below: a CPU tensor mixed with a meta one dispatches to the fake kernel, not to these.
 
 #include <Python.h>
 
@@ -90,9 +91,9 @@ std::vector<int64_t> check_factors(const char* op, const Tensor& A, const Tensor
   TORCH_CHECK(B.dim() >= 2, op, ": B must have shape [..., k, n] (at least 2 dimensions), got shape ",
               B.sizes());
   TORCH_CHECK(A.device() == B.device(), op, ": A and B must be on the same device, got A on ", A.device(),
-              " and B on ", B.device());
+              " and B on ", B.device(), "; move one with B.to(A.device)");
   TORCH_CHECK(A.scalar_type() == B.scalar_type(), op, ": A and B must have the same dtype, got A ",
-              A.scalar_type(), " and B ", B.scalar_type());
+              A.scalar_type(), " and B ", B.scalar_type(), "; convert one with B.to(A.dtype)");
   TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, op,
               ": only float32 and float64 are supported, got ", A.scalar_type());
   TORCH_CHECK(A.layout() == at::kStrided && B.layout() == at::kStrided, op,

@@ -10,7 +10,8 @@
 //
 // One call per chunk of variants, no loop over variants. Registered as CompositeImplicitAutograd: it is
 // expressed in ATen ops, so autograd, meta/fake tensors (torch.compile) and every device work without extra
-// kernels. Supported dtypes: all that at::where supports; mask must be bool.
+// kernels. Supported dtypes: all that at::where supports (act and clean promote as in at::where); mask must
+// be bool; all three on one device.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,6 +21,13 @@ namespace hooklens {
 namespace {
 
 at::Tensor masked_patch_impl(const at::Tensor& act, const at::Tensor& clean, const at::Tensor& mask) {
+  TORCH_CHECK(act.defined() && clean.defined() && mask.defined(),
+              "hooklens::masked_patch: act, clean and mask must be defined tensors");
+  // One device for all three: at::where would otherwise fail with a message naming no argument, and under
+  // meta (shape-only) tensors mixed with real ones it would not fail at all.
+  TORCH_CHECK(clean.device() == act.device() && mask.device() == act.device(),
+              "hooklens::masked_patch: act, clean and mask must be on one device, got act on ", act.device(),
+              ", clean on ", clean.device(), " and mask on ", mask.device(), "; move them with .to(act.device)");
   TORCH_CHECK(mask.scalar_type() == at::kBool, "hooklens::masked_patch: mask must be bool, got ",
               mask.scalar_type());
   TORCH_CHECK(act.dim() >= 1 && act.dim() == clean.dim() && act.dim() == mask.dim(),

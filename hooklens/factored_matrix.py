@@ -26,6 +26,7 @@ Bad input that TL rejects with an `assert` (inner dimensions that do not match, 
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from functools import cached_property
 from typing import Any, List, Optional, Tuple, Union
@@ -73,6 +74,7 @@ class FactoredMatrix:
     """The matrix `left @ A @ B @ right` (outer factors optional), stored factored; shape `[..., ldim, rdim]`."""
 
     def __init__(self, A: Tensor, B: Tensor, *, left: Optional[Tensor] = None, right: Optional[Tensor] = None):
+        _check_factor_dims(A=A, B=B, left=left, right=right)
         if A.shape[-1] != B.shape[-2]:
             raise InvalidInputError(
                 f"Factored matrix must match on inner dimension, shapes were a: {A.shape}, b:{B.shape}. "
@@ -348,9 +350,9 @@ class FactoredMatrix:
             raise ValueError(f"{idx} is too long an index for a FactoredMatrix with shape {tuple(self.shape)}")
         batch_idx, row, col = idx[:n_batch], slice(None), slice(None)
         if used == n_batch + 1:
-            row = _keep_dim(idx[-1])
+            row = _keep_dim(idx[-1], self.ldim, "row")
         elif used == n_batch + 2:
-            row, col = _keep_dim(idx[-2]), _keep_dim(idx[-1])
+            row, col = _keep_dim(idx[-2], self.ldim, "row"), _keep_dim(idx[-1], self.rdim, "column")
         if any(not _is_full(i) for i in batch_idx):
             # Leading dims first, on views: `full_ov[l, h]` must not materialize anything for all heads.
             def pick(t):
@@ -409,11 +411,42 @@ def _is_full(index: Any) -> bool:
     return isinstance(index, slice) and index == slice(None)
 
 
-def _keep_dim(index: Any) -> Any:
-    """TL turns an integer row/column index into a length-1 slice (-1 -> slice(-1, None))."""
-    if isinstance(index, int):
-        return slice(index, index + 1 if index != -1 else None)
-    return index
+def _keep_dim(index: Any, size: int, what: str) -> Any:
+    """TL turns an integer row/column index into a length-1 slice (-1 -> slice(-1, None)). An integer outside
+    [-size, size) raises IndexError: as a slice it would silently select nothing (TL returns an empty matrix)."""
+    if not _is_integer(index):
+        return index  # slices, lists, index tensors: torch's indexing rules (and errors) apply
+    index = operator.index(index)
+    if not -size <= index < size:
+        raise IndexError(f"{what} index {index} is out of range for a FactoredMatrix with {size} {what}s: use an "
+                         f"index in [{-size}, {size - 1}] (or a slice, which may be empty)")
+    return slice(index, index + 1 if index != -1 else None)
+
+
+def _is_integer(index: Any) -> bool:
+    """A Python or NumPy integer, or a 0-d integer tensor: one row or column. (TL handles only Python ints; the
+    others dropped the dimension there and failed further on.)"""
+    if isinstance(index, Tensor):
+        return index.ndim == 0 and index.dtype in _INT_DTYPES
+    return hasattr(index, "__index__")
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_factor_dims(**factors: Optional[Tensor]) -> None:
+    """Each factor must be a (batch of) matrices: A [..., ldim, mdim], B [..., mdim, rdim], left [..., l, ldim],
+    right [..., rdim, r]. Checked first, so a vector gets this message rather than an IndexError from a shape."""
+    for name, factor in factors.items():
+        if factor is None:
+            continue
+        ndim = len(factor.shape)
+        if ndim < 2:
+            raise InvalidInputError(
+                f"FactoredMatrix factors must be at least 2-D (A [..., ldim, mdim], B [..., mdim, rdim]), but {name} "
+                f"has shape {tuple(factor.shape)} ({ndim}-D). Make a vector a matrix with .unsqueeze(-1) (a column, "
+                f"[n, 1]) or .unsqueeze(0) (a row, [1, n]); a scalar with .reshape(1, 1)."
+            )
 
 
 def _corner(tensor: Tensor, k: int) -> Tensor:

@@ -345,12 +345,24 @@ def _row_max_torch(A: torch.Tensor, B: torch.Tensor) -> RowMax:
 
 
 def _fake_batch(name: str, A: torch.Tensor, B: torch.Tensor, square: bool) -> torch.Size:
-    torch._check(A.dim() >= 2 and B.dim() >= 2, lambda: f"{name}: A and B need at least 2 dimensions")
-    torch._check(A.dtype == B.dtype, lambda: f"{name}: A and B must have the same dtype")
-    torch._check(A.dtype in (torch.float32, torch.float64), lambda: f"{name}: only float32 and float64")
-    torch._check(A.shape[-1] == B.shape[-2], lambda: f"{name}: inner dimensions must match")
+    """The checks of check_factors in csrc/lowrank.cpp, for the fake kernels. The device check matters beyond
+    torch.compile: a real tensor mixed with a meta one dispatches here, and without it the op would return
+    uninitialised memory shaped like the answer."""
+    torch._check(A.device == B.device, lambda: f"{name}: A and B must be on the same device, got A on {A.device} "
+                 f"and B on {B.device}; move one with B.to(A.device)")
+    torch._check(A.dim() >= 2 and B.dim() >= 2, lambda: f"{name}: A [..., m, k] and B [..., k, n] need at least "
+                 f"2 dimensions, got shapes {tuple(A.shape)} and {tuple(B.shape)}")
+    torch._check(A.dtype == B.dtype, lambda: f"{name}: A and B must have the same dtype, got A {A.dtype} and B "
+                 f"{B.dtype}; convert one with B.to(A.dtype)")
+    torch._check(A.dtype in (torch.float32, torch.float64),
+                 lambda: f"{name}: only float32 and float64 are supported, got {A.dtype}")
+    torch._check(A.layout == torch.strided and B.layout == torch.strided,
+                 lambda: f"{name}: only dense (strided) tensors are supported")
+    torch._check(A.shape[-1] == B.shape[-2], lambda: f"{name}: inner dimensions must match: A {tuple(A.shape)}, "
+                 f"B {tuple(B.shape)}")
     if square:
-        torch._check(A.shape[-2] == B.shape[-1], lambda: f"{name}: A @ B must be square (m == n)")
+        torch._check(A.shape[-2] == B.shape[-1], lambda: f"{name}: A @ B must be square (m == n): A "
+                     f"{tuple(A.shape)}, B {tuple(B.shape)}")
     return torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
 
 
@@ -375,14 +387,29 @@ def _trace_fake(A, B):
 
 
 def _small_eigvals_fake(C, solver="auto"):
-    torch._check(C.dim() >= 2 and C.shape[-1] == C.shape[-2], lambda: "hooklens::small_eigvals: C must be [..., k, k]")
-    torch._check(C.dtype in (torch.float32, torch.float64), lambda: "hooklens::small_eigvals: float32 or float64")
+    name = "hooklens::small_eigvals"
+    torch._check(C.dim() >= 2 and C.shape[-1] == C.shape[-2],
+                 lambda: f"{name}: C must be a batch of square matrices [..., k, k], got shape {tuple(C.shape)}")
+    torch._check(C.dtype in (torch.float32, torch.float64),
+                 lambda: f"{name}: only float32 and float64 are supported, got {C.dtype}")
+    torch._check(C.layout == torch.strided, lambda: f"{name}: only dense (strided) tensors are supported")
+    torch._check(solver in SOLVERS, lambda: f"{name}: solver must be 'auto', 'lanes', 'scalar' or 'lapack', got "
+                 f"'{solver}'")
     return C.new_empty(C.shape[:-1], dtype=_complex_of(C.dtype))
 
 
-def _max_fake(A, B):
-    batch = _fake_batch("hooklens::lowrank_max", A, B, square=False)
-    return A.new_empty((*batch, A.shape[-2])), A.new_empty((*batch, A.shape[-2]), dtype=torch.int64)
+def _max_fake(A, B, name="hooklens::lowrank_max"):
+    batch = _fake_batch(name, A, B, square=False)
+    m, n = A.shape[-2], B.shape[-1]
+    torch._check((n > 0) | (m == 0), lambda: f"{name}: the maximum of an empty row (A @ B has 0 columns) is not "
+                 f"defined; shapes were A {tuple(A.shape)}, B {tuple(B.shape)}")
+    return A.new_empty((*batch, m)), A.new_empty((*batch, m), dtype=torch.int64)
+
+
+def _max_chunked_fake(A, B, chunk_bytes=256 << 20):
+    torch._check(chunk_bytes > 0, lambda: f"hooklens::_lowrank_max_chunked: chunk_bytes must be positive, got "
+                 f"{chunk_bytes}")
+    return _max_fake(A, B, name="hooklens::_lowrank_max_chunked")
 
 
 def _save_inputs(ctx, inputs, output):
@@ -496,7 +523,11 @@ def _max_backward(ctx, grad_values, grad_indices):
 
 
 def _save_max_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1])
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])  # A, B, indices (not _lowrank_max_chunked's int)
+
+
+def _max_chunked_backward(ctx, grad_values, grad_indices):
+    return (*_max_backward(ctx, grad_values, grad_indices), None)  # no gradient for chunk_bytes
 
 
 def _save_svd_context(ctx, inputs, output):
@@ -519,7 +550,9 @@ def _register_python_kernels() -> None:
     )
     torch.library.register_autograd("hooklens::lowrank_svd", _svd_backward, setup_context=_save_svd_context)
     torch.library.register_fake("hooklens::lowrank_max", _max_fake)
-    torch.library.register_fake("hooklens::_lowrank_max_chunked", lambda A, B, chunk_bytes=256 << 20: _max_fake(A, B))
+    torch.library.register_fake("hooklens::_lowrank_max_chunked", _max_chunked_fake)
+    torch.library.register_autograd("hooklens::_lowrank_max_chunked", _max_chunked_backward,
+                                    setup_context=_save_max_context)
     torch.library.register_fake("hooklens::small_eigvals", _small_eigvals_fake)
     torch.library.register_autograd(
         "hooklens::small_eigvals", _small_eigvals_backward, setup_context=_small_eigvals_setup
