@@ -17,6 +17,7 @@ device), `blocks[l].attn.W_O`, `blocks[l].mlp.W_out`, `ln_final`, `tokens_to_res
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from typing import Any, Dict, Iterator, List, Optional, Union
 
@@ -69,8 +70,16 @@ class ActivationCache:
         if isinstance(key, str):
             return key if key in self.cache_dict else get_act_name(key)
         if len(key) > 1 and key[1] is not None and key[1] < 0:
+            n_layers = self._n_layers()
+            if n_layers is not None and key[1] < -n_layers:
+                raise KeyError(f"Layer {key[1]} in {key!r} does not exist: the model has n_layers={n_layers}, "
+                               f"so a negative layer counts back at most to -{n_layers}.")
             key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
         return get_act_name(*key)
+
+    def _n_layers(self) -> Optional[int]:
+        cfg = getattr(self.model, "cfg", None)
+        return getattr(cfg, "n_layers", None)
 
     def _pos_sliced(self, key: Union[str, tuple], pos_slice: Slice) -> torch.Tensor:
         """`self[key]` with `pos_slice` applied to its position axis (from the activation's layout, counted from
@@ -79,6 +88,11 @@ class ActivationCache:
         return pos_slice.apply(self[name], dim=layout_of(name, self.model.cfg).from_end("pos"))
 
     def _missing_message(self, name: str) -> str:
+        layer, n_layers = re.match(r"blocks\.(-?\d+)\.", name), self._n_layers()
+        if layer is not None and n_layers is not None and not 0 <= int(layer.group(1)) < n_layers:
+            # not a names_filter matter: no run of this model can cache it
+            return (f"{name!r} is not in this cache: layer {layer.group(1)} does not exist in the model, which has "
+                    f"n_layers={n_layers} (layers 0 to {n_layers - 1}; negative layers count from the end).")
         why = ""
         if name.endswith("hook_scale"):
             why = " apply_ln / logit attributions divide by the cached LayerNorm scale, so they need it."
