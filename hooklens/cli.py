@@ -9,11 +9,19 @@ fresh offline machine. Each writes PNG figures and `summary.json` to `--out` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
+import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -26,6 +34,16 @@ from hooklens.utils import get_act_name
 
 IOI_CLEAN = "When John and Mary went to the shops, John gave the bag to"
 IOI_CORRUPTED = "When John and Mary went to the shops, Mary gave the bag to"
+
+# What each command writes into --out (summary.json last: its presence marks a complete run).
+OUTPUT_FILES = {
+    "induction": ("induction_scores.png", "prev_token_scores.png", "loss_by_position.png",
+                  "top_induction_head_pattern.png", "mlp_patching.png", "ov_copying_scores.png", "summary.json"),
+    "patch": ("resid_pre_patching.png", "head_out_patching.png", "summary.json"),
+}
+# Keys that identify a command's summary.json written before summaries named their command.
+SUMMARY_KEYS = {"induction": {"induction_scores", "kcomp_top1"}, "patch": {"resid_pre_patching", "head_out_patching"}}
+DEFAULT_SEQ_LEN = 50
 
 
 class CLIError(Exception):
@@ -40,6 +58,14 @@ def check_device(device: Optional[str]) -> None:
         parsed = torch.device(device)
     except RuntimeError as err:
         raise CLIError(f"--device {device}: not a device name ({err}). Use cpu, cuda or cuda:N.") from err
+    if parsed.type == "meta":  # meta tensors have shapes but no values: every number would be made up
+        raise CLIError(f"--device {device}: meta tensors hold no values, so there is nothing to analyse. "
+                       "Use --device cpu or cuda.")
+    if parsed.type not in ("cpu", "cuda"):
+        backend = getattr(torch, parsed.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise CLIError(f"--device {device}: this torch ({torch.__version__}) cannot use {parsed.type} "
+                           "devices here. Use --device cpu or cuda.")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             build = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
@@ -85,18 +111,35 @@ def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
     """`hooklens induction`: on repeated random tokens, the loss by position, induction and previous-token head
     scores, MLP-output patching of the second half, K-composition and OV copying scores; figures + summary.json."""
     start = time.perf_counter()
-    out = _output_dir(args.out)
-    model = load_model(args.model, args.device, args.dtype)
-    seq_len = min(args.seq_len, (model.cfg.n_ctx - 1) // 2)
-    tokens = induction_prompt(model, seq_len, args.batch, args.seed)  # [b, 1 + 2 * seq_len]
-    heads = _induction_head_scores(model, tokens, seq_len, out, progress=not args.quiet)
-    losses = _repeated_token_losses(model, tokens, seq_len, heads["top_induction_head"], out)
-    mlp_patching = _second_half_mlp_patching(model, tokens, seq_len, args, out)
-    circuits = _circuit_scores(model, heads["top_induction_head"], heads["top_prev_token_head"], args, out)
-    summary = {"model": model.cfg.model_name, "seq_len": seq_len, "batch": args.batch, **losses, **heads,
-               "mlp_patching": mlp_patching.tolist(), **circuits, "seconds": time.perf_counter() - start}
-    _write_summary(out, "hooklens induction", summary, _induction_table(summary, mlp_patching))
+    with staged_output(args.out, "induction") as stage:
+        model = load_model(args.model, args.device, args.dtype)
+        seq_len = _induction_seq_len(args.seq_len, model)
+        tokens = induction_prompt(model, seq_len, args.batch, args.seed)  # [b, 1 + 2 * seq_len]
+        heads = _induction_head_scores(model, tokens, seq_len, stage, progress=not args.quiet)
+        losses = _repeated_token_losses(model, tokens, seq_len, heads["top_induction_head"], stage)
+        mlp_patching = _second_half_mlp_patching(model, tokens, seq_len, args, stage)
+        circuits = _circuit_scores(model, heads["top_induction_head"], heads["top_prev_token_head"], args, stage)
+        summary = {"command": "hooklens induction", "model": model.cfg.model_name, "seq_len": seq_len,
+                   "batch": args.batch, **losses, **heads, "mlp_patching": mlp_patching.tolist(), **circuits,
+                   "seconds": time.perf_counter() - start}
+        save_summary(stage / "summary.json", summary)
+    _print_summary(Path(args.out), "hooklens induction", summary, _induction_table(summary, mlp_patching))
     return summary
+
+
+def _induction_seq_len(requested: Optional[int], model: HookedTransformer) -> int:
+    """--seq-len, checked against the context: BOS + two copies must fit in n_ctx. The default shrinks to fit;
+    an explicit value that does not fit is an error (cutting it silently would report a run nobody asked for)."""
+    longest = (model.cfg.n_ctx - 1) // 2
+    if longest < 2:
+        raise CLIError(f"The model's context (n_ctx={model.cfg.n_ctx}) is too short for the induction analysis, "
+                       "which needs 1 + 2 x 2 tokens at least.")
+    if requested is None:
+        return min(DEFAULT_SEQ_LEN, longest)
+    if requested > longest:
+        raise CLIError(f"--seq-len {requested}: the prompt would be 1 + 2 x {requested} = {1 + 2 * requested} "
+                       f"tokens, more than the model's n_ctx={model.cfg.n_ctx}. Use --seq-len {longest} or less.")
+    return requested
 
 
 def _induction_head_scores(model, tokens: Tensor, seq_len: int, out: Path, progress: bool) -> Dict[str, Any]:
@@ -171,7 +214,7 @@ def _circuit_scores(model, top_induction: List[int], top_prev: List[int], args: 
     plotting.heatmap(ov_copying, out / "ov_copying_scores.png", "OV circuit copying scores", head_labels,
                      layer_labels, "head", "layer")
     return {"kcomp_top1": kcomp_top1,
-            "kcomp_rows": args.kcomp_rows if args.kcomp_rows is not None else model.cfg.d_vocab,
+            "kcomp_rows": min(args.kcomp_rows or model.cfg.d_vocab, model.cfg.d_vocab),  # rows really scored
             "ov_copying_scores": ov_copying.tolist()}
 
 
@@ -201,10 +244,90 @@ def _labels(model) -> Tuple[List[str], List[str]]:
     return [f"H{h}" for h in range(model.cfg.n_heads)], [f"L{l}" for l in range(model.cfg.n_layers)]
 
 
-def _output_dir(path: str) -> Path:
+def check_output_dir(path: str, command: str) -> Path:
+    """--out, checked before any work: a directory (made if missing) that holds no files of the names this
+    command writes, unless they are a previous run of the same command (which the new run then replaces)."""
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_symlink() and not out.exists():  # moving the run into place would replace the link itself
+        raise CLIError(f"--out {path} is a symbolic link to nothing ({os.readlink(out)}). Remove it or give "
+                       "another directory.")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {path} is an existing file, not a directory. Give a directory (it is created "
+                       "if missing).")
+    if out.is_dir():
+        clashes = [name for name in OUTPUT_FILES[command] if (out / name).exists()]
+        if clashes and not _holds_previous_run(out, command):
+            raise CLIError(f"--out {path} already holds {', '.join(clashes)}, which are not the files of a "
+                           f"previous `hooklens {command}` run; the new run would overwrite them. Choose another "
+                           "--out, or move those files.")
     return out
+
+
+def _holds_previous_run(out: Path, command: str) -> bool:
+    """Whether out/summary.json is the summary of a complete earlier `hooklens <command>` run."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(summary, dict):
+        return False
+    if "command" in summary:
+        return summary["command"] == f"hooklens {command}"
+    return SUMMARY_KEYS[command] <= set(summary)
+
+
+@contextlib.contextmanager
+def staged_output(path: str, command: str) -> Iterator[Path]:
+    """A fresh hidden directory to write the run into; moved into --out when the block ends normally,
+    deleted when it raises (Ctrl-C included). So --out only ever holds complete runs: an interrupted run leaves
+    the previous one as it was, never a mix of new figures and an old summary.json."""
+    out = check_output_dir(path, command)
+    # Inside --out when it exists (only it must be writable), else beside it; either way on the same file system,
+    # so moving the files into place is a rename.
+    home = out if out.is_dir() else out.parent
+    stage = home / f".{out.name or 'hooklens'}.{command}-{uuid.uuid4().hex[:12]}.partial"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()
+    except OSError as err:
+        raise CLIError(f"--out {path}: cannot write there ({err.strerror}). Choose a writable directory.") from err
+    try:
+        yield stage
+        with _sigint_deferred():  # the moves take milliseconds; half of them would mix two runs
+            _move_into_place(stage, out, command)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into_place(stage: Path, out: Path, command: str) -> None:
+    """Replace --out's previous run of `command` (if any) by the staged files, summary.json last."""
+    if not out.exists():
+        os.replace(stage, out)  # one rename: the whole run appears at once
+        return
+    written = [name for name in OUTPUT_FILES[command] if (stage / name).exists()]
+    # The old summary goes first: from here on the directory is not marked as a complete run until the new one is.
+    (out / "summary.json").unlink(missing_ok=True)
+    for name in OUTPUT_FILES[command]:  # figures the new run does not draw would describe the old one
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
+    for name in written:
+        os.replace(stage / name, out / name)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then deliver it (signal handlers can only be set in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(*received[0])
 
 
 def _single_token(model, text: str, what: str) -> int:
@@ -219,51 +342,41 @@ def run_patch(args: argparse.Namespace) -> Dict[str, Any]:
     """`hooklens patch`: residual-stream and head-output patching of a clean / corrupted prompt pair (IOI by
     default), metric = the logit difference normalized to 0 (corrupted) .. 1 (clean); figures + summary.json."""
     start = time.perf_counter()
-    out = _output_dir(args.out)
-    model = load_model(args.model, args.device, args.dtype)
-    clean = model.to_tokens(args.clean)
-    corrupted = model.to_tokens(args.corrupted)
-    if clean.shape != corrupted.shape:
-        raise CLIError(f"The clean prompt is {clean.shape[1]} tokens and the corrupted one {corrupted.shape[1]}; "
-                       f"patching needs equal lengths.\n  clean:     {model.to_str_tokens(args.clean)}\n"
-                       f"  corrupted: {model.to_str_tokens(args.corrupted)}")
-    answer, wrong = _single_token(model, args.answer, "answer"), _single_token(model, args.wrong, "wrong")
+    with staged_output(args.out, "patch") as stage:
+        model = load_model(args.model, args.device, args.dtype)
+        clean, corrupted, answer, wrong = _patch_inputs(model, args)
 
-    def logit_diff(logits: Tensor) -> Tensor:
-        return (logits[:, -1, answer] - logits[:, -1, wrong]).mean()
+        def logit_diff(logits: Tensor) -> Tensor:
+            return (logits[:, -1, answer] - logits[:, -1, wrong]).mean()
 
-    with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean)
-        corrupted_logits = model(corrupted)
-    clean_diff, corrupted_diff = logit_diff(clean_logits), logit_diff(corrupted_logits)
-    scale = clean_diff - corrupted_diff
-    if float(scale.abs()) < 1e-6:
-        raise CLIError("The clean and corrupted prompts give the same logit difference; nothing to patch.")
+        with torch.no_grad():
+            clean_logits, clean_cache = model.run_with_cache(clean)
+            corrupted_logits = model(corrupted)
+        clean_diff, corrupted_diff = logit_diff(clean_logits), logit_diff(corrupted_logits)
+        scale = clean_diff - corrupted_diff
+        if float(scale.abs()) < 1e-6:
+            raise CLIError("The clean and corrupted prompts give the same logit difference; nothing to patch.")
 
-    def normalized(logits: Tensor) -> Tensor:  # 0 = corrupted behaviour, 1 = clean behaviour
-        return (logit_diff(logits) - corrupted_diff) / scale
+        def normalized(logits: Tensor) -> Tensor:  # 0 = corrupted behaviour, 1 = clean behaviour
+            return (logit_diff(logits) - corrupted_diff) / scale
 
-    kwargs = dict(metric_positions=[-1], progress=not args.quiet)
-    resid = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, normalized, **kwargs)
-    heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, normalized, **kwargs)
-    str_tokens = [f"{t}_{i}" for i, t in enumerate(model.to_str_tokens(corrupted))]
-    layer_labels = [f"L{l}" for l in range(model.cfg.n_layers)]
-    plotting.heatmap(resid, out / "resid_pre_patching.png", "Residual stream patching (normalized logit diff)",
-                     str_tokens, layer_labels, "position", "layer")
-    plotting.heatmap(heads, out / "head_out_patching.png", "Head output patching (normalized logit diff)",
-                     [f"H{h}" for h in range(model.cfg.n_heads)], layer_labels, "head", "layer")
-    top_layer, top_head = divmod(int(heads.abs().argmax()), model.cfg.n_heads)
-    summary = {
-        "model": model.cfg.model_name,
-        "clean": args.clean, "corrupted": args.corrupted, "answer": args.answer, "wrong": args.wrong,
-        "str_tokens": model.to_str_tokens(corrupted),
-        "clean_logit_diff": float(clean_diff), "corrupted_logit_diff": float(corrupted_diff),
-        "resid_pre_patching": resid.tolist(),
-        "head_out_patching": heads.tolist(),
-        "top_head": [top_layer, top_head],
-        "seconds": time.perf_counter() - start,
-    }
-    _write_summary(out, "hooklens patch", summary, [
+        kwargs = dict(metric_positions=[-1], progress=not args.quiet)
+        resid = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, normalized, **kwargs)
+        heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, normalized, **kwargs)
+        _patch_figures(model, corrupted, resid, heads, stage)
+        top_layer, top_head = divmod(int(heads.abs().argmax()), model.cfg.n_heads)
+        summary = {
+            "command": "hooklens patch", "model": model.cfg.model_name,
+            "clean": args.clean, "corrupted": args.corrupted, "answer": args.answer, "wrong": args.wrong,
+            "str_tokens": model.to_str_tokens(corrupted),
+            "clean_logit_diff": float(clean_diff), "corrupted_logit_diff": float(corrupted_diff),
+            "resid_pre_patching": resid.tolist(),
+            "head_out_patching": heads.tolist(),
+            "top_head": [top_layer, top_head],
+            "seconds": time.perf_counter() - start,
+        }
+        save_summary(stage / "summary.json", summary)
+    _print_summary(Path(args.out), "hooklens patch", summary, [
         ("model", summary["model"]),
         ("clean / corrupted logit diff", f"{float(clean_diff):.3f} / {float(corrupted_diff):.3f}"),
         ("strongest head (output patching)", f"L{top_layer}H{top_head}  {float(heads[top_layer, top_head]):+.3f}"),
@@ -271,9 +384,60 @@ def run_patch(args: argparse.Namespace) -> Dict[str, Any]:
     return summary
 
 
-def _write_summary(out: Path, title: str, summary: dict, rows: Sequence[tuple]) -> None:
-    """Save `summary.json` beside the figures and print the result table (rows + where the files are + time)."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+def _patch_inputs(model: HookedTransformer, args: argparse.Namespace) -> Tuple[Tensor, Tensor, int, int]:
+    """The clean and corrupted tokens [1, pos] and the answer / wrong token ids, checked before any forward: each
+    prompt fits in the context (the model would otherwise see only its first n_ctx tokens, and two prompts that
+    differ after the cut would look identical), both are the same length, each answer is one token."""
+    clean = model.to_tokens(args.clean, truncate=False)
+    corrupted = model.to_tokens(args.corrupted, truncate=False)
+    for flag, tokens in (("clean", clean), ("corrupted", corrupted)):
+        if tokens.shape[1] > model.cfg.n_ctx:
+            raise CLIError(f"--{flag} prompt too long: {tokens.shape[1]} tokens (BOS included), but the model's "
+                           f"context is n_ctx={model.cfg.n_ctx} tokens. Shorten the prompt.")
+    if clean.shape != corrupted.shape:
+        raise CLIError(f"The clean prompt is {clean.shape[1]} tokens and the corrupted one {corrupted.shape[1]}; "
+                       f"patching needs equal lengths.\n  clean:     {model.to_str_tokens(args.clean)}\n"
+                       f"  corrupted: {model.to_str_tokens(args.corrupted)}")
+    return clean, corrupted, _single_token(model, args.answer, "answer"), _single_token(model, args.wrong, "wrong")
+
+
+def _patch_figures(model: HookedTransformer, corrupted: Tensor, resid: Tensor, heads: Tensor, out: Path) -> None:
+    str_tokens = [f"{t}_{i}" for i, t in enumerate(model.to_str_tokens(corrupted))]
+    layer_labels = [f"L{l}" for l in range(model.cfg.n_layers)]
+    plotting.heatmap(resid, out / "resid_pre_patching.png", "Residual stream patching (normalized logit diff)",
+                     str_tokens, layer_labels, "position", "layer")
+    plotting.heatmap(heads, out / "head_out_patching.png", "Head output patching (normalized logit diff)",
+                     [f"H{h}" for h in range(model.cfg.n_heads)], layer_labels, "head", "layer")
+
+
+def save_summary(path: Path, summary: dict) -> None:
+    """Write `summary` as strict JSON: NaN and infinities (which `json` would write as the non-JSON tokens NaN
+    and Infinity) become null, with a warning naming where they were."""
+    non_finite: List[str] = []
+    clean = _finite_or_none(summary, "", non_finite)
+    if non_finite:
+        shown = ", ".join(non_finite[:8]) + (f" and {len(non_finite) - 8} more" if len(non_finite) > 8 else "")
+        warnings.warn(f"{path}: {len(non_finite)} non-finite value(s) written as null ({shown}); the model "
+                      "produced NaN or infinite numbers (try --dtype float32 or float64).", RuntimeWarning,
+                      stacklevel=2)
+    path.write_text(json.dumps(clean, indent=2, allow_nan=False))
+
+
+def _finite_or_none(value: Any, where: str, non_finite: List[str]) -> Any:
+    """`value` with every non-finite float replaced by None; their places (e.g. "mlp_patching[1][3]") are
+    appended to `non_finite`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        non_finite.append(where or "(the value)")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v, f"{where}.{k}" if where else str(k), non_finite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v, f"{where}[{i}]", non_finite) for i, v in enumerate(value)]
+    return value
+
+
+def _print_summary(out: Path, title: str, summary: dict, rows: Sequence[tuple]) -> None:
+    """Print the result table (rows + where the files are + time)."""
     _print_table(title, [*rows, ("figures + summary.json", str(out)), ("seconds", f"{summary['seconds']:.1f}")])
 
 
@@ -282,6 +446,24 @@ def _print_table(title: str, rows: Sequence[tuple]) -> None:
     print(f"\n{title}\n" + "-" * (width + 40))
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def int_at_least(low: int, high: Optional[int] = None, also: Optional[str] = None):
+    """An argparse type: an integer in [low, high] (or the word `also`, read as None), so that a bad value is a
+    one-line usage error before anything is loaded."""
+    def parse(text: str) -> Optional[int]:
+        if also is not None and text == also:
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            allowed = f"an integer >= {low}" if high is None else f"an integer in {low} .. {high}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}" + (f" or {also!r}" if also else ""))
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,15 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "local HF cache (default: the embedded model)")
         sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-        sub.add_argument("--out", default=out, help=f"output directory (default: {out})")
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--out", default=out, help=f"output directory (default: {out}); the run is written "
+                         "beside it and moved in when complete, replacing a previous run of the same command")
+        # torch takes seeds in [-2**63, 2**64 - 1]; the corrupted induction prompt uses seed + 1
+        sub.add_argument("--seed", type=int_at_least(-2 ** 63, 2 ** 64 - 2), default=0)
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
 
     induction = commands.add_parser("induction", help="induction heads on repeated random tokens")
     common(induction, "hooklens-induction")
-    induction.add_argument("--seq-len", type=int, default=50)
-    induction.add_argument("--batch", type=int, default=4)
-    induction.add_argument("--kcomp-rows", type=lambda s: None if s == "all" else int(s), default=2000,
+    induction.add_argument("--seq-len", type=int_at_least(2), default=None,
+                           help=f"random tokens before they repeat (default: {DEFAULT_SEQ_LEN}, or what fits in "
+                           "the model's context)")
+    induction.add_argument("--batch", type=int_at_least(1), default=4)
+    induction.add_argument("--kcomp-rows", type=int_at_least(1, also="all"), default=2000,
                            help="vocabulary rows sampled for the K-composition top-1 accuracy ('all' for every row)")
     patch = commands.add_parser("patch", help="IOI-style residual-stream and head-output patching")
     common(patch, "hooklens-patch")
@@ -314,13 +500,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit codes: 0 done, 2 bad input (argparse's usage errors exit 2 too), 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     try:
+        check_device(args.device)  # before --out is touched: no directory made for a run that cannot start
         (run_induction if args.command == "induction" else run_patch)(args)
     except CLIError as err:
         print(f"hooklens {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nhooklens {args.command}: interrupted; --out {args.out} holds no partial results.",
+              file=sys.stderr)
+        return 130
     return 0
 
 
