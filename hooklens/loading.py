@@ -2,15 +2,21 @@
 
 `load_checkpoint(name) -> (cfg, state_dict)` runs the whole pipeline; `HookedTransformer.from_pretrained` builds
 the model once from that config and loads the weights with `load_weights` (strict: every key and shape).
-Files are read with safetensors or `torch.load(weights_only=True)`: pickled code is never executed. Every key
-and shape of a checkpoint is checked before anything is loaded.
+Files are read with safetensors or `torch.load(weights_only=True)`: pickled code is never executed. Only regular
+files are read (a FIFO or a link to a device is refused before it is opened for reading), config.json only up to
+`MAX_CONFIG_BYTES`. The config is checked on its own, then against the checkpoint's tensor shapes, before anything
+the config sizes is allocated; every key and shape is checked before anything is loaded. Weights holding NaN or
+inf load with a warning that names them.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import numbers
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -20,7 +26,9 @@ from torch import Tensor
 
 from hooklens import config as hooklens_config
 from hooklens import tokenizer as tok
-from hooklens.config import HookedTransformerConfig, config_from_hf
+from hooklens.config import HookedTransformerConfig, check_config_values, config_from_hf
+from hooklens.errors import InvalidInputError
+from hooklens.hook_points import _caller_stacklevel
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,10 @@ for _name, _repos in list(GPT2_NAMES.items()):
         GPT2_NAMES.setdefault(_repo, _repos)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A GPT-2 config.json is about 1 KB; anything near this is not a config, and reading it whole could exhaust memory.
+MAX_CONFIG_BYTES = 1 << 20
+# TL's attention buffers (a mask and the -inf fill value) are not weights: their non-finite values are intended.
+_MASK_BUFFERS = ("mask", "IGNORE", "masked_bias")
 
 
 class CheckpointError(ValueError):
@@ -97,6 +109,53 @@ def resolve_model_dir(name_or_path: Union[str, os.PathLike]) -> Path:
     )
 
 
+def _require_regular_file(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a file: hooklens reads checkpoints from regular files only "
+                              "(a FIFO could block forever, a device could be endless). Replace it with the real file.")
+
+
+def read_config_file(path: Path) -> Dict[str, Any]:
+    """config.json as a dict. Refuses, with a CheckpointError, anything but a regular file of at most
+    `MAX_CONFIG_BYTES` holding a JSON object; the file is opened non-blocking and checked before it is read."""
+    try:  # O_NONBLOCK: opening a FIFO with no writer returns at once (then fstat refuses it) instead of hanging
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise CheckpointError(f"Could not open {path}: {err}") from err
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        _require_regular_file(path, info.st_mode)
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes, which no model config is; point "
+                              "hooklens at the checkpoint's real config.json.")
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({err}); restore the checkpoint's config.json.") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object: a config.json is an object "
+                              'of fields, e.g. {"model_type": "gpt2", "n_layer": 12, ...}; restore the real file.')
+    return config
+
+
+def find_non_finite(state: Dict[str, Tensor]) -> List[str]:
+    """Names of the floating-point tensors in `state` holding NaN or inf (one reduction each; mask buffers skipped)."""
+    return [k for k, v in state.items() if v.is_floating_point() and v.device.type != "meta"
+            and k.rsplit(".", 1)[-1] not in _MASK_BUFFERS and not bool(torch.isfinite(v).all())]
+
+
+def warn_non_finite(names: List[str], source: str) -> None:
+    """Warn that `source` holds NaN or inf in the tensors `names` (nothing when `names` is empty)."""
+    if names:
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        warnings.warn(f"{source} holds NaN or inf in {shown}. hooklens loads the weights as they are, so every "
+                      "activation they reach is NaN or inf too; use an intact checkpoint (download it again) or fix "
+                      "those tensors.", UserWarning, stacklevel=_caller_stacklevel())
+
+
 def read_weight_file(model_dir: Path) -> Dict[str, Tensor]:
     """Read the checkpoint's tensors without executing pickled code."""
     safetensors_file, bin_file = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
@@ -109,6 +168,8 @@ def read_weight_file(model_dir: Path) -> Dict[str, Tensor]:
     if safetensors_file.exists():
         from safetensors.torch import load_file  # lazy: only reading a checkpoint needs safetensors
 
+        _require_regular_file(safetensors_file, safetensors_file.stat().st_mode)
+
         try:
             return load_file(str(safetensors_file))
         except Exception as err:
@@ -116,6 +177,7 @@ def read_weight_file(model_dir: Path) -> Dict[str, Tensor]:
                 f"Could not read {safetensors_file}: {err}. The file is truncated or corrupt; download it again."
             ) from err
     if bin_file.exists():
+        _require_regular_file(bin_file, bin_file.stat().st_mode)
         try:
             state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError for unsafe pickles, RuntimeError/EOFError for corrupt files
@@ -155,6 +217,10 @@ def convert_hf_gpt2_state_dict(hf_state: Dict[str, Tensor], cfg: HookedTransform
             continue  # causal-mask buffers in older checkpoints, not weights
         state[key] = value
     lm_head = state.pop("lm_head.weight", None)
+    blocks = {k.split(".")[1] for k in state if k.startswith("h.")}
+    if len(blocks) != cfg.n_layers:  # first: the expected shapes below take memory and time per configured layer
+        raise CheckpointError(f"The config has n_layer={cfg.n_layers}, but the checkpoint holds {len(blocks)} blocks "
+                              f"(h.0 ...); set n_layer to {len(blocks)} in config.json (or use the checkpoint's own).")
     expected = _expected_hf_shapes(cfg)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -168,7 +234,9 @@ def convert_hf_gpt2_state_dict(hf_state: Dict[str, Tensor], cfg: HookedTransform
             parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         if wrong:
             parts.append("wrong shapes " + "; ".join(wrong[:8]))
-        raise CheckpointError("Checkpoint does not match its config.json as a GPT-2: " + ", ".join(parts) + ".")
+        raise CheckpointError("Checkpoint does not match its config.json as a GPT-2: " + ", ".join(parts) + ". "
+                              "Use the config.json that came with these weights (n_embd, n_inner, n_positions and "
+                              "vocab_size size them).")
     if lm_head is not None and tuple(lm_head.shape) != (cfg.d_vocab, cfg.d_model):
         raise CheckpointError(
             f"lm_head.weight has shape {tuple(lm_head.shape)}, expected {(cfg.d_vocab, cfg.d_model)}."
@@ -374,7 +442,18 @@ def process_state_dict(
     """TL's `load_and_process_state_dict` without the load: fill missing biases, then process.
 
     Returns `(processed, ln_folded)`. LayerNorm is folded only into a model with LN weights ("LN") from a state
-    dict that holds them; once folded, the model's norms must be LNPre (`normalization_type="LNPre"`)."""
+    dict that holds them; once folded, the model's norms must be LNPre (`normalization_type="LNPre"`). Warns,
+    naming them, if tensors of `state` hold NaN or inf."""
+    warn_non_finite(find_non_finite(state), "The state dict")
+    return _process_state_dict(state, cfg, fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+                               refactor_factored_attn_matrices)
+
+
+def _process_state_dict(
+    state: Dict[str, Tensor], cfg: HookedTransformerConfig, fold_ln: bool, center_writing_weights: bool,
+    center_unembed: bool, fold_value_biases: bool, refactor_factored_attn_matrices: bool,
+) -> Tuple[Dict[str, Tensor], bool]:
+    """`process_state_dict` without its NaN/inf check (`load_checkpoint` checks the checkpoint's own tensors)."""
     ln_folded = fold_ln and cfg.normalization_type == "LN" and "ln_final.w" in state
     processed = process_weights(
         fill_missing_biases(state, cfg), cfg, ln_folded, center_writing_weights, center_unembed, fold_value_biases,
@@ -413,33 +492,85 @@ def tokenizer_source(model_dir: Optional[Path], cfg: HookedTransformerConfig, tl
     return None
 
 
-def read_checkpoint(
-    model_name: Any, hf_model: Any = None, dtype: torch.dtype = torch.float32
-) -> Tuple[HookedTransformerConfig, Dict[str, Tensor]]:
-    """The checkpoint's config and its unprocessed weights in TL's layout (converted from HF's unless the directory
-    is TL-format, as TL's toy models are published). `cfg.tokenizer_name` is set by `tokenizer_source`."""
+def check_tl_checkpoint_sizes(state: Dict[str, Tensor], cfg: HookedTransformerConfig, source: str) -> None:
+    """Check the sizes of a TL-format config against the tensors that pin them, before anything the config sizes is
+    allocated: a config.json whose n_ctx or d_mlp is off by orders of magnitude must fail here, naming the field,
+    not while building a model of terabytes. (`load_weights` checks every key and shape afterwards.)"""
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    odd = sorted(k for k in state if k.startswith("blocks.") and not k.split(".")[1].isdigit())
+    if odd:
+        raise CheckpointError(f"{source} holds {odd[:4]}: TL-format blocks are named blocks.<layer>.<weight>; use an "
+                              "intact TL-format checkpoint.")
+    if len(blocks) != cfg.n_layers:
+        raise CheckpointError(f"{source}: config.json has n_layers={cfg.n_layers}, but the checkpoint holds "
+                              f"{len(blocks)} blocks; set n_layers to {len(blocks)} (or use the checkpoint's own "
+                              "config.json).")
+    pins = [("d_vocab", "embed.W_E", 0), ("d_model", "embed.W_E", 1), ("n_ctx", "pos_embed.W_pos", 0),
+            ("d_vocab_out", "unembed.W_U", 1)]
+    for l in range(cfg.n_layers):
+        pins += [("n_heads", f"blocks.{l}.attn.W_Q", 0), ("d_head", f"blocks.{l}.attn.W_Q", 2)]
+        pins += [] if cfg.attn_only else [("d_mlp", f"blocks.{l}.mlp.W_in", 1)]
+    for field_name, key, dim in pins:
+        if key not in state:
+            raise CheckpointError(f"{source} has no {key}, which every TL-format checkpoint of the model its "
+                                  "config.json describes holds; use the complete checkpoint.")
+        shape, value = tuple(state[key].shape), getattr(cfg, field_name)
+        if len(shape) <= dim or shape[dim] != value:
+            fix = f"set {field_name} to {shape[dim]}" if len(shape) > dim else "use the checkpoint's own config.json"
+            raise CheckpointError(f"{source}: config.json has {field_name}={value}, but {key} has shape {shape}; "
+                                  f"{fix} (or use the checkpoint this config.json belongs to).")
+
+
+def _config_from_file(model_dir: Path, dtype: torch.dtype, name: str) -> Tuple[HookedTransformerConfig, bool]:
+    """(config, is it TL-format) from `model_dir`'s config.json, whose values are checked before any weight is read."""
+    from transformers import GPT2Config  # lazy: transformers takes seconds to import and only loading needs it
+
+    path = model_dir / "config.json"
+    raw_config = read_config_file(path)
+    tl_format = "model_type" not in raw_config and "n_layers" in raw_config and "d_model" in raw_config
+    try:
+        if tl_format:
+            cfg = HookedTransformerConfig.from_dict({**raw_config, "dtype": dtype, "device": "cpu",
+                                                     "init_weights": False})
+            cfg.model_name = raw_config.get("model_name", name)
+        else:
+            cfg = config_from_hf(GPT2Config.from_dict(raw_config), dtype=dtype, model_name=name)
+    except (ValueError, TypeError) as err:  # values that cannot form a model: say which file holds them
+        raise CheckpointError(f"{path}: {err}") from err
+    return cfg, tl_format
+
+
+def _read_checkpoint(
+    model_name: Any, hf_model: Any, dtype: torch.dtype
+) -> Tuple[HookedTransformerConfig, Dict[str, Tensor], List[str], str]:
+    """`read_checkpoint`'s (cfg, state), with the names of the checkpoint's own tensors holding NaN or inf and
+    a description of where they came from, for the warning."""
     if hf_model is not None:
         cfg = config_from_hf(hf_model.config, dtype=dtype, model_name=str(model_name))
         hf_state = {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
         cfg.tokenizer_name = tokenizer_source(None, cfg, tl_format=False)
-        return cfg, convert_hf_gpt2_state_dict(hf_state, cfg)
-    from transformers import GPT2Config  # lazy: transformers takes seconds to import and only loading needs it
-
+        return cfg, convert_hf_gpt2_state_dict(hf_state, cfg), find_non_finite(hf_state), "hf_model"
     model_dir = resolve_model_dir(model_name)
-    try:
-        raw_config = json.loads((model_dir / "config.json").read_text())
-    except Exception as err:
-        raise CheckpointError(f"Could not read {model_dir / 'config.json'}: {err}") from err
-    state = read_weight_file(model_dir)
     name = Path(str(model_name)).name if Path(str(model_name)).is_dir() else str(model_name)
-    tl_format = "model_type" not in raw_config and "n_layers" in raw_config and "d_model" in raw_config
+    cfg, tl_format = _config_from_file(model_dir, dtype, name)
+    raw_state = read_weight_file(model_dir)
     if tl_format:
-        cfg = HookedTransformerConfig.from_dict({**raw_config, "dtype": dtype, "device": "cpu", "init_weights": False})
-        cfg.model_name = raw_config.get("model_name", name)
+        check_tl_checkpoint_sizes(raw_state, cfg, str(model_dir))
+        state = raw_state
     else:
-        cfg = config_from_hf(GPT2Config.from_dict(raw_config), dtype=dtype, model_name=name)
-        state = convert_hf_gpt2_state_dict(state, cfg)
+        state = convert_hf_gpt2_state_dict(raw_state, cfg)
     cfg.tokenizer_name = tokenizer_source(model_dir, cfg, tl_format)
+    return cfg, state, find_non_finite(raw_state), f"The checkpoint in {model_dir}"
+
+
+def read_checkpoint(
+    model_name: Any, hf_model: Any = None, dtype: torch.dtype = torch.float32
+) -> Tuple[HookedTransformerConfig, Dict[str, Tensor]]:
+    """The checkpoint's config and its unprocessed weights in TL's layout (converted from HF's unless the directory
+    is TL-format, as TL's toy models are published). `cfg.tokenizer_name` is set by `tokenizer_source`. Warns,
+    naming them, if tensors of the checkpoint hold NaN or inf."""
+    cfg, state, non_finite, source = _read_checkpoint(model_name, hf_model, dtype)
+    warn_non_finite(non_finite, source)
     return cfg, state
 
 
@@ -456,7 +587,8 @@ def load_checkpoint(
     for a float64 model), before casting them to `dtype`. The config describes the processed weights: its
     normalization is "LNPre" once LayerNorm is folded."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    cfg, state = read_checkpoint(model_name, hf_model, dtype)
+    cfg, state, non_finite, source = _read_checkpoint(model_name, hf_model, dtype)
+    warn_non_finite(non_finite, source)
     cfg.default_prepend_bos = default_prepend_bos
     cfg.device = str(device) if device is not None else hooklens_config.default_device()
     cfg.init_weights = False  # every weight comes from the checkpoint
@@ -464,33 +596,42 @@ def load_checkpoint(
         if not hasattr(cfg, key):
             raise TypeError(f"from_pretrained got an unknown argument {key!r}.")
         setattr(cfg, key, value)
+    check_config_values(cfg)  # the overrides may have changed sizes, eps or attn_scale
     state, cfg = truncate_checkpoint(state, cfg, first_n_layers, n_ctx)
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    state, ln_folded = process_state_dict(
+    state, ln_folded = _process_state_dict(
         {k: v.to(work_dtype) for k, v in state.items()}, cfg, fold_ln=fold_ln,
         center_writing_weights=center_writing_weights, center_unembed=center_unembed,
         fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
     )
     if ln_folded:
         cfg.normalization_type = "LNPre"
-    return cfg, {k: v.to(dtype).contiguous() for k, v in state.items()}  # contiguous: safetensors can save them
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}  # contiguous: safetensors can save them
+    if not non_finite:  # finite weights can still overflow when processed or cast (float16 ends at 65504)
+        warn_non_finite(find_non_finite(state), f"After processing and the cast to {dtype}, the model loaded from "
+                        f"{source if hf_model is not None else model_name}")
+    return cfg, state
 
 
 def truncate_checkpoint(
     tl_state: Dict[str, Tensor], cfg: HookedTransformerConfig, first_n_layers: Optional[int], n_ctx: Optional[int]
 ) -> Tuple[Dict[str, Tensor], HookedTransformerConfig]:
     """Keep the first `first_n_layers` blocks and the first `n_ctx` positions (TL's from_pretrained arguments)."""
+    for name, value in (("first_n_layers", first_n_layers), ("n_ctx", n_ctx)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name}={value!r} is not an integer: pass a whole number of "
+                            f"{'layers' if name == 'first_n_layers' else 'positions'}, or None to keep them all.")
     if first_n_layers is not None:
         if not 1 <= first_n_layers <= cfg.n_layers:
-            raise ValueError(f"first_n_layers={first_n_layers}: the checkpoint has {cfg.n_layers} layers; pass 1 to "
-                             f"{cfg.n_layers}.")
+            raise InvalidInputError(f"first_n_layers={first_n_layers}: the checkpoint has {cfg.n_layers} layers; "
+                                    f"pass 1 to {cfg.n_layers}.")
         tl_state = {k: v for k, v in tl_state.items()
                     if not (k.startswith("blocks.") and int(k.split(".")[1]) >= first_n_layers)}
         cfg = dataclasses.replace(cfg, n_layers=first_n_layers)  # re-derives n_params
     if n_ctx is not None:
         if not 1 <= n_ctx <= cfg.n_ctx:
-            raise ValueError(f"n_ctx={n_ctx}: the checkpoint's learned position embeddings cover {cfg.n_ctx} "
-                             f"positions; pass 1 to {cfg.n_ctx}.")
+            raise InvalidInputError(f"n_ctx={n_ctx}: the checkpoint's learned position embeddings cover "
+                                    f"{cfg.n_ctx} positions; pass 1 to {cfg.n_ctx}.")
         tl_state = {**tl_state, "pos_embed.W_pos": tl_state["pos_embed.W_pos"][:n_ctx]}
         cfg = dataclasses.replace(cfg, n_ctx=n_ctx)
     return tl_state, cfg
