@@ -72,8 +72,8 @@ class ActivationCache:
         if len(key) > 1 and key[1] is not None and key[1] < 0:
             n_layers = self._n_layers()
             if n_layers is not None and key[1] < -n_layers:
-                raise KeyError(f"Layer {key[1]} in {key!r} does not exist: the model has n_layers={n_layers}, "
-                               f"so a negative layer counts back at most to -{n_layers}.")
+                raise KeyError(f"{key!r}: layer {key[1]} does not exist in the model, which has n_layers={n_layers} "
+                               f"(negative layers count back at most to -{n_layers}).")
             key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
         return get_act_name(*key)
 

@@ -347,8 +347,8 @@ class HookPoint(nn.Module):
                 f"{original.device}; return a tensor on {original.device} (e.g. `result.to({what}.device)`).")
         if result.dtype != original.dtype and not _interchangeable_dtypes(result, original):
             raise InvalidInputError(
-                f"{where} returned a {result.dtype} tensor, but the {what} there is {original.dtype}; return the "
-                f"same dtype (e.g. `result.to({what}.dtype)`), the model's next operations expect it.")
+                f"{where} returned a {result.dtype} tensor, but the {what} there is {original.dtype}, the dtype the "
+                f"model's next operations expect; return a {original.dtype} tensor (e.g. `result.to({what}.dtype)`).")
         return result
 
 
