@@ -21,15 +21,26 @@ what it sees in TransformerLens: a user-written patch setter (called per variant
 and hooks already attached to the model (one variant per forward, so they see `[batch, pos, ...]` too).
 Left-padded prompts carry their attention mask into every run.
 
+Checks, once per sweep and before the chunks run: the tokens are `[batch, pos]` (or `[pos]`) integer ids;
+`metric_positions` are in range; the metric returns one number per run, and (with `metric_positions`) its value on
+the unpatched run does not depend on the logits at other positions, which a sweep leaves NaN (`check_metric`).
+An exception raised while the chunks run (a metric's error, Ctrl-C, out of memory) keeps the finished work: it
+carries `partial_result` (the sweep's result, NaN where not done) and `done` (bool, True where done), and is
+re-raised with its own type (`attach_partial`).
+
 Public helpers for sweeps built on the engine (`hooklens.patching`, `hooklens.ablation`, `hooklens.attribution`,
 `hooklens.path_patching`): `index_mask` builds the per-variant masks and `index_sweep` a whole mask sweep;
-`logit_positions` says which positions' logits a metric reads; `apply_metric` evaluates a metric over stacked
-variants. Which axis of the patched activation is the position comes from `hooklens.activation_layout`.
+`logit_positions` says which positions' logits a metric reads; `check_metric` checks a metric once per sweep;
+`apply_metric` evaluates a metric over stacked variants; `check_tokens` checks a sweep's tokens; `attach_partial`
+keeps a sweep's finished work on the exception that stopped it. Which axis of the patched activation is the
+position comes from `hooklens.activation_layout`.
 """
 from __future__ import annotations
 
 import logging
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
@@ -39,6 +50,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooklens.activation_layout import find_layout, layout_of
+from hooklens.errors import InvalidInputError
 from hooklens.kv_cache import HookedTransformerKeyValueCacheEntry
 from hooklens.utils import get_act_name
 
@@ -98,13 +110,105 @@ def index_sweep(model, activation_name: str, indices: Tensor, axes: Sequence[int
     return PatchSweep(activation_name, indices, starts, build_masks=partial(index_mask, axes=axes))
 
 
+def check_tokens(tokens, name: str = "tokens") -> Tensor:
+    """`tokens` as int64 `[batch, pos]` (a `[pos]` prompt gets a batch dim); anything else is an error naming `name`:
+    a non-tensor or non-integer tensor (TypeError), another number of dims or no tokens (InvalidInputError)."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{name} must be a tensor of token ids [batch, pos] (or [pos]), got {type(tokens).__name__}; "
+                        "tokenize text with model.to_tokens(...).")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}; convert with .long() (or "
+                        "tokenize text with model.to_tokens(...)).")
+    if tokens.dim() not in (1, 2):
+        raise InvalidInputError(f"{name} must be token ids [batch, pos] (or [pos]), got shape {tuple(tokens.shape)}; "
+                                "flatten extra dims into the batch, e.g. tokens.reshape(-1, tokens.shape[-1]).")
+    if tokens.numel() == 0:
+        raise InvalidInputError(f"{name} is empty (shape {tuple(tokens.shape)}); a sweep needs at least one prompt "
+                                "of at least one token.")
+    tokens = tokens[None] if tokens.dim() == 1 else tokens
+    return tokens.long()  # int8 / uint8 ids would index as a boolean mask
+
+
 def logit_positions(metric_positions: Optional[Sequence[int]], seq_len: int) -> Tensor:
-    """The positions whose logits a metric reads, `[k]` int64, sorted and unique (negative ones count from the
-    end); every position when `metric_positions` is None. Logits elsewhere need not be computed (they are NaN)."""
+    """The positions whose logits a metric reads, `[k]` int64 on the CPU, sorted and unique (negative ones count
+    from the end); every position when `metric_positions` is None. Logits elsewhere need not be computed (they are
+    NaN). A position outside the prompt raises IndexError (it does not wrap around)."""
     if metric_positions is None:
         return torch.arange(seq_len)
-    positions = torch.tensor([p % seq_len for p in metric_positions], dtype=torch.long)
-    return positions.unique()
+    if isinstance(metric_positions, (int, Tensor)) and not isinstance(metric_positions, bool):
+        metric_positions = [metric_positions] if not isinstance(metric_positions, Tensor) else \
+            metric_positions.reshape(-1).tolist()
+    try:
+        positions = [operator.index(p) for p in metric_positions]
+    except TypeError:
+        raise TypeError(f"metric_positions must be a list of int positions, e.g. [-1], got {metric_positions!r}.") \
+            from None
+    if not positions:
+        raise InvalidInputError("metric_positions is empty: give the positions the metric reads, e.g. [-1], or None "
+                                "for every position.")
+    outside = [p for p in positions if not -seq_len <= p < seq_len]
+    if outside:
+        raise IndexError(f"metric_positions {outside} are out of range for prompts of {seq_len} tokens (valid: "
+                         f"{-seq_len}..{seq_len - 1}, negative ones counting from the end); they index the "
+                         "corrupted prompt's positions.")
+    return torch.tensor([p % seq_len for p in positions], dtype=torch.long).unique()
+
+
+def _metric_value(value, differentiable: bool = False) -> Tensor:
+    """One metric value as a 0-d tensor: a tensor, or (unless `differentiable`) a Python / NumPy real number."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise InvalidInputError(f"The metric must return one number per run (a scalar), but it returned shape "
+                                    f"{tuple(value.shape)}; reduce it, e.g. with .mean() over the batch.")
+        return value
+    if not differentiable and isinstance(value, numbers.Real):
+        return torch.as_tensor(value)
+    need = "a scalar tensor computed from the logits with differentiable torch ops" if differentiable else \
+        "a scalar tensor (or a Python number)"
+    raise TypeError(f"The metric must return {need}, e.g. logits[:, -1, answer].mean(); it returned "
+                    f"{type(value).__name__}.")
+
+
+def check_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, positions: Optional[Tensor] = None,
+                 differentiable: bool = False) -> None:
+    """Once per sweep, on the unpatched run's full logits `[b, p, v]`: `metric` returns one number, and when it is
+    only given the logits at `positions` (from `logit_positions`; the rest NaN) its value does not depend on the
+    others. A metric reading other positions would get NaN there and report wrong numbers for every patch (an
+    argmax accuracy drops to 0): that raises InvalidInputError naming `metric_positions`.
+
+    Two signs of such a read, both on this one run: the value changes when the other positions' logits change
+    (rolled and rescaled along the vocabulary), or it becomes NaN when they are NaN. A metric that only asks
+    whether they are NaN passes. The metric is called on copies, 1 to 3 times."""
+    real = _metric_value(metric(logits.clone()), differentiable)
+    seq_len = logits.shape[1]
+    if positions is None or len(positions) == seq_len:
+        return
+    unread = torch.tensor(sorted(set(range(seq_len)) - set(positions.tolist())), device=logits.device)
+    moved = logits.index_select(1, unread).roll(1, dims=-1) * 0.5 + 1.0
+    perturbed = _metric_value(metric(logits.index_copy(1, unread, moved)), differentiable).to(real.device)
+    partial = _metric_value(metric(logits.index_fill(1, unread, float("nan"))), differentiable).to(real.device)
+    depends = (real != perturbed) & ~(real.isnan() & perturbed.isnan())
+    if bool(depends | (partial.isnan() & ~real.isnan())):  # one host sync per sweep
+        raise InvalidInputError(
+            f"The metric reads logits outside metric_positions (positions {positions.tolist()} of {seq_len}): a "
+            f"sweep computes only those and leaves the rest NaN, so the metric would be wrong for every patch (on the "
+            f"unpatched run it gives {real.item():.6g} with every logit, {partial.item():.6g} with only "
+            "metric_positions'). Add the positions it reads to metric_positions, or pass metric_positions=None."
+        )
+
+
+def attach_partial(exc: BaseException, partial: Tensor, done: Tensor) -> None:
+    """Keep a sweep's finished work on the exception that stopped it: `exc.partial_result` (NaN where not done)
+    and `exc.done` (bool, same shape, True where done). The exception keeps its type (a KeyboardInterrupt stays
+    one); a note says where the results are. Callers that reshape a sweep's result call this again."""
+    first = getattr(exc, "partial_result", None) is None
+    try:
+        exc.partial_result, exc.done = partial, done.to(partial.device)
+    except AttributeError:  # an exception type with __slots__ takes no attributes
+        return
+    if first:
+        exc.add_note(f"hooklens: {int(done.sum())} of {done.numel()} patches of the sweep had finished; their results "
+                     "are in this exception's .partial_result (NaN where not done; .done marks which).")
 
 
 def apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Optional[dict] = None) -> Tensor:
@@ -112,7 +216,8 @@ def apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Opti
     allows (metrics calling `.item()` or branching on values are evaluated once per variant instead).
 
     `state` (one dict per sweep) remembers a metric that vmap cannot run, so it is reported and retried once.
-    A metric must return one number per run; anything else raises ValueError."""
+    A metric must return one number per run (a 0-d tensor, or a Python number when vmap cannot run it); anything
+    else raises InvalidInputError (a ValueError) or TypeError."""
     state = {} if state is None else state
     values = None
     if state.get("vmap", True):
@@ -126,9 +231,9 @@ def apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Opti
             logger.warning("The patching metric is not vmap-compatible (%s); evaluating it per variant.", err)
             state["vmap"] = False
     if values is None:
-        values = torch.stack([torch.as_tensor(metric(l), device=logits.device) for l in logits])
+        values = torch.stack([_metric_value(metric(l)).to(logits.device) for l in logits])
     if values.dim() != 1:
-        raise ValueError(
+        raise InvalidInputError(
             f"The metric must return one number per run (a scalar), but it returned shape {tuple(values.shape[1:])} "
             f"for logits of shape {tuple(logits.shape[1:])}; reduce it, e.g. with .mean() over the batch."
         )
@@ -176,16 +281,21 @@ def run_sweep(
     progress: bool = True,
 ) -> Tensor:
     """Metric value of every patch in `sweep`: a float32 [n] tensor in the order of `sweep.indices` (TL stores each
-    value with `.item()` into a float32 tensor, whatever the model's dtype)."""
+    value with `.item()` into a float32 tensor, whatever the model's dtype).
+
+    The tokens, `metric_positions` and the metric are checked before the first chunk (see the module docstring).
+    An exception raised while the chunks run (a KeyboardInterrupt too) is re-raised with the finished work attached:
+    `exc.partial_result` ([n], NaN where not done) and `exc.done` ([n] bool); no hooks are left on the model."""
     device = model.W_E.device
-    corrupted_tokens = (corrupted_tokens[None] if corrupted_tokens.dim() == 1 else corrupted_tokens).to(device)
+    corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens").to(device)
     batch, seq_len = corrupted_tokens.shape
+    positions = logit_positions(metric_positions, seq_len)
     hooked = _warn_if_hooked(model)
     first_name = get_act_name(sweep.activation_name, int(sweep.indices[0, 0]))
     run = _run_corrupted(model, corrupted_tokens, first_name)
-    positions = logit_positions(metric_positions, seq_len).to(device)
+    check_metric(metric, run.logits, positions if metric_positions is not None else None)
+    positions = positions.to(device)
     act_shape = tuple(run.activations[first_name].shape[1:])
-    pos_axis = layout_of(first_name, model.cfg).axis("pos", batch_dim=False)
     # A user's setter and hooks already on the model see [batch, pos, ...] from position 0, as in TransformerLens.
     from_start = hooked or sweep.patch_setter is not None
     start_positions = torch.zeros_like(sweep.start_positions) if from_start else sweep.start_positions
@@ -194,32 +304,63 @@ def run_sweep(
     chunk_size = 1 if hooked else max(1, budget // max(per_variant, 1))
 
     results = torch.full((len(sweep.indices),), float("nan"), dtype=torch.float32, device=device)
-    # One NaN-filled logits buffer for all chunks: every chunk rewrites the metric's positions and leaves the
-    # others NaN, so a sweep does not allocate (and NaN-fill) [variants, b, p, vocab] per chunk.
-    logits_buffer: Optional[Tensor] = None
-    metric_state: dict = {}
+    state = _SweepState(run, positions, layout_of(first_name, model.cfg).axis("pos", batch_dim=False), act_shape)
     chunks = _chunks(sweep.indices[:, 0], start_positions, chunk_size)
-    for chunk in tqdm(chunks, disable=not progress, desc=f"patching {sweep.activation_name}"):
-        layer, n = int(sweep.indices[chunk[0], 0]), len(chunk)
-        start = int(start_positions[chunk].min())
-        name = get_act_name(sweep.activation_name, layer)
-        clean = _clean_activation(clean_cache, name, act_shape, batch, device)  # [b, *act]
-        patch = _patch_hook(sweep, chunk, clean, pos_axis, start, batch)
-        resid = _run_variants(model, run, layer, start, n, name, patch)  # [n*b, suffix, d]
-        if logits_buffer is None or logits_buffer.shape[0] < n:
-            logits_buffer = torch.full((n,) + tuple(run.logits.shape), float("nan"), dtype=run.logits.dtype,
-                                       device=device)
-        logits = _assemble_logits(model, resid, run.logits, positions, start, logits_buffer[:n])
-        version = logits_buffer._version
-        results[chunk.to(device)] = apply_metric(metric, logits, metric_state).to(results.dtype)
-        if logits_buffer._version != version:  # the metric wrote into its logits: restore the NaNs
-            logits_buffer.fill_(float("nan"))
+    finished: List[Tensor] = []
+    try:
+        for chunk in tqdm(chunks, disable=not progress, desc=f"patching {sweep.activation_name}"):
+            start = int(start_positions[chunk].min())
+            results[chunk.to(device)] = _run_chunk(model, clean_cache, metric, sweep, chunk, start, state)
+            finished.append(chunk)
+    except BaseException as exc:  # Ctrl-C, a metric's error, out of memory: keep what finished
+        done = torch.zeros(len(sweep.indices), dtype=torch.bool)
+        for chunk in finished:
+            done[chunk] = True
+        attach_partial(exc, results, done)
+        raise
     return results
+
+
+@dataclass
+class _SweepState:
+    """What the chunks of one sweep share: the corrupted run, the metric's positions, the patched activation's
+    position axis and shape, one NaN-filled logits buffer (so a sweep does not allocate and NaN-fill
+    [variants, b, p, vocab] per chunk), and whether vmap could run the metric."""
+
+    run: _CorruptedRun
+    positions: Tensor  # [k] on the model's device
+    pos_axis: int
+    act_shape: Tuple[int, ...]
+    logits_buffer: Optional[Tensor] = None
+    metric_state: Optional[dict] = None
+
+
+def _run_chunk(model, clean_cache, metric: Callable, sweep: PatchSweep, chunk: Tensor, start: int,
+               state: _SweepState) -> Tensor:
+    """The metric of each variant in `chunk` (one layer; every patch starts at or after position `start`): [n]."""
+    run, device = state.run, state.positions.device
+    layer, n = int(sweep.indices[chunk[0], 0]), len(chunk)
+    batch = run.tokens.shape[0]
+    name = get_act_name(sweep.activation_name, layer)
+    clean = _clean_activation(clean_cache, name, state.act_shape, batch, device)  # [b, *act]
+    patch = _patch_hook(sweep, chunk, clean, state.pos_axis, start, batch)
+    resid = _run_variants(model, run, layer, start, n, name, patch)  # [n*b, suffix, d]
+    if state.logits_buffer is None or state.logits_buffer.shape[0] < n:
+        state.logits_buffer = torch.full((n,) + tuple(run.logits.shape), float("nan"), dtype=run.logits.dtype,
+                                         device=device)
+    # Every chunk rewrites the metric's positions of the shared buffer and leaves the others NaN.
+    logits = _assemble_logits(model, resid, run.logits, state.positions, start, state.logits_buffer[:n])
+    version = state.logits_buffer._version
+    state.metric_state = {} if state.metric_state is None else state.metric_state
+    values = apply_metric(metric, logits, state.metric_state).to(torch.float32)
+    if state.logits_buffer._version != version:  # the metric wrote into its logits: restore the NaNs
+        state.logits_buffer.fill_(float("nan"))
+    return values
 
 
 def _warn_if_hooked(model) -> bool:
     """Whether hooks are attached to the model (then each variant runs alone, from position 0)."""
-    hooked = sorted(name for name, point in model.hook_dict.items() if point.fwd_hooks or point.bwd_hooks)
+    hooked = sorted(name for name, point in model.hook_dict.items() if point.has_hooks())
     if hooked:
         logger.warning(
             "Hooks are attached at %s: patching one variant per forward from position 0, so they see [batch, pos, "
