@@ -124,10 +124,12 @@ def read_config_file(path: Path) -> Dict[str, Any]:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as err:
         raise CheckpointError(f"Could not open {path}: {err}") from err
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        _require_regular_file(path, info.st_mode)
-        data = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        _require_regular_file(path, os.fstat(fd).st_mode)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
     if len(data) > MAX_CONFIG_BYTES:
         raise CheckpointError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes, which no model config is; point "
                               "hooklens at the checkpoint's real config.json.")
@@ -521,10 +523,19 @@ def check_tl_checkpoint_sizes(state: Dict[str, Tensor], cfg: HookedTransformerCo
                                   f"{fix} (or use the checkpoint this config.json belongs to).")
 
 
-def _config_from_file(model_dir: Path, dtype: torch.dtype, name: str) -> Tuple[HookedTransformerConfig, bool]:
-    """(config, is it TL-format) from `model_dir`'s config.json, whose values are checked before any weight is read."""
+def _gpt2_config(raw_config: Dict[str, Any], path: Path) -> Any:
     from transformers import GPT2Config  # lazy: transformers takes seconds to import and only loading needs it
 
+    try:
+        return GPT2Config.from_dict(raw_config)
+    except Exception as err:  # transformers validates field types with its own exception classes
+        raise CheckpointError(f"{path}: transformers' GPT2Config refuses it: {err}\nFix that field of config.json "
+                              "(GPT-2 small's, for reference: n_layer=12, n_embd=768, n_head=12, n_positions=1024, "
+                              "vocab_size=50257, layer_norm_epsilon=1e-05).") from err
+
+
+def _config_from_file(model_dir: Path, dtype: torch.dtype, name: str) -> Tuple[HookedTransformerConfig, bool]:
+    """(config, is it TL-format) from `model_dir`'s config.json, whose values are checked before any weight is read."""
     path = model_dir / "config.json"
     raw_config = read_config_file(path)
     tl_format = "model_type" not in raw_config and "n_layers" in raw_config and "d_model" in raw_config
@@ -534,7 +545,7 @@ def _config_from_file(model_dir: Path, dtype: torch.dtype, name: str) -> Tuple[H
                                                      "init_weights": False})
             cfg.model_name = raw_config.get("model_name", name)
         else:
-            cfg = config_from_hf(GPT2Config.from_dict(raw_config), dtype=dtype, model_name=name)
+            cfg = config_from_hf(_gpt2_config(raw_config, path), dtype=dtype, model_name=name)
     except (ValueError, TypeError) as err:  # values that cannot form a model: say which file holds them
         raise CheckpointError(f"{path}: {err}") from err
     return cfg, tl_format
