@@ -173,16 +173,24 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
                                     f"{tuple(tokens.shape)}; pass one 0/1 entry per token.")
         return attention_mask.to(tokens.device)
 
-    def _check_values(self, tokens: Optional[Tensor], attention_mask: Optional[Tensor]) -> None:
+    def _check_values(
+        self, tokens: Optional[Tensor], attention_mask: Optional[Tensor], past_mask: Optional[Tensor] = None,
+        derived_mask: bool = False,
+    ) -> None:
         """Refuse token ids outside the vocabulary, mask entries other than 0/1, and prompts that are all padding
-        (`attention_mask` `[b, past + p]`, including the cached part). One host sync, whatever is checked."""
+        (counting `past_mask` `[b, past]`, the cached part: a chunk of padding after real tokens is fine).
+        `derived_mask`: the mask came from the pad token, not from the caller. One host sync, whatever is
+        checked."""
         flags: Dict[str, Tensor] = {}
         if tokens is not None:
             low, high = tokens.aminmax()
             flags["token range"] = (low < 0) | (high >= self.cfg.d_vocab)
         if attention_mask is not None:
+            has_real_token = attention_mask.bool().any(dim=1)  # [b]
+            if past_mask is not None:
+                has_real_token = has_real_token | past_mask.to(has_real_token.device).bool().any(dim=1)
             flags["mask values"] = ((attention_mask != 0) & (attention_mask != 1)).any()
-            flags["padding-only rows"] = (~attention_mask.bool().any(dim=1)).any()
+            flags["padding-only rows"] = (~has_real_token).any()
         if not flags:
             return
         failed = dict(zip(flags, torch.stack(list(flags.values())).tolist()))
@@ -197,10 +205,14 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
                 f"attention_mask must hold only 0 (padding) and 1 (real token), got values {values[:8]}"
                 f"{' ...' if len(values) > 8 else ''}; pass (mask != 0).long() if nonzero means a real token.")
         if failed.get("padding-only rows"):
-            empty = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
+            empty = (~has_real_token).nonzero().flatten().tolist()
+            source = (f" (no attention_mask was passed: the mask marks the pad token id "
+                      f"{getattr(self.tokenizer, 'pad_token_id', None)} at the padded end as padding; pass "
+                      "attention_mask=torch.ones_like(tokens) if those tokens are real)") if derived_mask else ""
             raise InvalidInputError(
                 f"attention_mask rows {empty} have no real token (all 0): such a prompt is padding only, so its "
-                "outputs are meaningless (its loss is NaN); drop those rows or give each prompt at least one token.")
+                "outputs are meaningless (its loss is NaN); drop those rows or give each prompt at least one token"
+                f"{source}.")
 
     def _check_layers(self, start_at_layer: Optional[int], stop_at_layer: Optional[int]) -> None:
         """Refuse a layer bound outside the model: as in TL each is a slice bound over the blocks, so it may be
@@ -233,17 +245,16 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
             tokens = input
         tokens = self._token_ids(tokens)
         pos_offset = self._check_context(tokens, past_kv_cache)
+        derived_mask = attention_mask is None
         if attention_mask is not None or past_kv_cache is not None or self.resolve_padding_side(padding_side) == "left":
             if attention_mask is None:
                 attention_mask = self.padding_attention_mask(tokens, prepend_bos, padding_side, required=True)
             attention_mask = self._check_attention_mask(attention_mask, tokens)
-            if past_kv_cache is not None:
-                # checked with the cached part (a chunk of padding after real tokens is fine) before it is stored
-                self._check_values(tokens, torch.cat([past_kv_cache.previous_attention_mask.to(tokens.device),
-                                                      attention_mask], dim=-1))
-                attention_mask = past_kv_cache.append_attention_mask(attention_mask)  # [b, past + p]
-        if attention_mask is None or past_kv_cache is None:
-            self._check_values(tokens, attention_mask)
+        # before the cache stores the mask: a refused input leaves the cache as it was
+        past_mask = past_kv_cache.previous_attention_mask if past_kv_cache is not None else None
+        self._check_values(tokens, attention_mask, past_mask, derived_mask)
+        if past_kv_cache is not None:
+            attention_mask = past_kv_cache.append_attention_mask(attention_mask)  # [b, past + p]
         if self.cfg.use_hook_tokens:
             tokens = self.hook_tokens(tokens)
         embed = self.hook_embed(self.embed(tokens))  # [b, p, d]
