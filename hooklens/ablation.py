@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from hooklens.activation_layout import layout_of
-from hooklens.sweeps import index_sweep, run_sweep
+from hooklens.sweeps import attach_partial, check_tokens, index_sweep, logit_positions, run_sweep
 from hooklens.utils import get_act_name
 
 ABLATION_KINDS = ("zero", "mean", "resample")
@@ -34,14 +34,12 @@ def ablation_values(model, tokens: Tensor, kind: str = "zero",
     `{"blocks.{l}.attn.hook_z": [b, p, h, dh]}`."""
     if kind not in ABLATION_KINDS:
         raise ValueError(f"kind must be one of {ABLATION_KINDS}, got {kind!r}")
-    if tokens.dim() == 1:
-        tokens = tokens[None]
+    tokens = check_tokens(tokens)
     names = [get_act_name("z", l) for l in range(model.cfg.n_layers)]
     if kind == "resample":
         if resample_tokens is None:
             raise ValueError("kind='resample' needs resample_tokens (same shape as tokens).")
-        if resample_tokens.dim() == 1:
-            resample_tokens = resample_tokens[None]
+        resample_tokens = check_tokens(resample_tokens, "resample_tokens")
         if resample_tokens.shape != tokens.shape:
             raise ValueError(f"resample_tokens has shape {tuple(resample_tokens.shape)}, tokens {tuple(tokens.shape)}; "
                              "they must match.")
@@ -73,14 +71,21 @@ def head_ablation(
     """Metric after ablating each head's `z` at every position: `[n_layers, n_heads]`.
 
     `metric(logits [b, p, d_vocab]) -> scalar`, as in `hooklens.patching` (`metric_positions=[-1]` computes logits
-    only there; other positions are NaN). `kind`: "zero", "mean" or "resample" (see the module docstring).
+    only there; other positions are NaN, and a metric reading them raises). `kind`: "zero", "mean" or "resample"
+    (see the module docstring). An exception raised while the heads run (Ctrl-C too) keeps its type and carries
+    `partial_result` ([n_layers, n_heads], NaN where not done) and `done` (bool, True where done).
     """
-    if tokens.dim() == 1:
-        tokens = tokens[None]
+    tokens = check_tokens(tokens)
+    logit_positions(metric_positions, tokens.shape[1])  # out-of-range positions raise before any forward
     replacement = ablation_values(model, tokens, kind, resample_tokens)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     indices = torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads)).view(-1, 2)
     head_axis = layout_of("z").axis("head", batch_dim=False)
     sweep = index_sweep(model, "z", indices, axes=(head_axis,))  # one head, every position
-    values = run_sweep(model, tokens, replacement, metric, sweep, metric_positions, memory_budget, progress)
+    try:
+        values = run_sweep(model, tokens, replacement, metric, sweep, metric_positions, memory_budget, progress)
+    except BaseException as exc:
+        if getattr(exc, "partial_result", None) is not None:
+            attach_partial(exc, exc.partial_result.view(n_layers, n_heads), exc.done.view(n_layers, n_heads))
+        raise
     return values.view(n_layers, n_heads)

@@ -15,20 +15,41 @@
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from hooklens.activation_layout import ActivationLayout, layout_of
-from hooklens.sweeps import index_sweep, logit_positions, run_sweep
+from hooklens.errors import InvalidInputError
+from hooklens.sweeps import check_metric, check_tokens, index_sweep, logit_positions, metric_value, run_sweep
 from hooklens.utils import get_act_name
 
 RESID_LIKE_DEFAULT = ("resid_pre", "attn_out", "mlp_out", "z")
 
 
-def _as_batch(tokens: Tensor) -> Tensor:
-    return tokens[None] if tokens.dim() == 1 else tokens
+def _token_pair(clean_tokens: Tensor, corrupted_tokens: Tensor) -> Tuple[Tensor, Tensor]:
+    """Both prompts checked (`hooklens.sweeps.check_tokens`) and of the same shape."""
+    clean_tokens = check_tokens(clean_tokens, "clean_tokens")
+    corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens")
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise ValueError(f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens "
+                         f"{tuple(corrupted_tokens.shape)} must have the same shape.")
+    return clean_tokens, corrupted_tokens
+
+
+def _differentiable_value(value) -> Tensor:
+    """The attribution metric's value, which must be a scalar tensor carrying a gradient back to the logits."""
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"The metric must return a scalar, got shape {tuple(value.shape)}.")
+    value = metric_value(value.reshape(()) if isinstance(value, Tensor) else value, differentiable=True)
+    if not value.requires_grad:
+        raise InvalidInputError(
+            "The metric's value does not depend differentiably on the logits (it does not require grad): attribution "
+            "patching needs d metric / d logits. Compute it with differentiable torch ops, e.g. a logit or log-prob "
+            "difference; .item(), .detach(), argmax, comparisons and torch.tensor(...) cut the gradient.")
+    return value
 
 
 def _logits_at(model, resid: Tensor, metric_positions: Optional[Sequence[int]]) -> Tensor:
@@ -39,6 +60,15 @@ def _logits_at(model, resid: Tensor, metric_positions: Optional[Sequence[int]]) 
     part = model.logits_from_resid(resid[:, positions])  # [b, |positions|, v]
     logits = torch.full(resid.shape[:2] + part.shape[-1:], float("nan"), dtype=part.dtype, device=part.device)
     return logits.index_copy(1, positions, part)
+
+
+def _check_names(activation_names) -> Tuple[str, ...]:
+    """`get_act_name` short names as a tuple (one name may be given as a plain string); none is an error."""
+    names = (activation_names,) if isinstance(activation_names, str) else tuple(activation_names)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise InvalidInputError(f"activation_names must be a non-empty list of activation names, e.g. "
+                                f"['resid_pre', 'z'], got {activation_names!r}.")
+    return names
 
 
 def _reduce(layout: ActivationLayout, product: Tensor) -> Tensor:
@@ -71,17 +101,23 @@ def attribution_patching(
 
     Cost: one forward pass without gradients (clean) and one forward + backward (corrupted). The gradient is taken
     with `torch.autograd.grad` on the hooked activations, so the model's parameter `.grad`s are left untouched.
+
+    Errors: tokens that are not `[batch, pos]` integer ids, out-of-range `metric_positions`, and (checked on the
+    clean run's logits, before the backward pass) a metric that returns no tensor or reads logits outside
+    `metric_positions` raise; so does a metric whose value carries no gradient (e.g. through `.item()`).
     """
-    clean_tokens, corrupted_tokens = _as_batch(clean_tokens), _as_batch(corrupted_tokens)
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens "
-                         f"{tuple(corrupted_tokens.shape)} must have the same shape.")
+    clean_tokens, corrupted_tokens = _token_pair(clean_tokens, corrupted_tokens)
+    activation_names = _check_names(activation_names)
+    positions = logit_positions(metric_positions, clean_tokens.shape[1]) if metric_positions is not None else None
     device = model.W_E.device
     n_layers = model.cfg.n_layers
     hook_names = {(short, l): get_act_name(short, l) for short in activation_names for l in range(n_layers)}
     with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean_tokens.to(device), names_filter=list(hook_names.values()),
-                                              return_cache_object=False)
+        clean_logits, clean_cache = model.run_with_cache(clean_tokens.to(device),
+                                                         names_filter=list(hook_names.values()),
+                                                         return_cache_object=False)
+        # Before the backward pass: the metric returns a tensor and reads only metric_positions (the rest are NaN).
+        check_metric(metric, clean_logits, positions, differentiable=True)
     captured: Dict[str, Tensor] = {}
 
     def capture(act: Tensor, hook) -> Optional[Tensor]:
@@ -95,11 +131,9 @@ def attribution_patching(
     with torch.enable_grad():
         with model.hooks(fwd_hooks=[(name, capture) for name in hook_names.values()]):
             resid = model(corrupted_tokens.to(device), stop_at_layer=n_layers)
-        value = metric(_logits_at(model, resid, metric_positions))
-        if value.numel() != 1:
-            raise ValueError(f"The metric must return a scalar, got shape {tuple(value.shape)}.")
+        value = _differentiable_value(metric(_logits_at(model, resid, metric_positions)))
         names = list(hook_names.values())
-        grads = torch.autograd.grad(value.reshape(()), [captured[n] for n in names], allow_unused=True)
+        grads = torch.autograd.grad(value, [captured[n] for n in names], allow_unused=True)
     grad_of = dict(zip(names, grads))
     out: Dict[str, Tensor] = {}
     for short in activation_names:
@@ -140,8 +174,11 @@ def exact_top_entries(
     Recipe for a full check instead: `hooklens.patching.get_act_patch_resid_pre(model, corrupted_tokens,
     clean_cache, metric) - metric(model(corrupted_tokens))` is the exact counterpart of
     `attribution_patching(...)["resid_pre"]` (likewise `get_act_patch_attn_head_out_by_pos` for `"z"`).
+
+    An exception raised while a name's patches run keeps its type and carries that sweep's `partial_result`
+    ([k] metric values, not yet minus the corrupted run's; NaN where not done) and `done` (see `hooklens.sweeps`).
     """
-    clean_tokens, corrupted_tokens = _as_batch(clean_tokens), _as_batch(corrupted_tokens)
+    clean_tokens, corrupted_tokens = _token_pair(clean_tokens, corrupted_tokens)
     device = model.W_E.device
     n_layers = model.cfg.n_layers
     names = [get_act_name(short, l) for short in attributions for l in range(n_layers)]
@@ -163,6 +200,50 @@ def exact_top_entries(
 
 
 # -- integrated gradients over MLP neurons -----------------------------------------------------------------------
+def _ig_arguments(model, layer, position, steps, seq_len: int) -> Tuple[List[int], int, int]:
+    """Layers (None: all) and position, negative ones counted from the end; out of range, or steps < 1, raise."""
+    n_layers = model.cfg.n_layers
+    if layer is None:
+        requested = list(range(n_layers))
+    elif isinstance(layer, Tensor):
+        requested = layer.reshape(-1).tolist()
+    else:
+        requested = list(layer) if isinstance(layer, (list, tuple, range)) else [layer]
+    try:
+        requested = [operator.index(l) for l in requested]
+        position, steps = operator.index(position), operator.index(steps)
+    except TypeError:
+        raise TypeError(f"layer must be None, an int or a list of ints, position and steps ints; got layer={layer!r}, "
+                        f"position={position!r}, steps={steps!r}.") from None
+    if not requested:
+        raise InvalidInputError("layer is empty: give the layers to attribute (an int or a list), or None for all.")
+    outside = [l for l in requested if not -n_layers <= l < n_layers]
+    if outside:
+        raise IndexError(f"layer {outside} is out of range for a model of {n_layers} layers (valid: {-n_layers}.."
+                         f"{n_layers - 1}, negative ones counting from the end).")
+    if not -seq_len <= position < seq_len:
+        raise IndexError(f"position {position} is out of range for prompts of {seq_len} tokens (valid: {-seq_len}.."
+                         f"{seq_len - 1}, negative ones counting from the end).")
+    if steps < 1:
+        raise InvalidInputError(f"steps must be >= 1 (the number of integration steps, e.g. 20), got {steps}.")
+    return [l % n_layers for l in requested], position % seq_len, steps
+
+
+def _ig_target(model, target_token, batch: int, device) -> Tensor:
+    """The target id of each batch row, `[batch]` int64; non-integer or out-of-vocabulary ids raise."""
+    target = torch.as_tensor(target_token, device=device)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target_token must be an int token id (or one per batch row), got {target_token!r}.")
+    target = target.long().reshape(-1)
+    target = target.expand(batch) if target.numel() == 1 else target
+    if target.shape != (batch,):
+        raise ValueError(f"target_token must be an int or one id per batch row ({batch}), got {tuple(target.shape)}")
+    vocab = model.cfg.d_vocab_out
+    if bool(((target < 0) | (target >= vocab)).any()):  # once per call, on the user's ids
+        raise IndexError(f"target_token {target.tolist()} is out of range for a vocabulary of {vocab} tokens.")
+    return target
+
+
 def _target_prob(model, resid: Tensor, position: int, target: Tensor) -> Tensor:
     """Probability of `target` [rows] at `position` from the final residual stream [rows, p, d]: [rows]."""
     logits = model.logits_from_resid(resid[:, position, None])[:, 0]  # [rows, 1, d] -> [rows, v]
@@ -195,24 +276,17 @@ def neuron_integrated_gradients(
     are stacked on the batch dimension: one forward + backward per layer, starting at that layer from the cached
     residual stream (earlier layers cannot change); `batch_alphas=False` does one forward + backward per step
     (less memory, same numbers).
+
+    `layer` and `position` out of range (they do not wrap around), `steps < 1`, target ids outside the vocabulary
+    and tokens that are not `[batch, pos]` integer ids raise before any forward pass.
     """
-    tokens = _as_batch(tokens)
+    tokens = check_tokens(tokens)
     device = model.W_E.device
     tokens = tokens.to(device)
     batch, seq_len = tokens.shape
     n_layers = model.cfg.n_layers
-    if layer is None:
-        layers: List[int] = list(range(n_layers))
-    elif isinstance(layer, int):
-        layers = [layer]
-    else:
-        layers = list(layer)
-    layers = [l % n_layers for l in layers]
-    position = position % seq_len
-    target = torch.as_tensor(target_token, device=device).long().reshape(-1)
-    target = target.expand(batch) if target.numel() == 1 else target
-    if target.shape != (batch,):
-        raise ValueError(f"target_token must be an int or one id per batch row ({batch}), got {tuple(target.shape)}")
+    layers, position, steps = _ig_arguments(model, layer, position, steps, seq_len)
+    target = _ig_target(model, target_token, batch, device)
 
     cached = [get_act_name("post", l) for l in layers] + [get_act_name("resid_pre", l) for l in layers]
     with torch.no_grad():

@@ -7,6 +7,12 @@ rounding), but runs many patches per forward pass (see `hooklens.sweeps`). Extra
 * `memory_budget`: bytes per chunk of stacked variants (default: half the free GPU memory, or 2 GiB on CPU);
 * `progress`: show a tqdm bar.
 
+Checked before any patch runs: the tokens (`[batch, pos]` or `[pos]` integer ids), `metric_positions` (in range; a
+metric reading logits outside them raises, since those are NaN) and the metric (one number per run). An exception
+raised during a sweep (a metric's error, Ctrl-C, out of memory) is re-raised with its own type and the finished
+work attached: `exc.partial_result` shaped like the function's result (NaN where not done) and `exc.done` (bool,
+True where done). See `hooklens.sweeps`.
+
 As in TransformerLens: a clean cache of one prompt is used for every corrupted prompt; the setters defined here run
 as vectorized masks, any other `patch_setter(corrupted_activation, index, clean_activation)` is called once per
 patch; results are float32 whatever the model's dtype. Beyond it: negative indices in `index_df` count from the
@@ -21,7 +27,7 @@ from typing import Callable, Literal, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from hooklens.sweeps import PatchSweep, index_sweep, run_sweep
+from hooklens.sweeps import PatchSweep, attach_partial, check_tokens, index_sweep, run_sweep
 
 AXIS_NAMES = ("layer", "pos", "head_index", "head", "src_pos", "dest_pos")
 # TransformerLens's type names, for code that annotates with them.
@@ -147,7 +153,11 @@ def generic_activation_patch(
     setters defined here are applied as vectorized masks; any other `patch_setter(corrupted_activation, index,
     clean_activation)` is called as TransformerLens calls it, once per patch, on that run's `[batch, ...]` slice.
     `return_index_df=True` also returns the indices as a DataFrame.
+
+    An exception raised while the patches run carries `partial_result` (shaped like the result, NaN where not
+    done) and `done` (bool, True where done), and keeps its type.
     """
+    corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens")
     if index_df is None:
         if index_axis_names is None:
             raise ValueError("Give index_axis_names (e.g. ('layer', 'pos')) or index_df.")
@@ -172,8 +182,12 @@ def generic_activation_patch(
     else:
         sweep = PatchSweep(activation_name, indices, torch.zeros(len(indices), dtype=torch.long),
                            patch_setter=patch_setter)
-    values = run_sweep(model, corrupted_tokens, clean_cache, patching_metric, sweep, metric_positions,
-                       memory_budget, progress)
+    try:
+        values = run_sweep(model, corrupted_tokens, clean_cache, patching_metric, sweep, metric_positions,
+                           memory_budget, progress)
+    except BaseException as exc:
+        reshape_partial(exc, out_shape)
+        raise
     values = values.view(out_shape)
     return (values, index_df) if return_index_df else values
 
@@ -219,25 +233,59 @@ get_act_patch_attn_head_pattern_all_pos = _specialize(layer_head_pattern_patch_s
                                                       "Patch each head's whole attention pattern.")
 
 
+def reshape_partial(exc: BaseException, shape: Sequence[int], transform: Optional[Callable] = None) -> None:
+    """Reshape the finished work a sweep attached to `exc` (see `hooklens.sweeps.attach_partial`) to `shape`, then
+    apply `transform` (e.g. a transpose) to it and to its `done` mask; nothing when none is attached."""
+    partial, done = getattr(exc, "partial_result", None), getattr(exc, "done", None)
+    if partial is None or done is None:
+        return
+    partial, done = partial.reshape(shape), done.reshape(shape)
+    if transform is not None:
+        partial, done = transform(partial), transform(done)
+    attach_partial(exc, partial, done)
+
+
+def _stacked(calls: Sequence[Callable[[], Tensor]], transforms: Optional[Sequence[Optional[Callable]]] = None):
+    """`torch.stack` of the sweeps `calls` (each with its `transforms` entry applied to its result). An exception
+    in one of them carries the stack's finished work: earlier sweeps whole, that one's `partial_result`, NaN
+    after."""
+    transforms = transforms or [None] * len(calls)
+    results = []
+    try:
+        for call, transform in zip(calls, transforms):
+            value = call()
+            results.append(transform(value) if transform is not None else value)
+    except BaseException as exc:
+        partial, done = getattr(exc, "partial_result", None), getattr(exc, "done", None)
+        if partial is not None and done is not None:
+            transform = transforms[len(results)]
+            if transform is not None:
+                partial, done = transform(partial), transform(done)
+            rest = len(calls) - len(results) - 1
+            partial = torch.stack(results + [partial] + [torch.full_like(partial, float("nan"))] * rest)
+            done = torch.stack([torch.ones_like(done)] * len(results) + [done] + [torch.zeros_like(done)] * rest)
+            attach_partial(exc, partial, done)
+        raise
+    return torch.stack(results, dim=0)
+
+
 def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
     """[5, layer, head]: output, query, key, value and pattern patching of every head, all positions."""
-    results = [fn(model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in (
+    return _stacked([partial(fn, model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in (
         get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos, get_act_patch_attn_head_k_all_pos,
-        get_act_patch_attn_head_v_all_pos, get_act_patch_attn_head_pattern_all_pos)]
-    return torch.stack(results, dim=0)
+        get_act_patch_attn_head_v_all_pos, get_act_patch_attn_head_pattern_all_pos)])
 
 
 def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
     """[5, layer, pos, head]: output, query, key, value and pattern patching of every head, by position."""
-    results = [fn(model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in (
-        get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos, get_act_patch_attn_head_k_by_pos,
-        get_act_patch_attn_head_v_by_pos)]
-    pattern = get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)
-    results.append(pattern.transpose(1, 2))  # [layer, head, pos] -> [layer, pos, head]
-    return torch.stack(results, dim=0)
+    fns = (get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos, get_act_patch_attn_head_k_by_pos,
+           get_act_patch_attn_head_v_by_pos, get_act_patch_attn_head_pattern_by_pos)
+    pattern_to_by_pos = partial(torch.transpose, dim0=1, dim1=2)  # [layer, head, pos] -> [layer, pos, head]
+    return _stacked([partial(fn, model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in fns],
+                    [None] * 4 + [pattern_to_by_pos])
 
 
 def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Tensor:
     """[3, layer, pos]: residual stream, attention output and MLP output patching, by position."""
-    return torch.stack([fn(model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in (
-        get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)], dim=0)
+    return _stacked([partial(fn, model, corrupted_tokens, clean_cache, metric, **kwargs) for fn in (
+        get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)])

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from hooklens.activation_layout import layout_of
-from hooklens.sweeps import apply_metric
+from hooklens.sweeps import apply_metric, check_tokens
 from hooklens.utils import get_act_name
 
 Receiver = Tuple[str, Optional[int]]
@@ -61,8 +61,8 @@ def _z_caches(model, clean_tokens: Tensor, corrupted_tokens: Tensor) -> Tuple[Di
 
 
 def _check_inputs(model, clean_tokens, corrupted_tokens, receiver_hooks) -> Tuple[Tensor, Tensor]:
-    clean_tokens = clean_tokens[None] if clean_tokens.dim() == 1 else clean_tokens
-    corrupted_tokens = corrupted_tokens[None] if corrupted_tokens.dim() == 1 else corrupted_tokens
+    clean_tokens = check_tokens(clean_tokens, "clean_tokens")
+    corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens")
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens "
                          f"{tuple(corrupted_tokens.shape)} must have the same shape.")

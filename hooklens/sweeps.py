@@ -30,10 +30,10 @@ re-raised with its own type (`attach_partial`).
 
 Public helpers for sweeps built on the engine (`hooklens.patching`, `hooklens.ablation`, `hooklens.attribution`,
 `hooklens.path_patching`): `index_mask` builds the per-variant masks and `index_sweep` a whole mask sweep;
-`logit_positions` says which positions' logits a metric reads; `check_metric` checks a metric once per sweep;
-`apply_metric` evaluates a metric over stacked variants; `check_tokens` checks a sweep's tokens; `attach_partial`
-keeps a sweep's finished work on the exception that stopped it. Which axis of the patched activation is the
-position comes from `hooklens.activation_layout`.
+`logit_positions` says which positions' logits a metric reads; `check_metric` checks a metric once per sweep
+(`metric_value` checks one value); `apply_metric` evaluates a metric over stacked variants; `check_tokens` checks a
+sweep's tokens; `attach_partial` keeps a sweep's finished work on the exception that stopped it. Which axis of the
+patched activation is the position comes from `hooklens.activation_layout`.
 """
 from __future__ import annotations
 
@@ -154,9 +154,12 @@ def logit_positions(metric_positions: Optional[Sequence[int]], seq_len: int) -> 
     return torch.tensor([p % seq_len for p in positions], dtype=torch.long).unique()
 
 
-def _metric_value(value, differentiable: bool = False) -> Tensor:
-    """One metric value as a 0-d tensor: a tensor, or (unless `differentiable`) a Python / NumPy real number."""
+def metric_value(value, differentiable: bool = False) -> Tensor:
+    """One metric value as a 0-d tensor: a tensor, or (unless `differentiable`) a Python / NumPy real number.
+    `differentiable` (attribution) also takes a one-element tensor of any shape, as it always has."""
     if isinstance(value, Tensor):
+        if differentiable and value.numel() == 1:
+            return value.reshape(())
         if value.dim() != 0:
             raise InvalidInputError(f"The metric must return one number per run (a scalar), but it returned shape "
                                     f"{tuple(value.shape)}; reduce it, e.g. with .mean() over the batch.")
@@ -179,14 +182,14 @@ def check_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, positions: 
     Two signs of such a read, both on this one run: the value changes when the other positions' logits change
     (rolled and rescaled along the vocabulary), or it becomes NaN when they are NaN. A metric that only asks
     whether they are NaN passes. The metric is called on copies, 1 to 3 times."""
-    real = _metric_value(metric(logits.clone()), differentiable)
+    real = metric_value(metric(logits.clone()), differentiable)
     seq_len = logits.shape[1]
     if positions is None or len(positions) == seq_len:
         return
     unread = torch.tensor(sorted(set(range(seq_len)) - set(positions.tolist())), device=logits.device)
     moved = logits.index_select(1, unread).roll(1, dims=-1) * 0.5 + 1.0
-    perturbed = _metric_value(metric(logits.index_copy(1, unread, moved)), differentiable).to(real.device)
-    partial = _metric_value(metric(logits.index_fill(1, unread, float("nan"))), differentiable).to(real.device)
+    perturbed = metric_value(metric(logits.index_copy(1, unread, moved)), differentiable).to(real.device)
+    partial = metric_value(metric(logits.index_fill(1, unread, float("nan"))), differentiable).to(real.device)
     depends = (real != perturbed) & ~(real.isnan() & perturbed.isnan())
     if bool(depends | (partial.isnan() & ~real.isnan())):  # one host sync per sweep
         raise InvalidInputError(
@@ -231,7 +234,7 @@ def apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Opti
             logger.warning("The patching metric is not vmap-compatible (%s); evaluating it per variant.", err)
             state["vmap"] = False
     if values is None:
-        values = torch.stack([_metric_value(metric(l)).to(logits.device) for l in logits])
+        values = torch.stack([metric_value(metric(l)).to(logits.device) for l in logits])
     if values.dim() != 1:
         raise InvalidInputError(
             f"The metric must return one number per run (a scalar), but it returned shape {tuple(values.shape[1:])} "
