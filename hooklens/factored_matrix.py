@@ -20,9 +20,14 @@ Differences from TransformerLens 3.9, on purpose:
   imaginary part); LAPACK's order, which TL returns, depends on the Hessenberg deflation and is not reproducible
   without calling LAPACK on every head. The values are the same.
 
+* an integer row or column index outside the matrix (`fm[5]` on 3 rows, `fm[:, -9]`) raises `IndexError` naming
+  the size, where TL returns an empty matrix (slices keep Python's rules and may be empty, as in TL); NumPy
+  integers and 0-d integer tensors index like Python ints (TL fails on them).
+
 Bad input that TL rejects with an `assert` (inner dimensions that do not match, a non-scalar tensor after `*`,
 `BA` / `eigenvalues` of a non-square matrix) raises `InvalidInputError`, which is both a `ValueError` and the
-`AssertionError` TL users catch; leading dimensions that do not broadcast raise `RuntimeError`, as in TL.
+`AssertionError` TL users catch; so do factors that are not (batches of) matrices (0-D or 1-D), where TL fails
+with an `IndexError` from a shape lookup. Leading dimensions that do not broadcast raise `RuntimeError`, as in TL.
 """
 from __future__ import annotations
 

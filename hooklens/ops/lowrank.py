@@ -31,6 +31,10 @@ Each function takes ``backend=``:
 - ``"auto"`` (default): ``"cpp"`` when the extension is available and the tensors are on CPU or CUDA (the
   devices the operators have kernels for); ``"torch"`` otherwise.
 
+Every operator, and its fake kernel, refuses tensors on different devices (a CPU tensor mixed with a meta one
+would otherwise reach the fake kernel and come back as uninitialised memory): ``RuntimeError`` naming both
+devices, as from torch's own operators; the Python functions here raise ``ValueError`` before dispatching.
+
 Device policy: each function with ``backend="cpp"`` calls its operator and nothing else, so
 ``hooklens.ops.X(...)`` and ``torch.ops.hooklens.X(...)`` take the same route on every device. Where the route
 depends on the device it is decided in the C++ kernel: CUDA eigenvalues (``eigvals``, ``small_eigvals``) are
