@@ -143,10 +143,19 @@ def read_config_file(path: Path) -> Dict[str, Any]:
     return config
 
 
+def _all_finite(tensor: Tensor) -> bool:
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        return True
+    # One pass without a mask the size of the tensor (several times faster than isfinite().all()): NaN propagates
+    # to both extremes and an infinity is one of them, so both are finite exactly when every element is.
+    low, high = torch.aminmax(tensor)
+    return bool(low.isfinite() & high.isfinite())
+
+
 def find_non_finite(state: Dict[str, Tensor]) -> List[str]:
     """Names of the floating-point tensors in `state` holding NaN or inf (one reduction each; mask buffers skipped)."""
-    return [k for k, v in state.items() if v.is_floating_point() and v.device.type != "meta"
-            and k.rsplit(".", 1)[-1] not in _MASK_BUFFERS and not bool(torch.isfinite(v).all())]
+    return [k for k, v in state.items() if v.is_floating_point() and k.rsplit(".", 1)[-1] not in _MASK_BUFFERS
+            and not _all_finite(v)]
 
 
 def warn_non_finite(names: List[str], source: str) -> None:
@@ -618,7 +627,9 @@ def load_checkpoint(
     if ln_folded:
         cfg.normalization_type = "LNPre"
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}  # contiguous: safetensors can save them
-    if not non_finite:  # finite weights can still overflow when processed or cast (float16 ends at 65504)
+    if not non_finite and dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(work_dtype).max:
+        # Finite weights can overflow in a cast to a narrower range (float16 ends at 65504); processing in float32
+        # or float64 cannot, short of weights no checkpoint holds, so wider dtypes skip this second pass.
         warn_non_finite(find_non_finite(state), f"After processing and the cast to {dtype}, the model loaded from "
                         f"{source if hf_model is not None else model_name}")
     return cfg, state

@@ -87,6 +87,19 @@ def test_intact_checkpoints_load_without_a_non_finite_warning(hf_dir, tl_dir):
     assert non_finite_warnings(record) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_find_non_finite_finds_every_kind_anywhere(dtype):
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for index in (0, 7, -1):
+            bad = torch.randn(4, 6, dtype=dtype)
+            bad.view(-1)[index] = value
+            state = {"ok": torch.randn(3, dtype=dtype), "bad": bad, "bad_view": bad.T[1:], "empty": torch.empty(0, 5),
+                     "ids": torch.arange(3), "blocks.0.attn.IGNORE": torch.tensor(-torch.inf, dtype=dtype)}
+            # bad.T[1:] leaves out column 0 of bad, which holds flat index 0
+            expected = ["bad"] if index == 0 else ["bad", "bad_view"]
+            assert loading.find_non_finite(state) == expected, (value, index)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_hf_weights_warn_naming_the_file_tensor(hf_dir, tmp_path, value):
     def poison(state):
