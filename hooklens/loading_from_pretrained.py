@@ -75,6 +75,8 @@ def make_model_alias_map() -> Dict[str, str]:
 
 def get_official_model_name(model_name: str) -> str:
     """The official name of a GPT-2-family model name or alias (case-insensitive)."""
+    if not isinstance(model_name, str):
+        raise TypeError(f"model_name={model_name!r} is not a string: pass a name such as 'gpt2' or 'gpt2-medium'.")
     official_model_name = make_model_alias_map().get(model_name.lower())
     if official_model_name is None:
         raise ValueError(

@@ -49,6 +49,10 @@ class LoadingMixin:
         included: `first_n_layers` keeps only the first blocks, `n_ctx` shortens the context (and `W_pos`),
         `move_to_device=False` leaves the weights on the CPU. GPT-2 has no training checkpoints and hooklens runs on
         one device, so `checkpoint_*` and `n_devices > 1` are refused with an error.
+
+        Before any weight is allocated, config.json must be a regular file holding a JSON object whose values can
+        form a model and agree with the checkpoint's tensor shapes, or a `CheckpointError` names the field and the
+        fix; weights holding NaN or inf load with a warning that names them. Pickled code is never run.
         """
         if checkpoint_index is not None or checkpoint_value is not None or checkpoint_label is not None:
             raise ValueError("checkpoint_index / checkpoint_value / checkpoint_label select training checkpoints, "

@@ -388,3 +388,11 @@ def test_transformer_lens_valid_configs_still_build():
     assert HookedTransformerConfig(**TL_SMALL, dtype="torch.float64").dtype == torch.float64
     assert HookedTransformerConfig(**TL_SMALL, use_attn_scale=False).attn_scale == 1.0
     assert HookedTransformerConfig(**TL_SMALL, attn_scale=4.0).attn_scale == 4.0
+
+
+def test_official_model_name_of_a_non_string_is_a_type_error():
+    from hooklens.loading_from_pretrained import get_official_model_name
+
+    with pytest.raises(TypeError, match="model_name=None is not a string"):
+        get_official_model_name(None)
+    assert get_official_model_name("GPT2-Small") == "gpt2"
