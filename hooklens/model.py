@@ -160,8 +160,9 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
             )
         return pos_offset
 
-    def _check_attention_mask(self, attention_mask: Tensor, tokens: Tensor) -> Tensor:
-        """A padding mask `[b, p]` of 0/1 (1 = real token) with the tokens' shape, on their device."""
+    def _check_attention_mask(self, attention_mask: Tensor, tokens: Tensor, what: str = "tokens have") -> Tensor:
+        """A padding mask of 0/1 (1 = real token) with the shape of `tokens` (only its shape and device are read),
+        on their device. `what` names `tokens` in the error."""
         if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise TypeError(
                 f"attention_mask must be a 0/1 integer or bool tensor (1 = real token), got dtype "
@@ -169,7 +170,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
                 "supported: pass (mask == 0).long())."
             )
         if attention_mask.shape != tokens.shape:
-            raise InvalidInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
+            raise InvalidInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but {what} shape "
                                     f"{tuple(tokens.shape)}; pass one 0/1 entry per token.")
         return attention_mask.to(tokens.device)
 
@@ -296,8 +297,10 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
                                         f"d_model={self.cfg.d_model}], got {shape}; tokens go in without "
                                         "start_at_layer.")
             residual = input
-            if attention_mask is not None:  # the mask the blocks read: one entry per position, as for tokens
-                attention_mask = self._check_attention_mask(attention_mask, residual[..., 0])
+            if attention_mask is not None:  # the blocks read it as given: one entry per key, cached ones included
+                keys = residual.shape[1] + (past_kv_cache.past_length if past_kv_cache is not None else 0)
+                attention_mask = self._check_attention_mask(attention_mask, residual[:, :1, 0].expand(-1, keys),
+                                                            "the residual's [batch, cached + new positions] have")
                 self._check_values(None, attention_mask)
         for index in range(self.cfg.n_layers)[start_at_layer:stop_at_layer]:
             entry = past_kv_cache[index] if past_kv_cache is not None else None

@@ -251,6 +251,20 @@ def test_kv_cache_padding_chunk_after_real_tokens_is_fine_and_refusals_leave_the
     torch.testing.assert_close(cache.previous_attention_mask, past[1], rtol=0, atol=0)
 
 
+def test_start_at_layer_with_kv_cache_takes_the_mask_over_cached_and_new_positions(model, tokens):
+    """The blocks read the mask of every key (TL passes it through as given), so it spans cached + new positions."""
+    ones = torch.ones_like(tokens)
+    cache = HookedTransformerKeyValueCache.init_cache(model.cfg, "cpu", 2)
+    model(tokens[:, :4], past_kv_cache=cache, attention_mask=ones[:, :4])
+    cache.freeze()  # the embedding step must not store the new position's mask: the blocks' step does not
+    resid = model(tokens[:, 4:], past_kv_cache=cache, attention_mask=ones[:, 4:], stop_at_layer=0)
+    cache.unfreeze()
+    with pytest.raises(InvalidInputError, match=r"shape \(2, 1\) but the residual's \[batch, cached \+ new"):
+        model(resid, start_at_layer=0, past_kv_cache=cache, attention_mask=ones[:, 4:])
+    logits = model(resid, start_at_layer=0, past_kv_cache=cache, attention_mask=ones)
+    torch.testing.assert_close(logits, model(tokens)[:, 4:], **tolerance("same_dtype_abs", torch.float32))
+
+
 # -- layer bounds -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwarg", ["start_at_layer", "stop_at_layer"])
 @pytest.mark.parametrize("value", [3, -3, 100])
