@@ -180,33 +180,34 @@ class HookedTransformer(TokensMixin, WeightsMixin, LoadingMixin, HookedRootModul
     ) -> None:
         """Refuse token ids outside the vocabulary, mask entries other than 0/1, and prompts that are all padding
         (counting `past_mask` `[b, past]`, the cached part: a chunk of padding after real tokens is fine).
-        `derived_mask`: the mask came from the pad token, not from the caller. One host sync, whatever is
-        checked."""
-        flags: Dict[str, Tensor] = {}
+        `derived_mask`: the mask came from the pad token, not from the caller."""
+        # min/max reductions stacked into one tensor: a single host sync, and few small ops on the hot path
+        reductions, names = [], []
         if tokens is not None:
-            low, high = tokens.aminmax()
-            flags["token range"] = (low < 0) | (high >= self.cfg.d_vocab)
+            reductions += tokens.aminmax()
+            names += ["token min", "token max"]
         if attention_mask is not None:
-            has_real_token = attention_mask.bool().any(dim=1)  # [b]
-            if past_mask is not None:
-                has_real_token = has_real_token | past_mask.to(has_real_token.device).bool().any(dim=1)
-            flags["mask values"] = ((attention_mask != 0) & (attention_mask != 1)).any()
-            flags["padding-only rows"] = (~has_real_token).any()
-        if not flags:
+            mask = attention_mask.long() if attention_mask.dtype == torch.bool else attention_mask
+            row_max = mask.amax(dim=1)  # [b]: 0 for a row of padding only (once the values are known to be 0/1)
+            if past_mask is not None and past_mask.shape[1]:
+                row_max = torch.maximum(row_max, past_mask.to(row_max.device).amax(dim=1).to(row_max.dtype))
+            reductions += [*mask.aminmax(), row_max.amin()]
+            names += ["mask min", "mask max", "rows min"]
+        if not reductions:
             return
-        failed = dict(zip(flags, torch.stack(list(flags.values())).tolist()))
-        if failed.get("token range"):
+        found = dict(zip(names, torch.stack(reductions).tolist()))
+        if tokens is not None and (found["token min"] < 0 or found["token max"] >= self.cfg.d_vocab):
             raise InvalidInputError(
                 f"Token ids must lie in [0, {self.cfg.d_vocab}) for this model, got range "
-                f"[{int(low)}, {int(high)}]; check the tokenizer matches the model."
+                f"[{found['token min']}, {found['token max']}]; check the tokenizer matches the model."
             )
-        if failed.get("mask values"):
+        if attention_mask is not None and (found["mask min"] < 0 or found["mask max"] > 1):
             values = sorted(set(attention_mask.unique().tolist()))
             raise InvalidInputError(
                 f"attention_mask must hold only 0 (padding) and 1 (real token), got values {values[:8]}"
                 f"{' ...' if len(values) > 8 else ''}; pass (mask != 0).long() if nonzero means a real token.")
-        if failed.get("padding-only rows"):
-            empty = (~has_real_token).nonzero().flatten().tolist()
+        if attention_mask is not None and found["rows min"] < 1:
+            empty = (row_max < 1).nonzero().flatten().tolist()
             source = (f" (no attention_mask was passed: the mask marks the pad token id "
                       f"{getattr(self.tokenizer, 'pad_token_id', None)} at the padded end as padding; pass "
                       "attention_mask=torch.ones_like(tokens) if those tokens are real)") if derived_mask else ""
