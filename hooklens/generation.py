@@ -62,9 +62,12 @@ def generate(
     else:
         prompt, attention_mask = prompt_tokens(model, input, prepend_bos, padding_side)
     stop_ids, pad_id = stop_tokens(model, stop_at_eos, eos_token_id)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise InvalidInputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
     if max_new_tokens + prompt.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"Prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"n_ctx={model.cfg.n_ctx}.")
+        raise InvalidInputError(f"Prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                                f"n_ctx={model.cfg.n_ctx}: shorten the prompt or ask for at most "
+                                f"{model.cfg.n_ctx - prompt.shape[1]} new tokens.")
 
     def next_tokens(final_logits: Tensor, seen_tokens: Tensor) -> Tensor:  # [b, v], [b, p] -> [b]
         if not do_sample:

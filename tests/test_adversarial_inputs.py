@@ -308,5 +308,14 @@ def test_generate_reads_narrow_token_prompts_as_ids(model, tokens):
         model.generate(tokens.to(torch.bool), **kwargs)
 
 
+def test_generate_refuses_bad_lengths_before_decoding(text_model):
+    with pytest.warns(UserWarning, match="n_ctx=16"), \
+            pytest.raises(InvalidInputError, match=r"Prompt \(16 tokens\) \+ max_new_tokens \(1\) exceeds n_ctx=16"):
+        text_model.generate(LONG_TEXT, max_new_tokens=1, verbose=False)
+    for bad in (-1, 2.5):
+        with pytest.raises(InvalidInputError, match=rf"max_new_tokens must be an int >= 0, got {bad}"):
+            text_model.generate(SHORT_TEXT, max_new_tokens=bad, verbose=False)
+
+
 def test_invalid_input_error_is_what_tl_code_catches():
     assert issubclass(InvalidInputError, ValueError) and issubclass(InvalidInputError, AssertionError)
