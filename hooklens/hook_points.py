@@ -140,9 +140,7 @@ class LensHandle:
 
 
 def _visible(handles: List[LensHandle]) -> List[LensHandle]:
-    """The handles a forward in the running thread runs (no ContextVar read when all are model-wide)."""
-    if all(h.context_token is None for h in handles):
-        return handles
+    """The handles a forward in the running thread runs."""
     open_blocks = _OPEN_BLOCKS.get()
     return [h for h in handles if h.context_token is None or h.context_token in open_blocks]
 
@@ -219,10 +217,11 @@ class HookPoint(nn.Module):
         if not callable(hook):
             raise TypeError(f"Hook for {self.name!r} must be callable as fn(activation, hook), "
                             f"got {type(hook).__name__}.")
-        handle = LensHandle(hook, is_permanent, level, context_token=context_token)
+        handles = self._handles(dir)  # also checks `dir`
+        handle = LensHandle(hook, is_permanent, level, hook, context_token)
         with _REGISTRATION_LOCK:
             handles = self._handles(dir)
-            self._set_handles(dir, [handle, *handles] if prepend else [*handles, handle])
+            self._set_handles(dir, [handle, *handles] if prepend else handles + [handle])
 
     def add_perma_hook(self, hook: HookFunction, dir: Direction = "fwd") -> None:
         self.add_hook(hook, dir=dir, is_permanent=True)
@@ -239,18 +238,18 @@ class HookPoint(nn.Module):
 
     def _remove_block_hooks(self, token: _ContextToken, keep: bool) -> None:
         """At the end of `token`'s `hooks()` block: remove its hooks, or with `keep` make them model-wide (TL's
-        `reset_hooks_end=False`: they run in later forwards until `reset_hooks()`)."""
-        if not self.fwd_hooks and not self.bwd_hooks:
-            return
-        with _REGISTRATION_LOCK:
-            for d in ("fwd", "bwd"):
-                handles = self._handles(d)
-                if any(h.context_token is token for h in handles):
-                    if keep:
-                        for h in handles:
-                            h.context_token = None if h.context_token is token else h.context_token
-                    else:
-                        self._set_handles(d, [h for h in handles if h.context_token is not token])
+        `reset_hooks_end=False`: they run in later forwards until `reset_hooks()`). The caller holds
+        `_REGISTRATION_LOCK`."""
+        for d, handles in (("fwd", self.fwd_hooks), ("bwd", self.bwd_hooks)):
+            if not handles:
+                continue
+            if keep:
+                for h in handles:
+                    h.context_token = None if h.context_token is token else h.context_token
+                continue
+            kept = [h for h in handles if h.context_token is not token]
+            if len(kept) != len(handles):
+                self._set_handles(d, kept)
 
     def has_hooks(
         self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = True, level: Optional[int] = None
@@ -290,10 +289,9 @@ class HookPoint(nn.Module):
         raise ValueError(f"Hook direction must be 'fwd' or 'bwd', got {dir!r}.")
 
     def _set_handles(self, dir: str, handles: List[LensHandle]) -> None:
-        if dir == "fwd":
-            self.fwd_hooks = handles
-        else:
-            self.bwd_hooks = handles
+        # straight into __dict__ (where __init__ put the lists): nn.Module.__setattr__ would cost more than the
+        # rest of registering a hook
+        self.__dict__["fwd_hooks" if dir == "fwd" else "bwd_hooks"] = handles
 
     # -- running ------------------------------------------------------------------------------------------------
     def __call__(self, x: Tensor) -> Tensor:  # bypasses nn.Module.__call__: a hook point without hooks is free
@@ -304,7 +302,10 @@ class HookPoint(nn.Module):
         return self.forward(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        for handle in _visible(self.fwd_hooks):  # registration replaces the list, so this one stays as it is
+        open_blocks = _OPEN_BLOCKS.get()
+        for handle in self.fwd_hooks:  # registration replaces the list, so this one stays as it is
+            if handle.context_token is not None and handle.context_token not in open_blocks:
+                continue  # a temporary hook of another thread's hooks() block
             if not getattr(handle.hook, READ_ONLY_ATTR, False):
                 _protect_cached(x)
             result = handle.hook(x, hook=self)
@@ -547,28 +548,31 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         level = self.context_level + 1  # TL's level: how deeply this model's blocks are nested, here per thread
         with _tagging_scope():
             _OPEN_BLOCKS.set(_OPEN_BLOCKS.get() | {token})
+            hooked: Dict[int, HookPoint] = {}  # the points this block added hooks to, filled as it goes
             try:
-                self._add_block_hooks(fwd_hooks, bwd_hooks, level, token, _check)
+                self._add_block_hooks(fwd_hooks, bwd_hooks, level, token, _check, hooked)
                 yield self
             finally:
                 try:
                     if reset_hooks_end and clear_contexts:
                         self.clear_contexts()
-                    for hook_point in self.hook_dict.values():
-                        hook_point._remove_block_hooks(token, keep=not reset_hooks_end)
+                    with _REGISTRATION_LOCK:
+                        for hook_point in hooked.values():
+                            hook_point._remove_block_hooks(token, keep=not reset_hooks_end)
                 finally:  # not ContextVar.reset: blocks may close in any order (an ExitStack, a generator)
                     _OPEN_BLOCKS.set(_OPEN_BLOCKS.get() - {token})
 
     def _add_block_hooks(self, fwd_hooks: Sequence, bwd_hooks: Sequence, level: int, token: _ContextToken,
-                         check: bool) -> None:
+                         check: bool, hooked: Dict[int, HookPoint]) -> None:
         for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
             for name, fn in pairs:
                 if isinstance(name, str) and check:  # a switched-off point named outright raises (TL: no check)
                     point = self.get_hook_point(name)
                     self.check_hooks_to_add(point, name, fn, dir=direction)
+                    hooked[id(point)] = point
                     point.add_hook(fn, dir=direction, level=level, context_token=token)
                 else:  # filters and caching hooks go on every selected point, switched off or not (as in TL)
-                    matched = self._add_unchecked(name, fn, direction, level, token)
+                    matched = self._add_unchecked(name, fn, direction, level, token, hooked)
                     if check and callable(name):
                         self._warn_if_filter_never_fires(matched)
 
@@ -588,16 +592,22 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
                              f"not by assignment (got {value!r}).")
 
     def _add_unchecked(self, name: Union[str, Callable[[str], bool]], fn: HookFunction, direction: Direction,
-                       level: Optional[int], token: Optional[_ContextToken] = None) -> List[str]:
-        """Attach `fn` to the named point or every point the filter selects; returns the names it went on."""
+                       level: Optional[int], token: Optional[_ContextToken] = None,
+                       hooked: Optional[Dict[int, HookPoint]] = None) -> List[str]:
+        """Attach `fn` to the named point or every point the filter selects (noting them in `hooked`); returns the
+        names it went on."""
         if isinstance(name, str):
-            self.get_hook_point(name).add_hook(fn, dir=direction, level=level, context_token=token)
-            return [name]
-        if not callable(name):
+            matched = [name]
+            self.get_hook_point(name)  # an unknown name raises with the closest valid names
+        elif callable(name):
+            matched = [hook_name for hook_name in self.hook_dict if name(hook_name)]
+        else:
             raise TypeError(f"Hook name must be a string or a filter function of the name, got {type(name).__name__}.")
-        matched = [hook_name for hook_name in self.hook_dict if name(hook_name)]
         for hook_name in matched:
-            self.hook_dict[hook_name].add_hook(fn, dir=direction, level=level, context_token=token)
+            point = self.hook_dict[hook_name]
+            if hooked is not None:
+                hooked[id(point)] = point
+            point.add_hook(fn, dir=direction, level=level, context_token=token)
         return matched
 
     def _warn_if_filter_never_fires(self, matched: List[str]) -> None:
@@ -659,9 +669,9 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
 
         def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool = False, pos_axis: int = -2) -> None:
             key = hook.name + "_grad" if is_backward else hook.name
-            stored = tensor.detach()
-            if device is not None:
-                stored = stored.to(device)
+            detached = tensor.detach()
+            stored = detached if device is None else detached.to(device)
+            aliased = stored is detached  # `.to` returns its input when nothing moves
             if remove_batch_dim:
                 if stored.shape[0] != 1:
                     raise ValueError(
@@ -672,7 +682,7 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
             if position_slice is not None and -stored.dim() <= pos_axis < stored.dim():
                 stored = position_slice.apply(stored, dim=pos_axis)
             cache[key] = stored
-            if stored.device == tensor.device:  # an alias: a later editing hook copies it first (_protect_cached)
+            if aliased:  # a later hook that may edit `tensor` in place copies the entry first (_protect_cached)
                 _tag_cached(tensor, cache, key, stored)
 
         fwd_hooks, bwd_hooks = [], []
