@@ -41,7 +41,7 @@ import logging
 import math
 import numbers
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -189,13 +189,13 @@ def check_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, positions: 
     unread = torch.tensor(sorted(set(range(seq_len)) - set(positions.tolist())), device=logits.device)
     moved = logits.index_select(1, unread).roll(1, dims=-1) * 0.5 + 1.0
     perturbed = metric_value(metric(logits.index_copy(1, unread, moved)), differentiable).to(real.device)
-    partial = metric_value(metric(logits.index_fill(1, unread, float("nan"))), differentiable).to(real.device)
+    on_nan = metric_value(metric(logits.index_fill(1, unread, float("nan"))), differentiable).to(real.device)
     depends = (real != perturbed) & ~(real.isnan() & perturbed.isnan())
-    if bool(depends | (partial.isnan() & ~real.isnan())):  # one host sync per sweep
+    if bool(depends | (on_nan.isnan() & ~real.isnan())):  # one host sync per sweep
         raise InvalidInputError(
             f"The metric reads logits outside metric_positions (positions {positions.tolist()} of {seq_len}): a "
             f"sweep computes only those and leaves the rest NaN, so the metric would be wrong for every patch (on the "
-            f"unpatched run it gives {real.item():.6g} with every logit, {partial.item():.6g} with only "
+            f"unpatched run it gives {real.item():.6g} with every logit, {on_nan.item():.6g} with only "
             "metric_positions'). Add the positions it reads to metric_positions, or pass metric_positions=None."
         )
 
@@ -335,7 +335,7 @@ class _SweepState:
     pos_axis: int
     act_shape: Tuple[int, ...]
     logits_buffer: Optional[Tensor] = None
-    metric_state: Optional[dict] = None
+    metric_state: dict = field(default_factory=dict)
 
 
 def _run_chunk(model, clean_cache, metric: Callable, sweep: PatchSweep, chunk: Tensor, start: int,
@@ -354,7 +354,6 @@ def _run_chunk(model, clean_cache, metric: Callable, sweep: PatchSweep, chunk: T
     # Every chunk rewrites the metric's positions of the shared buffer and leaves the others NaN.
     logits = _assemble_logits(model, resid, run.logits, state.positions, start, state.logits_buffer[:n])
     version = state.logits_buffer._version
-    state.metric_state = {} if state.metric_state is None else state.metric_state
     values = apply_metric(metric, logits, state.metric_state).to(torch.float32)
     if state.logits_buffer._version != version:  # the metric wrote into its logits: restore the NaNs
         state.logits_buffer.fill_(float("nan"))
