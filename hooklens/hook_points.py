@@ -17,7 +17,8 @@ differences that only remove surprises:
   entered and left in any order remove only their own hooks (TL's hooks are model-wide, so concurrent runs see
   and remove each other's). Permanent hooks, hooks added with `add_hook` and hooks a block leaves behind with
   `reset_hooks_end=False` stay model-wide, as in TL. `list_hooks` and `repr` show every attached hook;
-  `has_hooks`, `remove_hooks`, `reset_hooks` act on the hooks this thread would run;
+  `has_hooks`, `remove_hooks`, `reset_hooks` act on the hooks this thread would run. Worker threads a forward
+  starts itself (`nn.DataParallel`) do not inherit the block, so temporary hooks do not run there;
 * a hook that returns a tensor of another dtype or on another device (a meta tensor included) raises naming the
   hook, the hook point and what was expected, instead of failing later inside the model;
 * an activation that `run_with_cache` has stored is not rewritten by a later hook that edits it in place (TL's
@@ -400,7 +401,8 @@ class HookIntrospectionMixin:
         """The attached hooks by hook point name, forward before backward; hook points without hooks are left out.
 
         `name_filter`: a hook name, a list of names, or a predicate on names (None: all). `dir`: "fwd", "bwd" or
-        "both". `including_permanent=False` leaves out permanent hooks."""
+        "both". `including_permanent=False` leaves out permanent hooks. Lists every attached hook, as TL does,
+        including the temporary hooks of `hooks()` blocks open in other threads (which this thread does not run)."""
         if dir not in ("fwd", "bwd", "both"):
             raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}.")
         hook_dict: Dict[str, HookPoint] = getattr(self, "hook_dict")
@@ -523,7 +525,9 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         self, clear_contexts: bool = True, direction: Literal["fwd", "bwd", "both"] = "both",
         including_permanent: bool = False, level: Optional[int] = None,
     ) -> None:
-        """Remove hooks (permanent ones only with `including_permanent=True`)."""
+        """Remove hooks (permanent ones only with `including_permanent=True`; with `level`, only the hooks of the
+        `hooks()` blocks at that nesting level). Only the hooks a forward in this thread runs are removed: the
+        temporary hooks of another thread's open `hooks()` block are that block's to remove."""
         if clear_contexts:
             self.clear_contexts()
         self.remove_all_hook_fns(direction, including_permanent, level=level)
