@@ -79,6 +79,11 @@ class _ContextToken:
     def __repr__(self) -> str:
         return f"<hooks() block {self.serial}>"
 
+    def __deepcopy__(self, memo: dict) -> None:
+        # A model copied inside the block keeps the block's hooks, as TL's copy does, but no block of the copy
+        # will remove them: there they become model-wide hooks (None), which reset_hooks() removes.
+        return None
+
 
 _SERIALS = itertools.count(1)
 # The `hooks()` blocks open in the running thread / asyncio task. A new thread starts with none, so it runs no

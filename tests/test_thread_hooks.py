@@ -7,6 +7,7 @@ Each concurrent test compares every thread's outputs with a single-threaded run 
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from functools import partial
 
@@ -296,3 +297,14 @@ def test_exit_stack_and_exception_leave_no_hooks(model, tokens):
             stack.enter_context(model.hooks(fwd_hooks=[("hook_pos_embed", lambda x, hook: None)]))
             raise RuntimeError("boom")
     assert not model.list_hooks() and model.context_level == 0
+
+
+def test_model_copied_inside_a_block_keeps_its_hooks_model_wide(model, tokens):
+    seen = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: seen.append(hook.name))]):
+        twin = copy.deepcopy(model)
+    twin(tokens)
+    run_threads(lambda: twin(tokens))
+    assert seen == ["hook_embed", "hook_embed"]
+    twin.reset_hooks()
+    assert not twin.list_hooks()
