@@ -193,8 +193,10 @@ def test_token_errors(model):
         model("", prepend_bos=False)
     with pytest.raises(ValueError, match="return_type"):
         model(torch.zeros(1, 4, dtype=torch.long), return_type="logprobs")
-    # Strings are truncated to n_ctx by to_tokens, as in TL.
-    assert model.to_tokens("hello " * 500).shape[1] == 128
+    # Strings are truncated to n_ctx by to_tokens, as in TL, but not silently unless truncate=True is asked for.
+    with pytest.warns(UserWarning, match="n_ctx"):
+        assert model.to_tokens("hello " * 500).shape[1] == 128
+    assert model.to_tokens("hello " * 500, truncate=True).shape[1] == 128
 
 
 def test_model_without_tokenizer_needs_tokens():
