@@ -41,6 +41,7 @@ import logging
 import math
 import numbers
 import operator
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
@@ -52,6 +53,7 @@ from tqdm.auto import tqdm
 from hooklens.activation_layout import find_layout, layout_of
 from hooklens.errors import InvalidInputError
 from hooklens.kv_cache import HookedTransformerKeyValueCacheEntry
+from hooklens.sweep_engine import packed_forward, packed_kind, plan_chunk
 from hooklens.utils import get_act_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -214,20 +216,25 @@ def attach_partial(exc: BaseException, partial: Tensor, done: Tensor) -> None:
                      "are in this exception's .partial_result (NaN where not done; .done marks which).")
 
 
-def apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Optional[dict] = None) -> Tensor:
+def apply_metric(metric: Callable[[Tensor], Tensor], logits: Tensor, state: Optional[dict] = None,
+                 variants_per_call: Optional[int] = None) -> Tensor:
     """`metric` over each variant's logits: `[n, b, p, v] -> [n]`, vectorized with `torch.vmap` when the metric
     allows (metrics calling `.item()` or branching on values are evaluated once per variant instead).
 
     `state` (one dict per sweep) remembers a metric that vmap cannot run, so it is reported and retried once.
     A metric must return one number per run (a 0-d tensor, or a Python number when vmap cannot run it); anything
-    else raises InvalidInputError (a ValueError) or TypeError."""
+    else raises InvalidInputError (a ValueError) or TypeError.
+
+    `variants_per_call`: variants per vmapped call (default: as many as keep ~16 MiB of logits per call). The sweep
+    engine passes all of a chunk's (the chunk is already sized to memory), so the metric costs a fixed number of ops
+    per chunk, not per variant."""
     state = {} if state is None else state
     values = None
     if state.get("vmap", True):
         # vmap in chunks of a few variants: a metric's temporaries (log_softmax of a position slice, which makes a
         # contiguous copy) then stay cache-sized instead of spanning every variant at once.
         per_variant = max(1, logits[0].numel() * logits.element_size())
-        chunk_size = max(1, (16 << 20) // per_variant)
+        chunk_size = variants_per_call or max(1, (16 << 20) // per_variant)
         try:
             values = torch.vmap(metric, chunk_size=chunk_size)(logits)
         except Exception as err:  # metrics that call .item() or data-dependent Python control flow
@@ -254,11 +261,32 @@ class _CorruptedRun:
     attention_mask: Optional[Tensor]  # [b, p] for left-padded prompts, else None
 
 
-def _default_memory_budget(device: torch.device) -> int:
+CPU_BUDGET_CAP = 8 * 1024**3  # a sweep's chunk is plenty fast at this size; more only risks swapping
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes one chunk of stacked variants may use: half the free GPU memory, or on CPU a quarter of the memory
+    the OS reports available (/proc/meminfo's MemAvailable, else psutil's, else 8 GiB), capped at 8 GiB."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
-    return 2 * 1024**3
+    available = _available_host_memory()
+    return CPU_BUDGET_CAP if available is None else max(64 * 1024**2, min(available // 4, CPU_BUDGET_CAP))
+
+
+def _available_host_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 def _variant_bytes(model: "HookedTransformer", batch: int, seq_len: int, n_logit_positions: int,
@@ -282,46 +310,143 @@ def run_sweep(
     metric_positions: Optional[Sequence[int]] = None,
     memory_budget: Optional[int] = None,
     progress: bool = True,
+    *,
+    packed: bool = True,
 ) -> Tensor:
     """Metric value of every patch in `sweep`: a float32 [n] tensor in the order of `sweep.indices` (TL stores each
     value with `.item()` into a float32 tensor, whatever the model's dtype).
 
     The tokens, `metric_positions` and the metric are checked before the first chunk (see the module docstring).
     An exception raised while the chunks run (a KeyboardInterrupt too) is re-raised with the finished work attached:
-    `exc.partial_result` ([n], NaN where not done) and `exc.done` ([n] bool); no hooks are left on the model."""
+    `exc.partial_result` ([n], NaN where not done) and `exc.done` ([n] bool); no hooks are left on the model.
+    A chunk that runs out of GPU memory is retried as halves (logged once); finished chunks are kept.
+
+    `packed=False` runs the hook-based path even where the packed forward could (for tests and benchmarks)."""
     device = model.W_E.device
     corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens").to(device)
     batch, seq_len = corrupted_tokens.shape
     positions = logit_positions(metric_positions, seq_len)
     hooked = _warn_if_hooked(model)
-    first_name = get_act_name(sweep.activation_name, int(sweep.indices[0, 0]))
+    first_layer = int(sweep.indices[0, 0])
+    first_name = get_act_name(sweep.activation_name, first_layer)
+    kind = None
+    if packed and not hooked and sweep.build_masks is not None:
+        kind = packed_kind(model, sweep.activation_name, first_layer)
     run = _run_corrupted(model, corrupted_tokens, first_name)
     check_metric(metric, run.logits, positions if metric_positions is not None else None)
-    positions = positions.to(device)
+    host_positions, positions = positions, positions.to(device)
     act_shape = tuple(run.activations[first_name].shape[1:])
     # A user's setter and hooks already on the model see [batch, pos, ...] from position 0, as in TransformerLens.
     from_start = hooked or sweep.patch_setter is not None
-    start_positions = torch.zeros_like(sweep.start_positions) if from_start else sweep.start_positions
-    budget = memory_budget if memory_budget is not None else _default_memory_budget(device)
+    if sweep.patch_setter is not None:
+        logger.info("A custom patch_setter is Python called per variant: patching %s on the hook-based path.",
+                    sweep.activation_name)
+    start_positions = torch.zeros_like(sweep.start_positions) if from_start else sweep.start_positions.cpu()
+    budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     per_variant = _variant_bytes(model, batch, seq_len, len(positions), math.prod(act_shape))
     chunk_size = 1 if hooked else max(1, budget // max(per_variant, 1))
 
-    results = torch.full((len(sweep.indices),), float("nan"), dtype=torch.float32, device=device)
+    n = len(sweep.indices)
+    results = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
     state = _SweepState(run, positions, layout_of(first_name, model.cfg).axis("pos", batch_dim=False), act_shape)
-    chunks = _chunks(sweep.indices[:, 0], start_positions, chunk_size)
-    finished: List[Tensor] = []
-    try:
-        for chunk in tqdm(chunks, disable=not progress, desc=f"patching {sweep.activation_name}"):
+    if kind is not None:
+        layers = sweep.indices[:, 0].cpu()
+        # Sorted by layer (the packed forward's prefix order), then by start (similar suffixes share a chunk).
+        order = torch.argsort(layers * (seq_len + 1) + start_positions.clamp(max=seq_len), stable=True)
+        chunks = list(order.split(chunk_size))
+        inputs = [_block_input(run.activations, j) for j in range(model.cfg.n_layers)]
+        keys = [run.activations[get_act_name("k", j)] for j in range(model.cfg.n_layers)]
+        values = [run.activations[get_act_name("v", j)] for j in range(model.cfg.n_layers)]
+
+        def run_chunk(chunk: Tensor) -> Tensor:
+            return _run_packed_chunk(model, clean_cache, metric, sweep, kind, chunk, start_positions, host_positions,
+                                     state, inputs, keys, values)
+    else:
+        chunks = _chunks(sweep.indices[:, 0], start_positions, chunk_size)
+
+        def run_chunk(chunk: Tensor) -> Tensor:
             start = int(start_positions[chunk].min())
-            results[chunk.to(device)] = _run_chunk(model, clean_cache, metric, sweep, chunk, start, state)
-            finished.append(chunk)
+            return _run_chunk(model, clean_cache, metric, sweep, chunk, start, state)
+
+    done = torch.zeros(n, dtype=torch.bool)
+    try:
+        _run_chunks(chunks, run_chunk, results, done, progress, f"patching {sweep.activation_name}")
     except BaseException as exc:  # Ctrl-C, a metric's error, out of memory: keep what finished
-        done = torch.zeros(len(sweep.indices), dtype=torch.bool)
-        for chunk in finished:
-            done[chunk] = True
         attach_partial(exc, results, done)
         raise
     return results
+
+
+def _run_chunks(chunks: List[Tensor], run_chunk: Callable[[Tensor], Tensor], results: Tensor, done: Tensor,
+                progress: bool, description: str) -> None:
+    """Runs every chunk, writing its values into `results` and marking `done`. A chunk raising
+    torch.OutOfMemoryError is freed and retried as halves, and later chunks are capped at that size (logged once
+    per sweep); a one-variant chunk that runs out of memory raises."""
+    pending = deque(chunks)
+    limit = max((len(c) for c in chunks), default=1)
+    warned = False
+    with tqdm(total=int(sum(len(c) for c in chunks)), disable=not progress, desc=description) as bar:
+        while pending:
+            chunk = pending.popleft()
+            if len(chunk) > limit:  # split lazily, keeping the chunk's order (the packed forward sorts by layer)
+                pending.extendleft(reversed(chunk.split(limit)))
+                continue
+            try:
+                values = run_chunk(chunk)
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                _free_memory()
+                limit = (len(chunk) + 1) // 2
+                if not warned:
+                    logger.warning("Out of memory in a chunk of %d patches: retrying in chunks of at most %d (pass "
+                                   "a smaller memory_budget to start there).", len(chunk), limit)
+                    warned = True
+                pending.appendleft(chunk)
+                continue
+            results[chunk.to(results.device)] = values
+            done[chunk.cpu()] = True
+            bar.update(len(chunk))
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_packed_chunk(model, clean_cache, metric: Callable, sweep: PatchSweep, kind: str, chunk: Tensor,
+                      start_positions: Tensor, host_positions: Tensor, state: "_SweepState", inputs: List[Tensor],
+                      keys: List[Tensor], values: List[Tensor]) -> Tensor:
+    """The metric of each variant in `chunk` (sorted by layer) from one packed forward (`hooklens.sweep_engine`)."""
+    run, device = state.run, state.positions.device
+    batch, seq_len = run.tokens.shape
+    indices = sweep.indices[chunk].cpu()
+
+    def clean_of(layer: int) -> Tensor:
+        name = get_act_name(sweep.activation_name, layer)
+        return _clean_activation(clean_cache, name, state.act_shape, batch, device)
+
+    plan = plan_chunk(model, indices[:, 0], start_positions[chunk], indices, sweep, kind, clean_of, state.act_shape,
+                      batch, seq_len, host_positions, run.attention_mask, device)
+    resid = packed_forward(model, plan, kind, inputs, keys, values)  # [k, d]
+    n = len(chunk)
+    if state.logits_buffer is None or state.logits_buffer.shape[0] < n:
+        state.logits_buffer = torch.full((n,) + tuple(run.logits.shape), float("nan"), dtype=run.logits.dtype,
+                                         device=device)
+    logits = state.logits_buffer[:n]  # [n, b, p, v]; NaN except at the metric's positions
+    # The corrupted logits where a variant's patch starts after a metric position (nothing recomputed there), the
+    # packed forward's everywhere else it read.
+    logits[:, :, state.positions] = run.logits[:, state.positions].unsqueeze(0)
+    computed = model.logits_from_resid(resid)  # [k, v]
+    logits.view(-1, logits.shape[-1]).index_copy_(0, plan.out_logit_index, computed.to(logits.dtype))
+    version = state.logits_buffer._version
+    values = apply_metric(metric, logits, state.metric_state, variants_per_call=n).to(torch.float32)
+    if state.logits_buffer._version != version:  # the metric wrote into its logits: restore the NaNs
+        state.logits_buffer.fill_(float("nan"))
+    return values
 
 
 @dataclass
@@ -354,7 +479,7 @@ def _run_chunk(model, clean_cache, metric: Callable, sweep: PatchSweep, chunk: T
     # Every chunk rewrites the metric's positions of the shared buffer and leaves the others NaN.
     logits = _assemble_logits(model, resid, run.logits, state.positions, start, state.logits_buffer[:n])
     version = state.logits_buffer._version
-    values = apply_metric(metric, logits, state.metric_state).to(torch.float32)
+    values = apply_metric(metric, logits, state.metric_state, variants_per_call=n).to(torch.float32)
     if state.logits_buffer._version != version:  # the metric wrote into its logits: restore the NaNs
         state.logits_buffer.fill_(float("nan"))
     return values
