@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from hooklens.activation_layout import layout_of
+from hooklens.sweep_precision import SweepPrecision
 from hooklens.sweeps import attach_partial, check_tokens, index_sweep, logit_positions, run_sweep
 from hooklens.utils import get_act_name
 
@@ -67,6 +68,9 @@ def head_ablation(
     metric_positions: Optional[Sequence[int]] = None,
     memory_budget: Optional[int] = None,
     progress: bool = True,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    allow_tf32: bool = False,
 ) -> Tensor:
     """Metric after ablating each head's `z` at every position: `[n_layers, n_heads]`.
 
@@ -74,8 +78,13 @@ def head_ablation(
     only there; other positions are NaN, and a metric reading them raises). `kind`: "zero", "mean" or "resample"
     (see the module docstring). An exception raised while the heads run (Ctrl-C too) keeps its type and carries
     `partial_result` ([n_layers, n_heads], NaN where not done) and `done` (bool, True where done).
+
+    `dtype` / `allow_tf32`: the precision of the ablated forwards, as in `hooklens.patching` (default: the model's,
+    exact; `torch.bfloat16` runs them under autocast, see `hooklens.sweep_precision`). The ablation values themselves
+    (the unablated run's `z`) are computed in the model's precision, as a clean cache is in patching.
     """
     tokens = check_tokens(tokens)
+    precision = SweepPrecision(model, dtype, allow_tf32)  # a refused dtype raises before any forward
     logit_positions(metric_positions, tokens.shape[1])  # out-of-range positions raise before any forward
     replacement = ablation_values(model, tokens, kind, resample_tokens)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -83,7 +92,8 @@ def head_ablation(
     head_axis = layout_of("z").axis("head", batch_dim=False)
     sweep = index_sweep(model, "z", indices, axes=(head_axis,))  # one head, every position
     try:
-        values = run_sweep(model, tokens, replacement, metric, sweep, metric_positions, memory_budget, progress)
+        with precision:
+            values = run_sweep(model, tokens, replacement, metric, sweep, metric_positions, memory_budget, progress)
     except BaseException as exc:
         if getattr(exc, "partial_result", None) is not None:
             attach_partial(exc, exc.partial_result.view(n_layers, n_heads), exc.done.view(n_layers, n_heads))

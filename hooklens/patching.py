@@ -5,7 +5,16 @@ rounding), but runs many patches per forward pass (see `hooklens.sweeps`). Extra
 
 * `metric_positions`: the positions the metric reads, e.g. `[-1]` (logits elsewhere are NaN); default all;
 * `memory_budget`: bytes per chunk of stacked variants (default: half the free GPU memory, or 2 GiB on CPU);
-* `progress`: show a tqdm bar.
+* `progress`: show a tqdm bar;
+* `dtype`: the precision the sweep's forwards run in: None (default) for the model's own, exactly as without the
+  argument; `torch.bfloat16` or `torch.float16` on a float32 model runs them under `torch.autocast` without changing
+  the model (results stay float32 tensors);
+* `allow_tf32`: TF32 matmuls on CUDA for the duration of the sweep (a process-wide flag, restored after); a no-op on
+  the CPU.
+
+The lower-precision options are opt-in and approximate: their measured error against float32 (normalized metric,
+rank correlation of the patch effects, IOI and repeated-token sweeps) is in docs/sweep-precision.md; the mechanism
+and what is refused are in `hooklens.sweep_precision`.
 
 Checked before any patch runs: the tokens (`[batch, pos]` or `[pos]` integer ids), `metric_positions` (in range; a
 metric reading logits outside them raises, since those are NaN) and the metric (one number per run). An exception
@@ -27,6 +36,7 @@ from typing import Callable, Literal, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from hooklens.sweep_precision import SweepPrecision
 from hooklens.sweeps import PatchSweep, attach_partial, check_tokens, index_sweep, run_sweep
 
 AXIS_NAMES = ("layer", "pos", "head_index", "head", "src_pos", "dest_pos")
@@ -145,6 +155,8 @@ def generic_activation_patch(
     metric_positions: Optional[Sequence[int]] = None,
     memory_budget: Optional[int] = None,
     progress: bool = True,
+    dtype: Optional[torch.dtype] = None,
+    allow_tf32: bool = False,
 ):
     """Patch `activation_name` from `clean_cache` into the corrupted run at every index and record the metric.
 
@@ -152,12 +164,14 @@ def generic_activation_patch(
     pandas DataFrame, one row per patch; result flat, as in TransformerLens). Index column 0 is the layer. The
     setters defined here are applied as vectorized masks; any other `patch_setter(corrupted_activation, index,
     clean_activation)` is called as TransformerLens calls it, once per patch, on that run's `[batch, ...]` slice.
-    `return_index_df=True` also returns the indices as a DataFrame.
+    `return_index_df=True` also returns the indices as a DataFrame. `dtype` / `allow_tf32`: the sweep's precision
+    (see the module docstring and `hooklens.sweep_precision`; default: the model's, exact).
 
     An exception raised while the patches run carries `partial_result` (shaped like the result, NaN where not
     done) and `done` (bool, True where done), and keeps its type.
     """
     corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens")
+    precision = SweepPrecision(model, dtype, allow_tf32)  # a refused dtype raises before any forward
     if index_df is None:
         if index_axis_names is None:
             raise ValueError("Give index_axis_names (e.g. ('layer', 'pos')) or index_df.")
@@ -183,8 +197,9 @@ def generic_activation_patch(
         sweep = PatchSweep(activation_name, indices, torch.zeros(len(indices), dtype=torch.long),
                            patch_setter=patch_setter)
     try:
-        values = run_sweep(model, corrupted_tokens, clean_cache, patching_metric, sweep, metric_positions,
-                           memory_budget, progress)
+        with precision:
+            values = run_sweep(model, corrupted_tokens, clean_cache, patching_metric, sweep, metric_positions,
+                               memory_budget, progress)
     except BaseException as exc:
         reshape_partial(exc, out_shape)
         raise
