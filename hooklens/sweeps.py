@@ -54,6 +54,7 @@ from hooklens.activation_layout import find_layout, layout_of
 from hooklens.errors import InvalidInputError
 from hooklens.kv_cache import HookedTransformerKeyValueCacheEntry
 from hooklens.sweep_engine import packed_forward, packed_kind, plan_chunk
+from hooklens.sweep_graphs import run_packed
 from hooklens.utils import get_act_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -312,6 +313,7 @@ def run_sweep(
     progress: bool = True,
     *,
     packed: bool = True,
+    capture: Optional[bool] = None,
 ) -> Tensor:
     """Metric value of every patch in `sweep`: a float32 [n] tensor in the order of `sweep.indices` (TL stores each
     value with `.item()` into a float32 tensor, whatever the model's dtype).
@@ -321,7 +323,9 @@ def run_sweep(
     `exc.partial_result` ([n], NaN where not done) and `exc.done` ([n] bool); no hooks are left on the model.
     A chunk that runs out of GPU memory is retried as halves (logged once); finished chunks are kept.
 
-    `packed=False` runs the hook-based path even where the packed forward could (for tests and benchmarks)."""
+    `packed=False` runs the hook-based path even where the packed forward could (for tests and benchmarks).
+    `capture` (default: on CUDA): replay the packed forward of a chunk structure seen before as a CUDA graph
+    (`hooklens.sweep_graphs`); False runs the same static-buffer code eagerly."""
     device = model.W_E.device
     corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens").to(device)
     batch, seq_len = corrupted_tokens.shape
@@ -358,9 +362,11 @@ def run_sweep(
         keys = [run.activations[get_act_name("k", j)] for j in range(model.cfg.n_layers)]
         values = [run.activations[get_act_name("v", j)] for j in range(model.cfg.n_layers)]
 
+        capture = device.type == "cuda" if capture is None else bool(capture)
+
         def run_chunk(chunk: Tensor) -> Tensor:
             return _run_packed_chunk(model, clean_cache, metric, sweep, kind, chunk, start_positions, host_positions,
-                                     state, inputs, keys, values)
+                                     state, inputs, keys, values, capture)
     else:
         chunks = _chunks(sweep.indices[:, 0], start_positions, chunk_size)
 
@@ -419,8 +425,9 @@ def _free_memory() -> None:
 
 def _run_packed_chunk(model, clean_cache, metric: Callable, sweep: PatchSweep, kind: str, chunk: Tensor,
                       start_positions: Tensor, host_positions: Tensor, state: "_SweepState", inputs: List[Tensor],
-                      keys: List[Tensor], values: List[Tensor]) -> Tensor:
-    """The metric of each variant in `chunk` (sorted by layer) from one packed forward (`hooklens.sweep_engine`)."""
+                      keys: List[Tensor], values: List[Tensor], capture: bool) -> Tensor:
+    """The metric of each variant in `chunk` (sorted by layer) from one packed forward (`hooklens.sweep_engine`),
+    on static buffers, replayed as a CUDA graph when `capture` (`hooklens.sweep_graphs`)."""
     run, device = state.run, state.positions.device
     batch, seq_len = run.tokens.shape
     indices = sweep.indices[chunk].cpu()
@@ -431,7 +438,7 @@ def _run_packed_chunk(model, clean_cache, metric: Callable, sweep: PatchSweep, k
 
     plan = plan_chunk(model, indices[:, 0], start_positions[chunk], indices, sweep, kind, clean_of, state.act_shape,
                       batch, seq_len, host_positions, run.attention_mask, device)
-    resid = packed_forward(model, plan, kind, inputs, keys, values)  # [k, d]
+    resid = run_packed(model, plan, kind, inputs, keys, values, capture, forward=packed_forward)  # [k, d]
     n = len(chunk)
     if state.logits_buffer is None or state.logits_buffer.shape[0] < n:
         state.logits_buffer = torch.full((n,) + tuple(run.logits.shape), float("nan"), dtype=run.logits.dtype,

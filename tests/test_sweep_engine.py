@@ -171,7 +171,10 @@ class CountOps(TorchDispatchMode):
 
 
 def count_ops(model, corrupted, cache, activation, indices, axes, **kwargs):
+    """Ops of the sweep's second run: the first also allocates its chunk structures' static buffers (once per
+    structure, see hooklens.sweep_graphs)."""
     sweep = index_sweep(model, activation, indices, axes)
+    run_sweep(model, corrupted, cache, metric, sweep, metric_positions=[-1], progress=False, **kwargs)
     with CountOps() as counter:
         run_sweep(model, corrupted, cache, metric, sweep, metric_positions=[-1], progress=False, **kwargs)
     return counter.count
@@ -258,3 +261,56 @@ def test_tiny_budget_equals_unconstrained(model):
     for budget in (1, 3 * sweeps._variant_bytes(model, 2, 6, 6, 6 * model.cfg.d_model)):
         torch.testing.assert_close(sweep_values(model, corrupted, cache, metric, "v", indices, (1,),
                                                 memory_budget=budget), free, **tolerance())
+
+
+# -- static buffers and CUDA graphs (hooklens.sweep_graphs) ---------------------------------------------------------
+def test_static_buffers_take_each_runs_values(model):
+    """The same chunk structure on other prompts, another clean cache and edited weights: each run equals the loop
+    (no stale static buffer, plan or weights; an in-place weight edit drops the model's entries)."""
+    from hooklens.sweep_graphs import cached_entries
+
+    indices = grid(model, ("pos", "head"), 5)
+    for seed in (0, 1):
+        corrupted, cache = make_prompts(model, 2, 5, seed=seed)
+        actual = sweep_values(model, corrupted, cache, metric, "z", indices, (0, 1), metric_positions=[-1],
+                              capture=False)
+        torch.testing.assert_close(actual, naive(model, corrupted, cache, metric, "z", indices, (0, 1)),
+                                   **tolerance())
+    entries = cached_entries(model)
+    assert entries and max(entry.runs for entry in entries.values()) >= 2
+    weight = model.blocks[1].mlp.W_in
+    original = weight.clone()
+    try:
+        weight.mul_(1.5)
+        actual = sweep_values(model, corrupted, cache, metric, "z", indices, (0, 1), metric_positions=[-1],
+                              capture=False)
+        assert all(entry.runs == 1 for entry in cached_entries(model).values())
+        torch.testing.assert_close(actual, naive(model, corrupted, cache, metric, "z", indices, (0, 1)),
+                                   **tolerance())
+    finally:
+        weight.copy_(original)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA twin of the static-buffer test: graph capture")
+@pytest.mark.parametrize("case", ["resid_pre", "z_all_pos", "mlp_out", "pattern_by_dest"])
+def test_cuda_graph_replay_equals_eager(case):
+    """On CUDA: the second run of a structure is captured and replayed from then on; every run, on other prompts
+    each time, equals the eager static-buffer path and the loop."""
+    from conftest import make_tiny_model
+
+    from hooklens.sweep_graphs import cached_entries
+
+    cuda_model = make_tiny_model(n_layers=3, device="cuda").eval()
+    activation, axes, ranges = CASES[case]
+    indices = grid(cuda_model, ranges, 6)
+    for seed in range(3):
+        corrupted, cache = make_prompts(cuda_model, 2, 6, seed=seed)
+        graphed = sweep_values(cuda_model, corrupted, cache, metric, activation, indices, axes,
+                               metric_positions=[-1], capture=True)
+        eager = sweep_values(cuda_model, corrupted, cache, metric, activation, indices, axes,
+                             metric_positions=[-1], capture=False)
+        torch.testing.assert_close(graphed, eager, **tolerance())
+        torch.testing.assert_close(graphed, naive(cuda_model, corrupted, cache, metric, activation, indices, axes),
+                                   **tolerance("fused_vs_eager"))
+    captured = [entry.graph is not None for entry in cached_entries(cuda_model).values()]
+    assert any(captured) == (activation not in ("pattern", "attn_scores"))
