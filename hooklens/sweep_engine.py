@@ -85,7 +85,10 @@ class ChunkPlan:
     out_tokens: Tensor  # [k] live tokens (of the last block) at the metric's positions
     out_rows_from: int  # out_tokens[out_rows_from:] belong to variants starting at the last block
     out_logit_index: Tensor  # [k] row * seq_len + position: where their logits go in [n*b, seq_len, vocab]
-    patches: Dict[int, Tuple[Tensor, Tensor]]  # block -> (mask, clean) for the variants starting there
+    # block -> (mask or index, clean) for the variants starting there: a bool mask, or (scores / patterns of an
+    # index sweep) the int64 coordinates along `patch_axes` for `index_patch_`
+    patches: Dict[int, Tuple[Tensor, Tensor]]
+    patch_axes: Optional[Tuple[int, ...]]
     attention_mask: Optional[Tensor]  # [n*b, length] for padded prompts
 
 
@@ -126,10 +129,12 @@ def plan_chunk(model: "HookedTransformer", layers: Tensor, starts: Tensor, indic
     out_tokens = torch.nonzero(wanted[position]).flatten()
     out_rows_from = int((row[out_tokens] < last_new_row).sum())
     patches = {}
+    patch_axes = _row_index_axes(kind, sweep, indices, act_shape, length, first_query)
     for j in layers.unique().tolist():
         members = torch.nonzero(layers == j).flatten()
-        patches[j] = _patch_tensors(model, kind, sweep, indices[members], clean_of(j), act_shape, batch, length,
-                                    first_query, row, position, int(members[0]) * batch, int(members[-1] + 1) * batch)
+        patches[j] = _patch_tensors(kind, sweep, indices[members], clean_of(j), act_shape, batch, length,
+                                    first_query, row, position, int(members[0]) * batch, int(members[-1] + 1) * batch,
+                                    patch_axes)
     to = dict(device=device)
     return ChunkPlan(
         n=n, batch=batch, length=length, first_query=first_query, first_layer=first_layer, rows_upto=rows_upto,
@@ -137,23 +142,49 @@ def plan_chunk(model: "HookedTransformer", layers: Tensor, starts: Tensor, indic
         query_index=(row * (length - first_query) + position - first_query).to(**to),
         source_index=((row % batch) * length + position).to(**to), out_tokens=out_tokens.to(**to),
         out_rows_from=out_rows_from, out_logit_index=(row[out_tokens] * seq_len + position[out_tokens]).to(**to),
-        patches=patches,
+        patches=patches, patch_axes=patch_axes,
         attention_mask=None if attention_mask is None else
         attention_mask[:, :length].repeat(n, 1).to(**to),  # [n*b, length], variant-major
     )
 
 
-def _patch_tensors(model, kind: str, sweep, indices: Tensor, clean: Tensor, act_shape: Tuple[int, ...], batch: int,
-                   length: int, first_query: int, row: Tensor, position: Tensor, row_lo: int,
-                   row_hi: int) -> Tuple[Tensor, Tensor]:
-    """(mask, clean) of the variants starting at one block, laid out as the packed forward holds the activation
-    there: per live token of rows row_lo..row_hi-1 (`[tokens, *rest]`), or per row (`[m, 1, h, queries, keys]`
-    mask and `[b, h, queries, keys]` clean, for scores / patterns)."""
+def _row_index_axes(kind: str, sweep, indices: Tensor, act_shape: Tuple[int, ...], length: int,
+                    first_query: int) -> Optional[Tuple[int, ...]]:
+    """The axes to patch scores / patterns by index along (`index_patch_`, which writes only the patched entries,
+    where a mask would be `[variants, h, q, k]`): an index sweep's, when every coordinate lies in the computed
+    `[h, q, k]` window (a variant whose query position was not computed changes nothing the metric reads, but its
+    coordinate must still be in range); None: masks."""
+    axes = getattr(sweep, "axes", None)
+    if kind not in _PER_ROW or axes is None:
+        return None
+    window = (act_shape[0], (first_query, length), (0, length))  # head; query and key position ranges
+    for column, axis in enumerate(axes, start=1):
+        low, high = (0, window[0]) if axis == 0 else window[axis]
+        values = indices[:, column]
+        if len(values) and not (int(values.min()) >= low and int(values.max()) < high):
+            return None
+    return tuple(axes)
+
+
+def _patch_tensors(kind: str, sweep, indices: Tensor, clean: Tensor, act_shape: Tuple[int, ...], batch: int,
+                   length: int, first_query: int, row: Tensor, position: Tensor, row_lo: int, row_hi: int,
+                   row_axes: Optional[Tuple[int, ...]]) -> Tuple[Tensor, Tensor]:
+    """(mask or index, clean) of the variants starting at one block, laid out as the packed forward holds the
+    activation there: per live token of rows row_lo..row_hi-1 (`[tokens, *rest]` mask and clean), or per row for
+    scores / patterns (`[m, 1, h, queries, keys]` mask, or `[m, len(row_axes)]` coordinates relative to the
+    window, and `[b, h, queries, keys]` clean)."""
     device = clean.device
+    if kind in _PER_ROW:
+        window = clean[:, :, first_query:length, :length]  # [b, h, q, k]
+        if row_axes is not None:
+            coords = indices[:, 1:].clone()
+            for column, axis in enumerate(row_axes):
+                if axis == 1:  # the query position, counted from the window's first query
+                    coords[:, column] -= first_query
+            return coords.to(device), window
+        masks = sweep.build_masks(indices, act_shape)  # [m, h, seq, seq]
+        return masks[:, :, first_query:length, :length].unsqueeze(1).to(device), window  # [m, 1, h, q, k]
     masks = sweep.build_masks(indices, act_shape)  # [m, *act_shape]
-    if kind in _PER_ROW:  # [m, h, seq, seq] -> the padded query / key range
-        masks = masks[:, :, first_query:length, :length].unsqueeze(1).to(device)  # [m, 1, h, q, k]
-        return masks, clean[:, :, first_query:length, :length]
     live = (row >= row_lo) & (row < row_hi)
     variant, at = torch.div(row[live] - row_lo, batch, rounding_mode="floor"), position[live]
     # Advanced indexing, not reshape + index: the ops do not depend on whether a reshape could be a view (m == 1).
@@ -275,18 +306,25 @@ def _attention(block, plan: ChunkPlan, rows: int, tokens: int, q: Tensor, k: Ten
     else:  # scores / pattern patched: TL's reference steps, the new rows patched between them
         scores = attn_ops.attention_scores(q_rows, k_rows, scale, first_query, mask)  # [rows, h, queries, keys]
         if kind == "attn_scores":
-            scores = _patch_rows(scores, patch, new_rows, batch)
+            scores = _patch_rows(scores, patch, new_rows, batch, plan.patch_axes)
         pattern = attn_ops.softmax_pattern(scores)
         if kind == "pattern":
-            pattern = _patch_rows(pattern, patch, new_rows, batch)
+            pattern = _patch_rows(pattern, patch, new_rows, batch, plan.patch_axes)
         z = attn_ops.z_from_pattern(pattern, v_rows)
     return z.reshape(rows * n_queries, h, dh).index_select(0, query_index)
 
 
-def _patch_rows(act: Tensor, patch: Tuple[Tensor, Tensor], new_rows: int, batch: int) -> Tensor:
-    """The last `new_rows` rows of a `[rows, h, q, k]` activation take the clean values where masked."""
-    mask, clean = patch  # [m, 1, h, q, k], [b, h, q, k]
+def _patch_rows(act: Tensor, patch: Tuple[Tensor, Tensor], new_rows: int, batch: int,
+                axes: Optional[Tuple[int, ...]]) -> Tensor:
+    """The last `new_rows` rows of a `[rows, h, q, k]` activation take the clean values where masked, or at their
+    coordinates (`index_patch_`, in place: `act` is this forward's own tensor)."""
+    where, clean = patch  # [m, 1, h, q, k] bool or [m, len(axes)] int64; [b, h, q, k]
+    if axes is not None:
+        from hooklens.ops.patching import index_patch_  # lazy: hooklens.ops loads the extension on first use
+
+        index_patch_(act[act.shape[0] - new_rows:], clean.to(act.dtype), where, axes)
+        return act
     old = act[: act.shape[0] - new_rows]
-    new = act[act.shape[0] - new_rows:].view((mask.shape[0], batch) + tuple(act.shape[1:]))
-    new = torch.where(mask, clean.to(act.dtype).unsqueeze(0), new).reshape((-1,) + tuple(act.shape[1:]))
+    new = act[act.shape[0] - new_rows:].view((where.shape[0], batch) + tuple(act.shape[1:]))
+    new = torch.where(where, clean.to(act.dtype).unsqueeze(0), new).reshape((-1,) + tuple(act.shape[1:]))
     return torch.cat([old, new])

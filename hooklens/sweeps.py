@@ -5,21 +5,30 @@ TransformerLens runs one full forward pass (and one host sync) per patch. Here a
 
 1. runs the corrupted prompt once, caching its residual stream entering every layer, its keys and values, and
    its logits;
-2. for each layer, stacks many variants on the batch dimension and starts them at that layer from the cached
-   corrupted residual stream (earlier layers cannot change);
-3. starts each chunk of variants at the earliest position any of them patches: positions before it cannot
-   change (causal attention), so their cached keys and values are reused and only later positions are computed;
-4. applies every variant's patch with one op, `hooklens::masked_patch` from `hooklens._C` (PyTorch reference in
-   `hooklens.ops.patching`), over a per-variant mask (no Python loop over variants);
-5. computes logits only at the positions the metric reads (`metric_positions`, default all), and evaluates the
-   metric for all variants at once with `torch.vmap`;
-6. chunks variants to a memory budget, with a tqdm bar.
+2. sorts the variants by layer (then start position) and runs each chunk of them in one *packed* forward
+   (`hooklens.sweep_engine`): a variant of layer l starting at position s (the first position its patch can
+   change; causal attention) is computed in blocks l.. at positions s.. only, the earlier ones read from the
+   corrupted run's keys and values; every variant's live tokens share one matrix, so each block is one GEMM per
+   weight for the whole chunk, whatever layers its variants start at;
+3. computes only what the metric can read: no position after the last one in `metric_positions`, and in the last
+   block the attention output, MLP and unembedding only at `metric_positions` (default all);
+4. applies the patch inside that forward for the variants starting at each block, from per-variant masks (no hook
+   fires, no Python loop over variants); its number of ops depends on the blocks and chunks, not the variants,
+   and it runs on static buffers that CUDA replays as a graph once a chunk structure repeats
+   (`hooklens.sweep_graphs`);
+5. evaluates the metric for all variants of a chunk at once with `torch.vmap`;
+6. chunks variants to a memory budget (half the free GPU memory; on CPU a quarter of the available memory, at most
+   8 GiB), retrying a chunk that runs out of GPU memory as halves, with a tqdm bar.
 
-Each step is exact: `tests/test_patching.py` checks each against the one-forward-per-patch loop. Two cases run
-each variant from position 0 instead (still many per forward unless noted), because their Python code must see
-what it sees in TransformerLens: a user-written patch setter (called per variant on its `[batch, pos, ...]` slice)
-and hooks already attached to the model (one variant per forward, so they see `[batch, pos, ...]` too).
-Left-padded prompts carry their attention mask into every run.
+Each step is exact: `tests/test_patching.py` and `tests/test_sweep_engine.py` check them against the
+one-forward-per-patch loop. Some sweeps run on the hook-based path instead (`packed=False` forces it): chunks of
+one layer, starting at the chunk's earliest position, patched by a hook with `hooklens::masked_patch` (PyTorch
+reference in `hooklens.ops.patching`). That path serves hook points the packed forward does not patch (LayerNorm
+internals, split q/k/v inputs, ...) and models it does not cover (`sweep_engine.packed_kind`), and runs each
+variant from position 0 in two cases, because their Python code must see what it sees in TransformerLens: a
+user-written patch setter (called per variant on its `[batch, pos, ...]` slice) and hooks already attached to the
+model (one variant per forward, so they see `[batch, pos, ...]` too; a warning says so). Left-padded prompts carry
+their attention mask into every run.
 
 Checks, once per sweep and before the chunks run: the tokens are `[batch, pos]` (or `[pos]`) integer ids;
 `metric_positions` are in range; the metric returns one number per run, and (with `metric_positions`) its value on
@@ -78,6 +87,9 @@ class PatchSweep:
     start_positions: Tensor  # [n]
     build_masks: Optional[MaskBuilder] = None
     patch_setter: Optional[Callable[[Tensor, Tuple[int, ...], Tensor], Optional[Tensor]]] = None
+    # For `index_sweep`s: the activation axes (without batch) that index columns 1.. address, so the engine can
+    # patch by index (`hooklens.ops.patching.index_patch_`) instead of building masks.
+    axes: Optional[Tuple[int, ...]] = None
 
 
 # -- the sweep engine's public helpers ------------------------------------------------------------------------------
@@ -110,7 +122,7 @@ def index_sweep(model, activation_name: str, indices: Tensor, axes: Sequence[int
         starts = indices[:, 1 + axes.index(pos_axis)]
     else:
         starts = torch.zeros(len(indices), dtype=torch.long)
-    return PatchSweep(activation_name, indices, starts, build_masks=partial(index_mask, axes=axes))
+    return PatchSweep(activation_name, indices, starts, build_masks=partial(index_mask, axes=axes), axes=axes)
 
 
 def check_tokens(tokens, name: str = "tokens") -> Tensor:
@@ -537,7 +549,8 @@ def _patch_hook(sweep: PatchSweep, chunk: Tensor, clean: Tensor, pos_axis: int, 
 
     def patch(activation: Tensor, hook) -> Tensor:
         # activation: [n*b, *suffix act]; variant v owns rows v*b .. (v+1)*b - 1.
-        return masked_patch(activation, clean_suffix, masks)
+        # In the activation's dtype: under autocast the clean run's may differ from it.
+        return masked_patch(activation, clean_suffix.to(activation.dtype), masks)
 
     return patch
 

@@ -314,3 +314,23 @@ def test_cuda_graph_replay_equals_eager(case):
                                    **tolerance("fused_vs_eager"))
     captured = [entry.graph is not None for entry in cached_entries(cuda_model).values()]
     assert any(captured) == (activation not in ("pattern", "attn_scores"))
+
+
+@pytest.mark.parametrize("case", ["pattern_by_dest", "pattern_dest_src", "scores_by_dest", "z_by_pos"])
+def test_mask_sweeps_equal_index_sweeps(model, case):
+    """A sweep given only masks (no axes: patterns patched by mask, not by index_patch_) equals the index sweep."""
+    from dataclasses import replace
+
+    activation, axes, ranges = CASES[case]
+    corrupted, cache = make_prompts(model, 2, 5)
+    indices = grid(model, ranges, 5)
+    by_index = index_sweep(model, activation, indices, axes)
+    by_mask = replace(by_index, axes=None)
+    for positions in (None, [2]):
+        expected = run_sweep(model, corrupted, cache, metric if positions is None else
+                             (lambda logits: logits[:, 2, 3].mean()), by_index, metric_positions=positions,
+                             progress=False)
+        actual = run_sweep(model, corrupted, cache, metric if positions is None else
+                           (lambda logits: logits[:, 2, 3].mean()), by_mask, metric_positions=positions,
+                           progress=False)
+        torch.testing.assert_close(actual, expected, **tolerance())
