@@ -8,9 +8,13 @@ manager for the sweep's engine call (`hooklens.patching`, `hooklens.ablation` us
 * `dtype=torch.bfloat16` or `torch.float16` on a float32 model: the sweep runs under
   `torch.autocast(model's device type, dtype)`. Matmuls, linear layers and attention run in `dtype` (autocast's
   casting lists); LayerNorm statistics, the residual stream additions and everything else stay float32, as mixed
-  precision training does. The model is not touched: autocast casts each weight once per sweep into its own
-  thread-local cache (freed when the sweep ends), so neither the parameters (same tensors, values, `_version`) nor
-  other threads running the model see any change. Results are float32 tensors, as always.
+  precision training does. The model is not touched: the low-precision weights are autocast's own copies, so
+  neither the parameters (same tensors, values, `_version`) nor other threads running the model see any change.
+  Results are float32 tensors, as always. On the CPU autocast casts each weight once per sweep into its
+  thread-local cache (freed when the sweep ends). On CUDA that cache is switched off and each matmul casts its
+  weight again: a CUDA graph captured in one sweep (`hooklens.sweep_graphs`) and replayed in a later one must
+  record the casts, not read a cached copy that the first sweep's end freed (casting is a fraction of a matmul's
+  memory traffic).
 * `allow_tf32=True`: float32 matmuls on CUDA use TF32 tensor cores for the duration of the sweep. This is
   PyTorch's process-wide cuBLAS flag (`torch.backends.cuda.matmul.fp32_precision`), not a thread-local one: other
   threads' CUDA matmuls running at the same time use TF32 too. It is restored when the last sweep using it ends,
@@ -32,7 +36,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["LOWER_SWEEP_DTYPES", "SweepPrecision"]
+__all__ = ["LOWER_SWEEP_DTYPES", "SweepPrecision", "cuda_matmul_precision"]
 
 LOWER_SWEEP_DTYPES = (torch.bfloat16, torch.float16)
 """The dtypes a float32 model's sweep can run in (besides its own)."""
@@ -70,7 +74,9 @@ class SweepPrecision:
         if self.tf32:
             _tf32_enter()
         if self.autocast_dtype is not None:
-            autocast = torch.autocast(self.device_type, dtype=self.autocast_dtype)
+            # No weight cache on CUDA: captured graphs must not point at cached casts freed when the region ends.
+            autocast = torch.autocast(self.device_type, dtype=self.autocast_dtype,
+                                      cache_enabled=self.device_type != "cuda")
             try:
                 autocast.__enter__()
             except BaseException:
@@ -126,7 +132,7 @@ def _tf32_enter() -> None:
     global _tf32_users, _tf32_saved
     with _tf32_lock:
         if _tf32_users == 0:
-            _tf32_saved = _get_matmul_precision()
+            _tf32_saved = cuda_matmul_precision()
             if _tf32_saved != "tf32":
                 _set_matmul_precision("tf32")
         _tf32_users += 1
@@ -141,7 +147,10 @@ def _tf32_exit() -> None:
             _set_matmul_precision(_tf32_saved)
 
 
-def _get_matmul_precision() -> str:
+def cuda_matmul_precision() -> str:
+    """The float32 cuBLAS matmul precision now: "tf32" when TF32 is on, else "ieee" or "none" (PyTorch's names).
+    Read this, not `torch.backends.cuda.matmul.allow_tf32`: since PyTorch 2.9 reading the legacy flag raises once
+    the new `fp32_precision` API (which a TF32 sweep uses) has set it."""
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; reading the legacy allow_tf32 can raise there
         return matmul.fp32_precision

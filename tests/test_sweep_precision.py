@@ -194,7 +194,7 @@ def test_other_threads_see_the_float32_model_during_a_bf16_sweep(model, setup):
 # -- TF32 -----------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def matmul_precision():
-    saved = sweep_precision._get_matmul_precision()
+    saved = sweep_precision.cuda_matmul_precision()
     yield
     sweep_precision._set_matmul_precision(saved)
 
@@ -205,11 +205,11 @@ def test_tf32_flag_set_and_restored_also_on_exceptions(matmul_precision, before)
     with pytest.raises(KeyboardInterrupt):
         sweep_precision._tf32_enter()
         try:
-            assert sweep_precision._get_matmul_precision() == "tf32"
+            assert sweep_precision.cuda_matmul_precision() == "tf32"
             raise KeyboardInterrupt
         finally:
             sweep_precision._tf32_exit()
-    assert sweep_precision._get_matmul_precision() == before
+    assert sweep_precision.cuda_matmul_precision() == before
 
 
 def test_tf32_flag_stays_on_until_the_last_concurrent_sweep_ends(matmul_precision):
@@ -217,9 +217,9 @@ def test_tf32_flag_stays_on_until_the_last_concurrent_sweep_ends(matmul_precisio
     sweep_precision._tf32_enter()  # sweep 1
     sweep_precision._tf32_enter()  # sweep 2, e.g. another thread
     sweep_precision._tf32_exit()  # sweep 1 ends first
-    assert sweep_precision._get_matmul_precision() == "tf32"
+    assert sweep_precision.cuda_matmul_precision() == "tf32"
     sweep_precision._tf32_exit()
-    assert sweep_precision._get_matmul_precision() == "ieee"
+    assert sweep_precision.cuda_matmul_precision() == "ieee"
 
 
 def test_allow_tf32_leaves_the_flag_alone_on_cpu(model, setup, matmul_precision):
@@ -228,11 +228,11 @@ def test_allow_tf32_leaves_the_flag_alone_on_cpu(model, setup, matmul_precision)
     seen = []
 
     def reading_flag(logits):
-        seen.append(sweep_precision._get_matmul_precision())
+        seen.append(sweep_precision.cuda_matmul_precision())
         return metric(logits)
 
     patching.get_act_patch_resid_pre(model, corrupted, clean_cache, reading_flag, progress=False, allow_tf32=True)
-    assert set(seen) == {"ieee"} and sweep_precision._get_matmul_precision() == "ieee"
+    assert set(seen) == {"ieee"} and sweep_precision.cuda_matmul_precision() == "ieee"
 
 
 @requires_cuda
@@ -245,7 +245,7 @@ def test_cuda_tf32_and_bf16_sweeps(dtype, matmul_precision):
     seen = []
 
     def metric(logits):
-        seen.append(sweep_precision._get_matmul_precision())
+        seen.append(sweep_precision.cuda_matmul_precision())
         return logits[:, -1, answer].mean() - logits[:, -1, wrong].mean()
 
     sweep_precision._set_matmul_precision("ieee")
@@ -254,7 +254,7 @@ def test_cuda_tf32_and_bf16_sweeps(dtype, matmul_precision):
     seen.clear()
     fast = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric, progress=False, dtype=dtype,
                                             allow_tf32=True)
-    assert set(seen) == {"tf32"} and sweep_precision._get_matmul_precision() == "ieee"
+    assert set(seen) == {"tf32"} and sweep_precision.cuda_matmul_precision() == "ieee"
     assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
     assert (fast - exact).abs().max() <= 0.05 * exact.abs().max()
     assert_untouched(model, snapshot)
@@ -289,3 +289,27 @@ def test_lower_precision_needs_a_float32_model():
         SweepPrecision(half, torch.float32)
     with pytest.raises(ValueError, match="start from a float32 model"):
         SweepPrecision(half, torch.float16)
+
+
+@requires_cuda
+def test_cuda_bf16_sweeps_replayed_in_later_sweeps_stay_correct():
+    # The engine captures a chunk structure's forward as a CUDA graph and replays it in later sweeps; a graph must
+    # not read low-precision weight copies that an earlier sweep's autocast region owned and freed. Freed memory is
+    # refilled with NaN between sweeps, so a replay reading it would show.
+    model = load_embedded(device="cuda").eval()
+    clean, corrupted = model.to_tokens(list(IOI)).split(1)
+    _, clean_cache = model.run_with_cache(clean)
+    answer, wrong = model.to_single_token(" Mary"), model.to_single_token(" John")
+
+    def metric(logits):
+        return logits[:, -1, answer].mean() - logits[:, -1, wrong].mean()
+
+    results = []
+    for _ in range(4):
+        results.append(patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric, progress=False,
+                                                        dtype=torch.bfloat16))
+        junk = [torch.full_like(p, float("nan"), dtype=torch.bfloat16) for p in model.parameters()]
+        del junk
+    for result in results[1:]:  # eager (first run of a structure) and replayed graphs run the same kernels
+        assert torch.isfinite(result).all()
+        torch.testing.assert_close(result, results[0], rtol=0, atol=1e-2 * float(results[0].abs().max()))
