@@ -131,6 +131,17 @@ def test_low_precision_sweep_is_as_accurate_as_the_naive_loop(model, setup, fn_n
     assert not torch.equal(ours, exact), "the sweep must really have run in lower precision"
 
 
+def test_stacked_sweeps_pass_the_precision_on(model, setup):
+    corrupted, clean_cache, metric = setup
+    every = patching.get_act_patch_block_every(model, corrupted, clean_cache, metric, progress=False,
+                                               dtype=torch.bfloat16)
+    parts = [sweep(fn, model, setup, dtype=torch.bfloat16) for fn in
+             ("get_act_patch_resid_pre", "get_act_patch_attn_out", "get_act_patch_mlp_out")]
+    assert torch.equal(every, torch.stack(parts))
+    assert not torch.equal(every, patching.get_act_patch_block_every(model, corrupted, clean_cache, metric,
+                                                                     progress=False))
+
+
 def test_low_precision_head_ablation(model, setup):
     corrupted, _, metric = setup
     exact = head_ablation(model, corrupted, metric, progress=False)
