@@ -334,3 +334,32 @@ def test_mask_sweeps_equal_index_sweeps(model, case):
                            (lambda logits: logits[:, 2, 3].mean()), by_mask, metric_positions=positions,
                            progress=False)
         torch.testing.assert_close(actual, expected, **tolerance())
+
+
+@pytest.mark.parametrize("overrides", [dict(attn_only=True), dict(normalization_type="LNPre"),
+                                       dict(normalization_type=None), dict(act_fn="solu_ln", d_mlp=40),
+                                       dict(use_attn_result=True, act_fn="relu")])
+def test_packed_forward_on_config_variants(overrides):
+    from conftest import make_tiny_model
+
+    variant = make_tiny_model(**overrides).eval()
+    corrupted, cache = make_prompts(variant, 2, 5)
+    for activation, axes, ranges in (CASES["resid_pre"], CASES["z_by_pos"], CASES["resid_post"]):
+        assert sweeps.packed_kind(variant, activation, 0) is not None
+        indices = grid(variant, ranges, 5)
+        torch.testing.assert_close(
+            sweep_values(variant, corrupted, cache, metric, activation, indices, axes, metric_positions=[-1]),
+            naive(variant, corrupted, cache, metric, activation, indices, axes), **tolerance())
+
+
+def test_models_the_packed_forward_does_not_cover_run_on_the_hook_based_path():
+    """Split q/k/v inputs: the hook-based path (its own exactness is tests/test_patching.py's), equal to the loop."""
+    from conftest import make_tiny_model
+
+    split = make_tiny_model(use_split_qkv_input=True).eval()
+    assert sweeps.packed_kind(split, "resid_pre", 0) is None
+    corrupted, cache = make_prompts(split, 2, 4)
+    for activation, axes, ranges in (CASES["resid_pre"], CASES["z_all_pos"]):
+        indices = grid(split, ranges, 4)
+        torch.testing.assert_close(sweep_values(split, corrupted, cache, metric, activation, indices, axes),
+                                   naive(split, corrupted, cache, metric, activation, indices, axes), **tolerance())
