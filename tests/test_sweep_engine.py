@@ -363,3 +363,24 @@ def test_models_the_packed_forward_does_not_cover_run_on_the_hook_based_path():
         indices = grid(split, ranges, 4)
         torch.testing.assert_close(sweep_values(split, corrupted, cache, metric, activation, indices, axes),
                                    naive(split, corrupted, cache, metric, activation, indices, axes), **tolerance())
+
+
+def test_one_layer_one_clean_prompt_and_a_metric_at_position_zero():
+    """One block (first block = last block), one clean prompt for three corrupted ones (TL broadcasts it), and a
+    metric at position 0, where every variant starting later has no live token (its corrupted logits)."""
+    from conftest import make_tiny_model
+
+    one = make_tiny_model(n_layers=1).eval()
+    corrupted, cache = make_prompts(one, 3, 6)
+    single = {name: value[:1] for name, value in cache.items()}
+    broadcast = {name: value.expand(3, *value.shape[1:]) for name, value in single.items()}
+
+    def first(logits):
+        return logits[:, 0, 3].mean()
+
+    for activation, axes, ranges in (CASES["resid_pre"], CASES["pattern_dest_src"], CASES["k_by_pos"]):
+        indices = grid(one, ranges, 6)
+        for fn, positions in ((first, [0]), (metric, [-1]), (first, None)):
+            torch.testing.assert_close(
+                sweep_values(one, corrupted, single, fn, activation, indices, axes, metric_positions=positions),
+                naive(one, corrupted, broadcast, fn, activation, indices, axes), **tolerance())
