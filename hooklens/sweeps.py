@@ -366,7 +366,8 @@ def run_sweep(
     results = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
     state = _SweepState(run, positions, layout_of(first_name, model.cfg).axis("pos", batch_dim=False), act_shape)
     if kind is not None:
-        layers = sweep.indices[:, 0].cpu()
+        host_indices = sweep.indices.cpu()  # once per sweep: chunks are planned on the host
+        layers = host_indices[:, 0]
         # Sorted by layer (the packed forward's prefix order), then by start (similar suffixes share a chunk).
         order = torch.argsort(layers * (seq_len + 1) + start_positions.clamp(max=seq_len), stable=True)
         chunks = list(order.split(chunk_size))
@@ -377,8 +378,8 @@ def run_sweep(
         capture = device.type == "cuda" if capture is None else bool(capture)
 
         def run_chunk(chunk: Tensor) -> Tensor:
-            return _run_packed_chunk(model, clean_cache, metric, sweep, kind, chunk, start_positions, host_positions,
-                                     state, inputs, keys, values, capture)
+            return _run_packed_chunk(model, clean_cache, metric, sweep, kind, chunk, host_indices[chunk],
+                                     start_positions, host_positions, state, inputs, keys, values, capture)
     else:
         chunks = _chunks(sweep.indices[:, 0], start_positions, chunk_size)
 
@@ -436,13 +437,12 @@ def _free_memory() -> None:
 
 
 def _run_packed_chunk(model, clean_cache, metric: Callable, sweep: PatchSweep, kind: str, chunk: Tensor,
-                      start_positions: Tensor, host_positions: Tensor, state: "_SweepState", inputs: List[Tensor],
-                      keys: List[Tensor], values: List[Tensor], capture: bool) -> Tensor:
+                      indices: Tensor, start_positions: Tensor, host_positions: Tensor, state: "_SweepState",
+                      inputs: List[Tensor], keys: List[Tensor], values: List[Tensor], capture: bool) -> Tensor:
     """The metric of each variant in `chunk` (sorted by layer) from one packed forward (`hooklens.sweep_engine`),
     on static buffers, replayed as a CUDA graph when `capture` (`hooklens.sweep_graphs`)."""
     run, device = state.run, state.positions.device
     batch, seq_len = run.tokens.shape
-    indices = sweep.indices[chunk].cpu()
 
     def clean_of(layer: int) -> Tensor:
         name = get_act_name(sweep.activation_name, layer)
