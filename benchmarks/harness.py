@@ -118,6 +118,10 @@ class Case:
     # The reference is the workload's floor (e.g. a copy moving the kernel's minimum bytes): ratio is then the
     # fraction of the floor reached, recorded as `floor_fraction` too.
     reference_is_floor: bool = False
+    # Matmul FLOPs of the workload's ideal algorithm (e.g. `flop_floor.sweep_floor`): the run then measures the
+    # dense GEMM rate once (`flop_floor.gemm_peak_flops`) and records floor_s = flops / rate and, for hooklens and
+    # each reference, floor_s / its time (the fraction of the floor reached).
+    flops: Optional[float] = None
 
 
 @dataclass
@@ -190,9 +194,23 @@ class Record:
     note: str = ""
     floor_fraction: Optional[float] = None  # ratio, when the reference is the workload's floor (see Case)
     timing: str = "host"  # "host": the run's timer around each call; "cuda_events": triton.testing.do_bench
+    # Where the Case gives `flops`: the floor's FLOPs, the run's measured dense GEMM rate (FLOP/s), the floor's
+    # time at that rate, and floor_s / hooklens_s, floor_s / reference_s.
+    flops: Optional[float] = None
+    gemm_flops_per_s: Optional[float] = None
+    floor_s: Optional[float] = None
+    hooklens_floor_fraction: Optional[float] = None
+    reference_floor_fraction: Optional[float] = None
 
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def gemm_rate(ctx: "Context") -> float:
+    """The run's dense GEMM rate in FLOP/s on its device and dtype, measured once per run (`flop_floor`)."""
+    import flop_floor  # lazy: a sibling module, imported only by runs with a FLOP floor
+
+    return ctx.get("gemm_flops_per_s", lambda: flop_floor.gemm_peak_flops(ctx.device, ctx.dtype))
 
 
 class WorkloadSkipped(Exception):
@@ -255,6 +273,15 @@ def run_workload(w: Workload, ctx: Context, log: Callable[[str], None] = print) 
     note = "; ".join(part for part in (case.note, case.note_fn() if case.note_fn else "") if part)
     if note:
         log(f"  note  {w.name}: {note}")
+    floor = {}
+    if case.flops is not None:
+        rate = gemm_rate(ctx)
+        floor_s = case.flops / rate
+        floor = dict(flops=float(case.flops), gemm_flops_per_s=rate, floor_s=floor_s,
+                     hooklens_floor_fraction=floor_s / times[HOOKLENS])
+        log(f"  floor {w.name}: {case.flops / 1e9:.2f} GFLOP = {floor_s * 1e3:.1f} ms at the measured GEMM rate "
+            f"{rate / 1e9:.1f} GFLOP/s; " + ", ".join(f"{name} {floor_s / times[name]:.1%}" for name in names)
+            + " of it")
     records = []
     for ref in w.references:
         ok, diff = checks[ref]
@@ -265,6 +292,8 @@ def run_workload(w: Workload, ctx: Context, log: Callable[[str], None] = print) 
             hooklens_min_s=min(samples[HOOKLENS]), reference_min_s=min(samples[ref]), repeats=repeats, note=note,
             floor_fraction=ratio if case.reference_is_floor else None,
             timing="cuda_events" if cuda_events else "host",
+            reference_floor_fraction=floor["floor_s"] / times[ref] if floor else None,
+            **floor,
         ))
     return records
 
@@ -317,14 +346,23 @@ def _fmt_s(seconds: float) -> str:
 
 
 def markdown_table(records: Sequence[Record]) -> str:
-    lines = [
-        "| workload | shape | dtype | hooklens | reference | reference time | ratio (ref / hooklens) | checked |",
-        "|---|---|---|---:|---|---:|---:|:---:|",
-    ]
+    """One row per record; with FLOP floors (`Case.flops`) also the floor's time and the fraction of it that
+    hooklens and the reference reach."""
+    floors = any(r.floor_s is not None for r in records)
+    header = "| workload | shape | dtype | hooklens | reference | reference time | ratio (ref / hooklens) | checked |"
+    rule = "|---|---|---|---:|---|---:|---:|:---:|"
+    if floors:
+        header += " FLOP floor | hooklens / floor | reference / floor |"
+        rule += "---:|---:|---:|"
+    lines = [header, rule]
     for r in records:
         checked = "yes" if r.checked else f"NO (max diff {r.max_abs_diff:.3g})"
-        lines.append(f"| {r.workload} | {r.shape} | {r.dtype} | {_fmt_s(r.hooklens_s)} | {r.reference} | "
-                     f"{_fmt_s(r.reference_s)} | {r.ratio:.2f}x | {checked} |")
+        line = (f"| {r.workload} | {r.shape} | {r.dtype} | {_fmt_s(r.hooklens_s)} | {r.reference} | "
+                f"{_fmt_s(r.reference_s)} | {r.ratio:.2f}x | {checked} |")
+        if floors:
+            line += (f" {r.flops / 1e9:.1f} GFLOP = {_fmt_s(r.floor_s)} | {r.hooklens_floor_fraction:.1%} | "
+                     f"{r.reference_floor_fraction:.1%} |" if r.floor_s is not None else " | | |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -332,6 +370,9 @@ RESULTS_LOG = REPO_ROOT / "benchmarks" / "results.jsonl"
 # The leading keys of every results-log row, in this order; the rest follow.
 ROW_KEYS = ("workload", "device", "dtype", "reference", "hooklens_s", "reference_s", "ratio", "floor_fraction",
             "commit", "date", "command")
+# Row keys left out where a workload does not set them (they belong to floors only some workloads have).
+_ONLY_WHEN_SET = ("floor_fraction", "flops", "gemm_flops_per_s", "floor_s", "hooklens_floor_fraction",
+                  "reference_floor_fraction")
 
 
 def run_metadata(device: str, extra: Optional[Dict[str, Any]] = None, date: Optional[str] = None) -> Dict[str, Any]:
@@ -350,12 +391,14 @@ def run_metadata(device: str, extra: Optional[Dict[str, Any]] = None, date: Opti
 
 def result_rows(records: Sequence[Record], meta: Dict[str, Any]) -> List[Dict[str, Any]]:
     """One results-log row per record: `ROW_KEYS` first (`floor_fraction` only where the reference is a floor),
-    then the record's other fields and the run's metadata."""
+    then the record's other fields (the FLOP-floor ones only where the workload has a floor) and the run's
+    metadata."""
     rows = []
     for record in records:
         merged = {**record.to_json(), **meta}
-        if merged.get("floor_fraction") is None:
-            merged.pop("floor_fraction", None)
+        for key in _ONLY_WHEN_SET:
+            if merged.get(key) is None:
+                merged.pop(key, None)
         rows.append({**{k: merged.pop(k) for k in ROW_KEYS if k in merged}, **merged})
     return rows
 

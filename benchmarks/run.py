@@ -24,7 +24,8 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 
 # Modules whose `@workload`s are registered; later benchmark files (kernels, FactoredMatrix, sweeps) add theirs here.
-WORKLOAD_MODULES = ["core", "lowrank", "patching_sweeps", "attention"]
+# `peers` needs nnsight (the `bench` extra) only to run its workloads; without it they are skipped.
+WORKLOAD_MODULES = ["core", "lowrank", "patching_sweeps", "attention", "peers"]
 
 DEFAULTS = {
     # Per device kind. The CPU defaults keep a full run under ~5 minutes on 2 cores; patching_loop does
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--patch-repeats", type=int, default=None, help="timed calls of patching_loop")
     parser.add_argument("--streamed-rows", type=int, default=9901,
                         help="rows of 101 tokens in induction_scores_streamed (default 9901: 1,000,001 tokens)")
+    parser.add_argument("--nnsight-invokes", type=int, default=None,
+                        help="patches (tracer.invoke calls) per trace in the *_nnsight workloads' nnsight_batched "
+                             "reference (default 68)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--timer", default="wall", choices=["wall", "cpu"],
                         help="wall: perf_counter (default). cpu: thread CPU time with 1 torch thread, for a CPU run on "
@@ -82,6 +86,9 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    if args.nnsight_invokes is not None and args.nnsight_invokes < 1:
+        print("error: --nnsight-invokes must be >= 1", file=sys.stderr)
         return 2
     kind = "cuda" if device.startswith("cuda") else "cpu"
     defaults = DEFAULTS[kind]
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
         repeats=args.repeats or defaults["repeats"],
         seed=args.seed,
         options={"patch_positions": args.patch_positions or defaults["patch_positions"],
-                 "streamed_rows": args.streamed_rows},
+                 "streamed_rows": args.streamed_rows, "nnsight_invokes": args.nnsight_invokes},
     )
     ctx.options["patch_repeats"] = args.patch_repeats or min(ctx.repeats, defaults["patch_repeats"])
     print(f"device {harness.device_slug(device)} ({torch.get_num_threads()} CPU threads), dtype {ctx.dtype_name}, "
@@ -137,6 +144,8 @@ def main(argv=None) -> int:
     extra = {"batch": ctx.batch, "seq": ctx.seq, "warmup": ctx.warmup, "repeats": ctx.repeats,
              "patch_positions": ctx.options["patch_positions"], "patch_repeats": ctx.options["patch_repeats"],
              "cpu_threads": torch.get_num_threads(), "wall_s": round(elapsed, 1)}
+    if ctx.options["nnsight_invokes"] is not None:
+        extra["nnsight_invokes"] = ctx.options["nnsight_invokes"]
     if kind == "cpu":
         extra["load_average_1min_before_after"] = [load_before, _load_average()]
     rows = harness.append_results(records, device, args.log, extra=extra)
