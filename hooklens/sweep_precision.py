@@ -22,7 +22,7 @@ manager for the sweep's engine call (`hooklens.patching`, `hooklens.ablation` us
   tensor-core format; CPU float32 matmuls are unchanged) and the flag is not touched.
 
 Refused, with an error naming the allowed values: dtypes other than those; a lower dtype for a model that is not
-float32 (autocast from float16 to bfloat16 would lose range, not just precision); a *higher* dtype than the model's
+float32 (between float16 and bfloat16 one loses range, the other precision); a *higher* dtype than the model's
 (float64 for a float32 model, float32 for a bfloat16 one) — autocast only lowers precision, and upcasting would need
 a full copy of the weights; for a float64 reference run the sweep on a float64 copy of the model
 (`copy.deepcopy(model).to(torch.float64)`).
