@@ -78,6 +78,23 @@ def test_matches_transformerlens(setup, fn_name):
     assert ours.abs().max() > 0, "the sweep must measure something"
 
 
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+def test_packed_paths_match_the_checked_default(setup, fn_name, monkeypatch):
+    """Every get_act_patch_* with the metric's position only (the packed forward stops at it and unembeds only
+    there), one variant per chunk, and on the hook-based path: equal to the default run that
+    test_matches_transformerlens checks against TransformerLens."""
+    from hooklens.sweeps import run_sweep
+
+    model, _, corrupted, clean_cache, _, metric = setup
+    fn = getattr(patching, fn_name)
+    default = fn(model, corrupted, clean_cache, metric, progress=False)
+    for kwargs in (dict(metric_positions=[-1]), dict(metric_positions=[-1, 0], memory_budget=1)):
+        torch.testing.assert_close(fn(model, corrupted, clean_cache, metric, progress=False, **kwargs), default,
+                                   **tolerance())
+    monkeypatch.setattr(patching, "run_sweep", lambda *args, **kwargs: run_sweep(*args, packed=False, **kwargs))
+    torch.testing.assert_close(fn(model, corrupted, clean_cache, metric, progress=False), default, **tolerance())
+
+
 @pytest.mark.parametrize("fn_name", ["get_act_patch_block_every", "get_act_patch_attn_head_all_pos_every"])
 def test_every_functions_match_transformerlens(setup, fn_name):
     model, tl, corrupted, clean_cache, tl_clean_cache, metric = setup
