@@ -375,12 +375,14 @@ _ONLY_WHEN_SET = ("floor_fraction", "flops", "gemm_flops_per_s", "floor_s", "hoo
                   "reference_floor_fraction")
 
 
-def run_metadata(device: str, extra: Optional[Dict[str, Any]] = None, date: Optional[str] = None) -> Dict[str, Any]:
-    """What every row of one run shares: device, date, commit, command, versions, timer and the run's settings."""
+def run_metadata(device: str, extra: Optional[Dict[str, Any]] = None, date: Optional[str] = None,
+                 commit: Optional[str] = None) -> Dict[str, Any]:
+    """What every row of one run shares: device, date, commit, command, versions, timer and the run's settings.
+    `commit`: the one read when the run started (a long run outlives commits made meanwhile); default: now."""
     return {
         "device": device_slug(device),
         "date": date or _dt.date.today().isoformat(),
-        "commit": git_commit(),
+        "commit": commit or git_commit(),
         "command": command_line(),
         "torch": torch.__version__,
         "triton": triton_version(),
@@ -404,11 +406,11 @@ def result_rows(records: Sequence[Record], meta: Dict[str, Any]) -> List[Dict[st
 
 
 def append_results(records: Sequence[Record], device: str, log_path: Path | str = RESULTS_LOG,
-                   extra: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+                   extra: Optional[Dict[str, Any]] = None, commit: Optional[str] = None) -> List[Dict[str, Any]]:
     """Append one JSON line per record to `log_path` (created if missing); returns the rows written."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = result_rows(records, run_metadata(device, extra))
+    rows = result_rows(records, run_metadata(device, extra, commit=commit))
     with log_path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -131,6 +131,7 @@ def main(argv=None) -> int:
         print(f"warning: 1-minute load average is {load_before:.2f} before starting; other processes on this machine "
               "will slow the CPU timings (every parallel op waits for descheduled threads)")
 
+    commit = harness.git_commit()  # the code measured: read now, not after a run that may outlive a commit
     start = time.perf_counter()
     records = []
     for name in selected:
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         extra["nnsight_invokes"] = ctx.options["nnsight_invokes"]
     if kind == "cpu":
         extra["load_average_1min_before_after"] = [load_before, _load_average()]
-    rows = harness.append_results(records, device, args.log, extra=extra)
+    rows = harness.append_results(records, device, args.log, extra=extra, commit=commit)
     print(f"\nappended {len(rows)} rows to {args.log} ({elapsed:.0f} s)")
     return 0 if all(r.checked for r in records) else 1
 
