@@ -12,7 +12,8 @@ batch dim, over the positions the chunk recomputes). ``clean [b, *S]`` is the cl
   read or rewrite of the unpatched activation. Equal to :func:`masked_patch` with the mask
   ``hooklens.sweeps.index_mask`` builds (tests/test_ops_patching.py checks exactly that).
 - :func:`masked_patch` ``(act, clean, mask) -> new tensor``: any per-variant bool mask ``[n, *S]`` (a
-  ``torch.where``; for masks that are not an index pattern).
+  ``torch.where``; for masks that are not an index pattern). No C++ op: one compiled ``where`` measured no faster
+  than torch's (``benchmarks/ops_patching.py``), so the former ``hooklens::masked_patch`` was removed.
 
 Implementations of :func:`index_patch_` (all equal element for element; copies, no arithmetic):
 
@@ -20,8 +21,9 @@ Implementations of :func:`index_patch_` (all equal element for element; copies, 
   loop over (row, patched slice) with any strides of ``act`` and ``clean`` (``clean`` may be a narrowed view or
   expanded from one prompt with stride 0; ``act`` must not overlap itself or ``clean``), every dtype; on CUDA a
   Triton kernel (``hooklens/kernels/patch.py``) registered for the operator's CUDA key from here on first use.
-  A fake kernel (same checks) makes it traceable by ``torch.compile``; it is a mutating op without autograd
-  (the engine runs without grad; use :func:`masked_patch` to differentiate through a patch).
+  A fake kernel (same checks) makes it traceable by ``torch.compile``. The op has no autograd (the engine
+  patches without grad): with grad enabled and ``act`` or ``clean`` requiring grad, ``backend="auto"`` runs the
+  reference (differentiable ``index_put_``) and ``backend="cpp"`` raises.
 - :func:`index_patch_reference_`: PyTorch advanced indexing (``index_put_``), no loop over variants.
   :func:`use_reference` switches :func:`index_patch_` to it (benchmarks compare the engine both ways).
 
@@ -173,12 +175,13 @@ def _ensure_operator(required: bool) -> bool:
 
 
 def _index_patch_fake(act, clean, index, axes) -> None:
-    # The same checks as the kernels (and the same refusal of mixed devices: a CPU tensor mixed with a meta one
-    # dispatches here); index values are data, so bounds are the real kernels' business.
-    try:
-        check_index_patch(act, clean, index, axes)
-    except (TypeError, ValueError) as e:
-        raise RuntimeError(str(e)) from None
+    # The C++ kernel's checks with its exception types: RuntimeError for mixed devices (a CPU tensor mixed with a
+    # meta one dispatches here), TypeError / ValueError for the rest. Index values are data: bounds are the real
+    # kernels' business.
+    if act.device != clean.device or index.device != act.device:
+        raise RuntimeError(f"index_patch_: act, clean and index must be on one device, got act on {act.device}, clean "
+                           f"on {clean.device} and index on {index.device}; move them with .to(act.device)")
+    check_index_patch(act, clean, index, axes)
 
 
 def _index_patch_cuda(act, clean, index, axes) -> None:
@@ -196,7 +199,13 @@ def index_patch_(act: Tensor, clean: Tensor, index: Tensor, axes: Sequence[int],
     if backend not in BACKENDS:
         raise ValueError(f"index_patch_: backend must be one of {BACKENDS}, got {backend!r}")
     _, _, axes = check_index_patch(act, clean, index, axes)
-    use_op = backend == "cpp" or (backend == "auto" and not _use_reference.get() and act.device.type in ("cpu", "cuda"))
+    needs_grad = torch.is_grad_enabled() and (act.requires_grad or clean.requires_grad)
+    if backend == "cpp" and needs_grad:
+        raise ValueError("index_patch_: the operator has no autograd (the engine patches without grad); use "
+                         "backend='torch' (index_put_) or masked_patch to differentiate through a patch, or run "
+                         "under torch.no_grad()")
+    use_op = backend == "cpp" or (backend == "auto" and not needs_grad and not _use_reference.get()
+                                  and act.device.type in ("cpu", "cuda"))
     if use_op and _ensure_operator(required=backend == "cpp"):
         torch.ops.hooklens.index_patch_(act, clean, index, list(axes))
         return act
@@ -208,16 +217,32 @@ def index_patch_(act: Tensor, clean: Tensor, index: Tensor, axes: Sequence[int],
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def masked_patch_reference(act: Tensor, clean: Tensor, mask: Tensor) -> Tensor:
+def masked_patch(act: Tensor, clean: Tensor, mask: Tensor) -> Tensor:
+    """A new ``[n*b, *S]`` tensor: variant ``v``'s rows of ``act`` with ``clean`` where ``mask[v]`` is true.
+
+    ``mask`` is bool ``[n, *S]`` (any pattern; :func:`index_patch_` is the faster op for index patterns). One
+    ``torch.where`` (dtypes promote as there; differentiable). There is deliberately no C++ version: a compiled
+    ``where`` measured no faster than torch's (``benchmarks/ops_patching.py``)."""
+    for name, t in (("act", act), ("clean", clean), ("mask", mask)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"masked_patch: {name} must be a tensor, got {type(t).__name__}")
+    if clean.device != act.device or mask.device != act.device:
+        raise ValueError(f"masked_patch: act, clean and mask must be on one device, got act on {act.device}, clean on "
+                         f"{clean.device} and mask on {mask.device}; move them with .to(act.device)")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"masked_patch: mask must be bool, got {mask.dtype}")
+    if act.dim() < 1 or not act.dim() == clean.dim() == mask.dim():
+        raise ValueError(f"masked_patch: act [n*b, ...], clean [b, ...] and mask [n, ...] need the same number of "
+                         f"dimensions, got {tuple(act.shape)}, {tuple(clean.shape)}, {tuple(mask.shape)}")
     n, b = mask.shape[0], clean.shape[0]
-    stacked = act.reshape((n, b) + tuple(act.shape[1:]))  # [n, b, ...]
+    if act.shape[0] != n * b:
+        raise ValueError(f"masked_patch: act has {act.shape[0]} rows, expected n*b = {n}*{b} = {n * b}")
+    if not act.shape[1:] == clean.shape[1:] == mask.shape[1:]:
+        raise ValueError(f"masked_patch: act, clean and mask differ after the first dim: {tuple(act.shape)}, "
+                         f"{tuple(clean.shape)}, {tuple(mask.shape)}")
+    stacked = act.reshape((n, b) + tuple(act.shape[1:]))  # [n, b, *S]
     return torch.where(mask.unsqueeze(1), clean.unsqueeze(0), stacked).reshape(act.shape)
 
 
-def masked_patch(act: Tensor, clean: Tensor, mask: Tensor, *, backend: str = "auto") -> Tensor:
-    """Patch every variant at once (see the module docstring). `backend`: "auto" | "cpp" | "torch"."""
-    if backend not in ("auto", "cpp", "torch"):
-        raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
-    if backend != "torch" and load_extension(required=backend == "cpp"):
-        return torch.ops.hooklens.masked_patch(act, clean, mask)
-    return masked_patch_reference(act, clean, mask)
+# The name the engine's tests and benchmarks use for the mask reference (it is the same function).
+masked_patch_reference = masked_patch
