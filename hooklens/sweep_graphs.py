@@ -71,8 +71,9 @@ def _tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
 def structure_key(plan: ChunkPlan, kind: str, inputs: List[Tensor], keys: List[Tensor]) -> tuple:
     """What the packed forward's op sequence and shapes depend on (nothing value-dependent)."""
     patches = tuple((j, _tensor_key(m), _tensor_key(c)) for j, (m, c) in sorted(plan.patches.items()))
+    # Every field of the plan that is not a tensor: the static plan keeps the first plan's.
     scalars = (plan.n, plan.batch, plan.length, plan.first_query, plan.first_layer, tuple(plan.rows_upto),
-               tuple(plan.tokens_upto), plan.out_rows_from)
+               tuple(plan.tokens_upto), plan.out_rows_from, plan.patch_axes)
     tensors = tuple(_tensor_key(getattr(plan, f)) for f in ("key_index", "query_index", "source_index", "out_tokens",
                                                           "out_logit_index", "attention_mask"))
     device = inputs[0].device

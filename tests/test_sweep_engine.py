@@ -384,3 +384,15 @@ def test_one_layer_one_clean_prompt_and_a_metric_at_position_zero():
             torch.testing.assert_close(
                 sweep_values(one, corrupted, single, fn, activation, indices, axes, metric_positions=positions),
                 naive(one, corrupted, broadcast, fn, activation, indices, axes), **tolerance())
+
+
+def test_sweeps_of_one_shape_on_other_axes_do_not_share_a_plan(model):
+    """Two pattern sweeps of one chunk structure (index tensors of one shape, every start 0) on different axes,
+    each head whole and each key position whole: the second must not run with the first's axes from the static
+    buffers."""
+    corrupted, cache = make_prompts(model, 1, 4)
+    indices = grid(model, ("head",), 4)  # coordinates 0..3: valid heads and key positions alike
+    for axes in ((0,), (2,)):
+        actual = sweep_values(model, corrupted, cache, metric, "pattern", indices, axes, capture=False)
+        torch.testing.assert_close(actual, naive(model, corrupted, cache, metric, "pattern", indices, axes),
+                                   **tolerance())
