@@ -1,0 +1,482 @@
+"""Edge attribution scores with EAP-IG's `attribute` API: EAP, EAP-IG-inputs, EAP-IG-activations, clean-corrupted
+(and 'exact', delegated to `hooklens.circuits.exact`).
+
+An edge's score is, summed over batch and positions, `(intervened sender output - clean sender output) . d metric /
+d receiver input`, divided by the number of examples (and by the number of integration steps for the IG methods),
+exactly as EAP-IG 2.0 (hannamw/EAP-IG, MIT) defines it; its semantics are followed, its code is not copied.
+
+How it is computed without per-node hooks (EAP-IG hooks every sender's output and every receiver's input, and does one
+`einsum` over a `[batch, pos, n_forward, d_model]` difference tensor per receiver hook):
+
+- One hand-written forward over the model's parameters gives every sender output (token embedding, per-head results
+  `z @ W_O[h]`, MLP outputs) and keeps, per layer, the fused q/k/v projection output and the MLP input as tensors
+  autograd can differentiate with respect to. One `torch.autograd.grad` call (no weight gradients) then gives all
+  receiver gradients of a pass.
+- A head's q/k/v input in EAP-IG is the residual stream before `ln1`, split per head. `ln1` is computed once here;
+  the per-head gradient with respect to its input is recovered exactly as `LN-backward(d q_h @ W_Q[h]^T)` (LN's
+  backward is linear in the output gradient, with that row's normalized input and scale), for q, k and v at once.
+- The difference tensor is fixed for a batch, so gradients of several passes (integration steps, clean and
+  corrupted) are summed first and contracted once: per layer one `[senders, b*p*d] x [b*p*d, receivers]` product.
+- Integration steps run batched along the batch dimension (chunked to `max_batch_tokens`), the metric applied to each
+  step's slice, so the sum of metrics has exactly the per-step gradients. EAP-IG-activations runs the clean prefix
+  once ("trunk") and branches off it at each interpolated node, so layers before the node are not recomputed per
+  step; autograd sums the branches' gradients into the trunk.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hooklens.attention import sdpa_attention
+from hooklens.circuits import interventions as iv
+from hooklens.components import ACTIVATIONS, LayerNorm, LayerNormPre, addmm_last_dim
+
+METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
+AGGREGATIONS = ("sum", "mean")
+# Tokens per pass of the batched integration steps: bounds the activations autograd keeps (GPT-2 small keeps about
+# 0.5 MB per token for the backward, so the default is ~4 GB).
+DEFAULT_MAX_BATCH_TOKENS = 8192
+
+
+# -- argument checks (all before any forward) -------------------------------------------------------------------
+def _check_args(model, graph, method, intervention, aggregation, ig_steps, intervention_dataloader, metric, neuron):
+    if method not in METHODS:
+        extra = (" ('information-flow-routes' is not implemented by hooklens)"
+                 if method == "information-flow-routes" else "")
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}{extra}.")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be in {set(AGGREGATIONS)}, but got {aggregation!r}.")
+    iv.check_intervention(intervention, intervention_dataloader)
+    if method in ("EAP-IG-inputs", "clean-corrupted") and intervention != "patching":
+        raise ValueError(f"intervention must be 'patching' for {method}, but got {intervention!r}.")
+    if method in ("EAP-IG-inputs", "EAP-IG-activations"):
+        if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+            raise ValueError(f"{method} needs ig_steps=<positive int> (EAP-IG's examples use 5; its default of None "
+                             f"fails inside EAP-IG), got ig_steps={ig_steps!r}.")
+    if neuron:
+        raise ValueError("neuron=True: neuron-level scores are node attribution (EAP-IG's attribute_node); edge "
+                         "attribution scores whole edges. Call attribute(..., neuron=False).")
+    if not callable(metric):
+        raise TypeError(f"metric must be callable as metric(logits, clean_logits, input_lengths, labels), got "
+                        f"{type(metric).__name__}.")
+    iv.check_supported(model)
+    cfg = model.cfg
+    gcfg = getattr(graph, "cfg", None)
+    if gcfg is None or not hasattr(graph, "scores"):
+        raise TypeError("graph must be a hooklens.circuits Graph (Graph.from_model(model)).")
+    n_layers, n_heads = gcfg["n_layers"], gcfg["n_heads"]
+    parallel = bool(gcfg.get("parallel_attn_mlp", False))
+    if (n_layers, n_heads) != (cfg.n_layers, cfg.n_heads) or parallel != bool(cfg.parallel_attn_mlp):
+        raise ValueError(f"graph was built for n_layers={n_layers}, n_heads={n_heads}, parallel_attn_mlp={parallel} "
+                         f"but the model has n_layers={cfg.n_layers}, n_heads={cfg.n_heads}, parallel_attn_mlp="
+                         f"{bool(cfg.parallel_attn_mlp)}; build it with Graph.from_model(model).")
+    if cfg.parallel_attn_mlp:
+        raise ValueError("parallel_attn_mlp models are not supported by hooklens.circuits.attribute.")
+
+
+# -- the hand-written forward -----------------------------------------------------------------------------------
+def _layer_norm(module, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """hooklens's LayerNorm / LayerNormPre / Identity without their hook points: `(out, xhat, scale)` (xhat and
+    scale None for Identity). Low-precision activations normalize in float32, as the model does."""
+    if not isinstance(module, LayerNormPre):
+        return x, None, None
+    dtype = x.dtype
+    xf = x.float() if dtype not in (torch.float32, torch.float64) else x
+    centered = xf - xf.mean(-1, keepdim=True)
+    scale = (centered.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()  # [n, p, 1]
+    xhat = centered / scale
+    out = xhat.to(dtype)
+    if isinstance(module, LayerNorm):
+        out = out * module.w + module.b
+    return out, xhat, scale
+
+
+def _layer_norm_backward(module, grad_out: Tensor, xhat: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
+    """The gradient at a LayerNorm's input from the gradient at its output, for one row's saved normalized input
+    `xhat` and `scale`: `(g - mean(g) - xhat * mean(g * xhat)) / scale` with `g = grad_out * w`. `grad_out` has
+    extra dims between the position and d_model dims (`[n, p, ..., d]`); xhat / scale are `[n, p, d]` / `[n, p, 1]`."""
+    if xhat is None:
+        return grad_out
+    if isinstance(module, LayerNorm):
+        grad_out = grad_out * module.w
+    extra = grad_out.dim() - xhat.dim()
+    xhat = xhat.view(xhat.shape[:2] + (1,) * extra + xhat.shape[2:]).to(grad_out.dtype)  # [n, p, 1.., d]
+    scale = scale.view(scale.shape[:2] + (1,) * extra + scale.shape[2:]).to(grad_out.dtype)  # [n, p, 1.., 1]
+    mean_g = grad_out.mean(-1, keepdim=True)
+    mean_gx = (grad_out * xhat).mean(-1, keepdim=True)
+    return (grad_out - mean_g - xhat * mean_gx) / scale
+
+
+class _Weights:
+    """Per-layer weights in the layouts the forward uses, prepared once per `attribute` call."""
+
+    def __init__(self, model):
+        cfg = model.cfg
+        h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
+        self.model = model
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.W_qkv_flat, self.b_qkv, self.W_qkv = [], [], []
+        for block in model.blocks:
+            a = block.attn
+            W = torch.stack([a.W_Q, a.W_K, a.W_V]).detach()  # [3, h, d, dh]
+            self.W_qkv.append(W)
+            self.W_qkv_flat.append(W.permute(0, 1, 3, 2).reshape(3 * h * dh, d))  # [3*h*dh, d] for F.linear
+            self.b_qkv.append(torch.stack([a.b_Q, a.b_K, a.b_V]).detach().reshape(3 * h * dh))
+
+
+class _Recorder:
+    """The tensors of one pass that receiver gradients are taken with respect to, per layer, with what turns their
+    gradients into receiver-input gradients (ln1's saved rows for q/k/v)."""
+
+    def __init__(self, n_layers: int):
+        self.qkv: List[List[Tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(n_layers)]  # (qkv, xhat, scale)
+        self.mlp_in: List[List[Tensor]] = [[] for _ in range(n_layers)]
+        self.final: List[Tensor] = []
+
+    def tensors(self) -> List[Tensor]:
+        out = [t for layer in self.qkv for t, _, _ in layer] + [t for layer in self.mlp_in for t in layer]
+        return out + self.final
+
+
+def _attention_layer(w: _Weights, layer: int, resid: Tensor, mask: Tensor, rec: Optional[_Recorder],
+                     per_head: bool) -> Tensor:
+    """Attention of `layer` on `resid` `[n, p, d]`: the per-head results `[n, p, h, d]` (without b_O) if
+    `per_head`, else the summed output `[n, p, d]` with b_O."""
+    cfg = w.model.cfg
+    block = w.model.blocks[layer]
+    attn = block.attn
+    n, p, _ = resid.shape
+    x, xhat, scale = _layer_norm(block.ln1, resid)
+    qkv = F.linear(x, w.W_qkv_flat[layer], w.b_qkv[layer]).view(n, p, 3, cfg.n_heads, cfg.d_head)  # [n, p, 3, h, dh]
+    if rec is not None:
+        rec.qkv[layer].append((qkv, None if xhat is None else xhat.detach(), None if scale is None else scale.detach()))
+    q, k, v = qkv.unbind(2)  # [n, p, h, dh] each
+    z = sdpa_attention(q, k, v, attn.attn_scale, 0, mask)  # [n, p, h, dh]
+    if per_head:
+        return torch.einsum("bphe,hed->bphd", z, attn.W_O)  # [n, p, h, d]
+    return torch.addmm(attn.b_O, z.reshape(n * p, -1), attn.W_O.reshape(-1, cfg.d_model)).view(n, p, -1)
+
+
+def _mlp_layer(w: _Weights, layer: int, resid_mid: Tensor, rec: Optional[_Recorder]) -> Tensor:
+    block = w.model.blocks[layer]
+    mlp = block.mlp
+    if rec is not None:
+        # A view is its own autograd node: the gradient taken with respect to it is the MLP branch's only (what
+        # EAP-IG's hook_mlp_in sees), not the residual stream's total.
+        resid_mid = resid_mid.view_as(resid_mid)
+        rec.mlp_in[layer].append(resid_mid)
+    x, _, _ = _layer_norm(block.ln2, resid_mid)
+    post = w.act(addmm_last_dim(mlp.b_in, mlp.W_in, x))  # [n, p, m]
+    return addmm_last_dim(mlp.b_out, mlp.W_out, post)  # [n, p, d]
+
+
+def _run(w: _Weights, resid: Tensor, mask: Tensor, rec: Optional[_Recorder], start_layer: int = 0,
+         start_mid: bool = False, senders: Optional[Tensor] = None, keep: Optional[Dict[str, list]] = None) -> Tensor:
+    """Run the blocks from `start_layer` (from its MLP if `start_mid`, `resid` then being the residual after its
+    attention) to the end and return the final residual `[n, p, d]`. `senders` `[n, p, n_forward, d]`, if given,
+    receives the detached head results and MLP outputs; `keep` collects the residuals before each attention
+    ('pre') and before each MLP ('mid') for branching."""
+    cfg = w.model.cfg
+    h = cfg.n_heads
+    for layer in range(start_layer, cfg.n_layers):
+        first = 1 + layer * (h + 1)
+        if not (start_mid and layer == start_layer):
+            if keep is not None:
+                keep["pre"].append(resid)
+            if senders is not None:
+                result = _attention_layer(w, layer, resid, mask, rec, per_head=True)  # [n, p, h, d]
+                senders[:, :, first:first + h] = result.detach()
+                resid = resid + (result.sum(2) + w.model.blocks[layer].attn.b_O)
+            else:
+                resid = resid + _attention_layer(w, layer, resid, mask, rec, per_head=False)
+        if keep is not None:
+            keep["mid"].append(resid)
+        mlp_out = _mlp_layer(w, layer, resid, rec)
+        if senders is not None:
+            senders[:, :, first + h] = mlp_out.detach()
+        resid = resid + mlp_out
+    return resid
+
+
+def _logits(w: _Weights, resid: Tensor, rec: Optional[_Recorder]) -> Tensor:
+    model = w.model
+    if rec is not None:
+        resid = resid.view_as(resid)  # the logits receiver's input (EAP-IG: the last block's hook_resid_post)
+        rec.final.append(resid)
+    x, _, _ = _layer_norm(model.ln_final, resid) if model.cfg.normalization_type is not None else (resid, None, None)
+    return addmm_last_dim(model.unembed.b_U, model.unembed.W_U, x)  # [n, p, v]
+
+
+def _embed(w: _Weights, tokens: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """(token embedding, positional embedding) `[b, p, d]` each, as the model computes them with a padding mask."""
+    model = w.model
+    return model.embed.W_E[tokens], model.pos_embed(tokens, 0, mask)
+
+
+def _clean_run(w: _Weights, tokens: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """A no-grad forward: (logits `[b, p, v]`, sender outputs `[b, p, n_forward, d]`)."""
+    cfg = w.model.cfg
+    with torch.no_grad():
+        embed, pos = _embed(w, tokens, mask)
+        senders = embed.new_empty(embed.shape[:2] + (iv.n_forward(cfg), cfg.d_model))
+        senders[:, :, 0] = embed
+        resid = _run(w, embed + pos, mask, None, senders=senders)
+        return _logits(w, resid, None), senders
+
+
+# -- receiver gradients and the contraction ---------------------------------------------------------------------
+class _GradSums:
+    """Receiver-input gradients of one batch, summed over the passes (steps, clean/corrupted) that share its
+    difference tensor: per layer `[b, p, 3, h, d]` for q/k/v inputs and `[b, p, d]` for the MLP input, and
+    `[b, p, d]` for the logits' input."""
+
+    def __init__(self, w: _Weights, b: int, p: int, dtype: torch.dtype, device):
+        cfg = w.model.cfg
+        self.w = w
+        self.b = b
+        self.attn = torch.zeros(cfg.n_layers, b, p, 3, cfg.n_heads, cfg.d_model, dtype=dtype, device=device)
+        self.mlp = torch.zeros(cfg.n_layers, b, p, cfg.d_model, dtype=dtype, device=device)
+        self.final = torch.zeros(b, p, cfg.d_model, dtype=dtype, device=device)
+
+    def _fold(self, grad: Tensor) -> Tensor:
+        # rows are [copies * b] (copy-major: steps, or clean/corrupted): sum the copies of each example
+        return grad.reshape((-1, self.b) + tuple(grad.shape[1:])).sum(0)
+
+    def add(self, total: Tensor, rec: _Recorder, retain_graph: bool = False) -> None:
+        tensors = rec.tensors()
+        grads = torch.autograd.grad(total, tensors, allow_unused=True, retain_graph=retain_graph)
+        it = iter(grads)
+        for layer, entries in enumerate(rec.qkv):
+            block = self.w.model.blocks[layer]
+            for (_, xhat, scale), g in zip(entries, it):
+                if g is None:
+                    continue
+                g_ln = torch.einsum("npthe,thde->npthd", g, self.w.W_qkv[layer])  # [n, p, 3, h, d] at ln1's output
+                self.attn[layer] += self._fold(_layer_norm_backward(block.ln1, g_ln, xhat, scale))
+        for layer, entries in enumerate(rec.mlp_in):
+            for _, g in zip(entries, it):
+                if g is not None:
+                    self.mlp[layer] += self._fold(g)
+        for _, g in zip(rec.final, it):
+            if g is not None:
+                self.final += self._fold(g)
+
+
+def _contract(scores: Tensor, diff: Tensor, grads: _GradSums, cfg) -> None:
+    """scores[f, r] += sum over batch, pos, d of diff[.., f, :] * grad[.., r, :], for the senders before each
+    receiver (EAP-IG's prev_index); one product per layer and receiver kind."""
+    h = cfg.n_heads
+    b, p, n_f, d = diff.shape
+    flat = diff.reshape(b * p, n_f, d)  # [b*p, n_forward, d]
+    for layer in range(cfg.n_layers):
+        col = layer * (3 * h + 1)
+        n_attn = iv.prev_index(cfg, layer, mlp=False)
+        n_mlp = iv.prev_index(cfg, layer, mlp=True)
+        g_attn = grads.attn[layer].reshape(b * p, 3 * h, d)  # [b*p, 3h, d]: q heads, k heads, v heads
+        scores[:n_attn, col:col + 3 * h] += torch.einsum("nfd,nrd->fr", flat[:, :n_attn], g_attn)
+        scores[:n_mlp, col + 3 * h] += torch.einsum("nfd,nd->f", flat[:, :n_mlp], grads.mlp[layer].reshape(b * p, d))
+    scores[:, -1] += torch.einsum("nfd,nd->f", flat, grads.final.reshape(b * p, d))
+
+
+# -- per-method passes ------------------------------------------------------------------------------------------
+def _metric_sum(metric, logits: Tensor, copies: int, clean_logits, input_lengths, labels) -> Tensor:
+    """Sum of `metric` over `copies` stacked copies of the batch (`logits` `[copies * b, p, v]`): the gradient of
+    the sum is the sum of each copy's gradient, as EAP-IG's one-backward-per-step loop accumulates."""
+    total = None
+    for part in logits.chunk(copies, dim=0):
+        value = metric(part, clean_logits, input_lengths, labels)
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"metric must return a scalar tensor (it is backpropagated), got {shape}; reduce it "
+                             "over the batch (e.g. mean=True).")
+        total = value if total is None else total + value
+    return total
+
+
+def _chunks(n_items: int, rows_per_item: int, max_tokens: int, p: int) -> List[range]:
+    per = max(1, max_tokens // max(1, rows_per_item * p))
+    return [range(s, min(s + per, n_items)) for s in range(0, n_items, per)]
+
+
+def _leaf(x: Tensor) -> Tensor:
+    return x.detach().requires_grad_(True)
+
+
+def attribute(
+    model,
+    graph,
+    dataloader,
+    metric: Callable[..., Tensor],
+    method: str,
+    intervention: str = "patching",
+    aggregation: str = "sum",
+    ig_steps: Optional[int] = None,
+    intervention_dataloader=None,
+    quiet: bool = False,
+    neuron: bool = False,
+    *,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> None:
+    """EAP-IG's `attribute`: writes edge scores into `graph.scores` (`[n_forward, n_backward]`, zero for pairs that
+    are not edges) in place.
+
+    dataloader yields `(clean: list[str], corrupted: list[str], labels)`; `metric(logits, clean_logits,
+    input_lengths, labels)` returns a scalar. method: 'EAP', 'EAP-IG-inputs' (needs ig_steps; interpolates the
+    token embeddings from corrupted to clean), 'EAP-IG-activations' (needs ig_steps; interpolates each layer's
+    attention / MLP output and the embeddings in turn), 'clean-corrupted' (gradients at the clean and the corrupted
+    input, averaged), 'exact' (each edge patched alone). intervention: 'patching' (corrupted outputs), 'zero',
+    'mean', 'mean-positional' (means over intervention_dataloader, EAP-IG's arithmetic); EAP-IG-inputs and
+    clean-corrupted take 'patching' only. aggregation 'mean' divides the scores by d_model. max_batch_tokens bounds
+    the tokens of one batched pass of integration steps (hooklens's addition).
+    """
+    _check_args(model, graph, method, intervention, aggregation, ig_steps, intervention_dataloader, metric, neuron)
+    if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}.")
+    if method == "exact":
+        from hooklens.circuits import exact  # G's module; imported here so the gradient methods never need it
+
+        scores = exact.get_scores_exact(model, graph, dataloader, metric, intervention=intervention,
+                                        intervention_dataloader=intervention_dataloader, quiet=quiet)
+        if aggregation == "mean":
+            scores = scores / model.cfg.d_model
+        graph.scores[:] = scores.to(graph.scores.device)
+        return None
+
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    acc_dtype = torch.float64 if cfg.dtype == torch.float64 else torch.float32
+    scores = torch.zeros(iv.n_forward(cfg), iv.n_backward(cfg), dtype=acc_dtype, device=device)
+    means = None
+    if "mean" in intervention:
+        means = iv.compute_means(model, intervention_dataloader, per_position=intervention == "mean-positional")
+
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        dataloader = tqdm(dataloader, desc=f"attribute ({method})")
+    w = _Weights(model)
+    total_items = 0
+    with torch.enable_grad():
+        for batch in dataloader:
+            clean, corrupted, labels = batch
+            total_items += len(clean)
+            _attribute_batch(w, scores, method, intervention, ig_steps, means, clean, corrupted, labels, metric,
+                             max_batch_tokens)
+    if total_items == 0:
+        raise ValueError("dataloader yielded no examples; give at least one (clean, corrupted, labels) batch.")
+    scores /= total_items
+    if method in ("EAP-IG-inputs", "EAP-IG-activations"):
+        n_nodes = 1 if method == "EAP-IG-inputs" else 1 + 2 * cfg.n_layers
+        scores /= ig_steps * n_nodes
+    elif method == "clean-corrupted":
+        scores /= 2
+    if aggregation == "mean":
+        scores /= cfg.d_model
+    graph.scores[:] = scores.to(device=graph.scores.device, dtype=graph.scores.dtype)
+    return None
+
+
+def _attribute_batch(w: _Weights, scores: Tensor, method: str, intervention: str, ig_steps: Optional[int], means,
+                     clean: List[str], corrupted: List[str], labels: Any, metric, max_batch_tokens: int) -> None:
+    model = w.model
+    cfg = model.cfg
+    clean_tokens, mask, input_lengths, n_pos = iv.tokenize_plus(model, clean)
+    corrupted_tokens, _, _, n_pos_corrupted = iv.tokenize_plus(model, corrupted)
+    b = clean_tokens.shape[0]
+    if n_pos != n_pos_corrupted and intervention == "patching":
+        raise ValueError(f"Number of positions must match, but do not: {n_pos} (clean) != {n_pos_corrupted} "
+                         "(corrupted); give corrupted prompts of the clean prompts' token lengths.")
+    if corrupted_tokens.shape[0] != b and intervention == "patching":
+        raise ValueError(f"a batch has {b} clean but {corrupted_tokens.shape[0]} corrupted prompts; pair them.")
+    with torch.no_grad():
+        # corrupted - clean, in EAP-IG's words the activation difference, here [b, p, n_forward, d]
+        replacement = iv.replacement_outputs(model, intervention, corrupted_tokens, mask, means)
+    grads = _GradSums(w, b, n_pos, scores.dtype, scores.device)
+    embed, pos = _embed(w, clean_tokens, mask)
+
+    if method == "EAP":
+        rec = _Recorder(cfg.n_layers)
+        senders = embed.new_empty((b, n_pos, iv.n_forward(cfg), cfg.d_model))
+        senders[:, :, 0] = embed.detach()
+        resid = _run(w, _leaf(embed) + pos, mask, rec, senders=senders)
+        logits = _logits(w, resid, rec)
+        grads.add(_metric_sum(metric, logits, 1, logits.detach(), input_lengths, labels), rec)
+        clean_senders = senders
+    elif method == "clean-corrupted":
+        clean_logits, clean_senders = _clean_run(w, clean_tokens, mask)
+        corrupted_embed, _ = _embed(w, corrupted_tokens, mask)
+        rec = _Recorder(cfg.n_layers)
+        both = torch.cat([embed, corrupted_embed]) + pos.repeat(2, 1, 1)  # [2b, p, d]: clean rows, corrupted rows
+        logits = _logits(w, _run(w, _leaf(both), mask.repeat(2, 1), rec), rec)
+        grads.add(_metric_sum(metric, logits, 2, clean_logits, input_lengths, labels), rec)
+    elif method == "EAP-IG-inputs":
+        clean_logits, clean_senders = _clean_run(w, clean_tokens, mask)
+        corrupted_embed = replacement[:, :, 0]  # [b, p, d]
+        delta = clean_senders[:, :, 0] - corrupted_embed
+        for steps in _chunks(ig_steps, b, max_batch_tokens, n_pos):
+            alphas = torch.arange(steps.start, steps.stop, device=embed.device, dtype=embed.dtype) / ig_steps
+            interp = corrupted_embed + alphas.view(-1, 1, 1, 1) * delta  # [k, b, p, d]
+            k = len(steps)
+            rec = _Recorder(cfg.n_layers)
+            resid = _leaf(interp.reshape(k * b, n_pos, -1)) + pos.repeat(k, 1, 1)  # [k*b, p, d]
+            logits = _logits(w, _run(w, resid, mask.repeat(k, 1), rec), rec)
+            grads.add(_metric_sum(metric, logits, k, clean_logits, input_lengths, labels), rec)
+    else:  # EAP-IG-activations
+        clean_senders = _ig_activations(w, grads, embed, pos, mask, replacement, intervention, ig_steps, metric,
+                                        input_lengths, labels, max_batch_tokens)
+    _contract(scores, replacement - clean_senders, grads, cfg)
+
+
+def _ig_activations(w: _Weights, grads: _GradSums, embed: Tensor, pos: Tensor, mask: Tensor, replacement: Tensor,
+                    intervention: str, ig_steps: int, metric, input_lengths, labels, max_batch_tokens: int) -> Tensor:
+    """EAP-IG-activations: for each node of [input, attention layer 0, MLP 0, attention layer 1, ...] and step
+    k = 1..steps, the clean run with that node's output replaced by `a * clean + (1 - a) * corrupted` (a = k/steps;
+    'corrupted' is the corrupted run's output for 'patching' and zero otherwise, as in EAP-IG). Returns the clean
+    sender outputs. The clean trunk runs once with gradients; each node's steps branch off it."""
+    model = w.model
+    cfg = model.cfg
+    b, p, _ = embed.shape
+    h = cfg.n_heads
+    rec_trunk = _Recorder(cfg.n_layers)
+    keep: Dict[str, list] = {"pre": [], "mid": []}
+    senders = embed.new_empty((b, p, iv.n_forward(cfg), cfg.d_model))
+    senders[:, :, 0] = embed.detach()
+    trunk_end = _run(w, _leaf(embed) + pos, mask, rec_trunk, senders=senders, keep=keep)
+    with torch.no_grad():
+        clean_logits = _logits(w, trunk_end.detach(), None)
+    corrupted = replacement if intervention == "patching" else torch.zeros_like(senders)
+
+    # (node slice of the sender stack, how a branch resumes) in EAP-IG's node order
+    nodes: List[Tuple[slice, str, int]] = [(slice(0, 1), "input", 0)]
+    for layer in range(cfg.n_layers):
+        first = 1 + layer * (h + 1)
+        nodes.append((slice(first, first + h), "attn", layer))
+        nodes.append((slice(first + h, first + h + 1), "mlp", layer))
+    for index, (node, kind, layer) in enumerate(nodes):
+        clean_out, corrupted_out = senders[:, :, node], corrupted[:, :, node]  # [b, p, n_node, d]
+        for steps in _chunks(ig_steps, b, max_batch_tokens, p):
+            k = len(steps)
+            alphas = torch.arange(steps.start + 1, steps.stop + 1, device=embed.device, dtype=embed.dtype) / ig_steps
+            a = alphas.view(-1, 1, 1, 1, 1)
+            out = (a * clean_out + (1 - a) * corrupted_out).reshape(k * b, p, -1, cfg.d_model)  # [k*b, p, n_node, d]
+            rec = _Recorder(cfg.n_layers)
+            rows = mask.repeat(k, 1)
+            if kind == "input":
+                resid = _run(w, out[:, :, 0] + pos.repeat(k, 1, 1), rows, rec)
+            elif kind == "attn":
+                resid_mid = keep["pre"][layer].repeat(k, 1, 1) + out.sum(2) + model.blocks[layer].attn.b_O
+                resid = _run(w, resid_mid, rows, rec, start_layer=layer, start_mid=True)
+            else:
+                resid = _run(w, keep["mid"][layer].repeat(k, 1, 1) + out[:, :, 0], rows, rec, start_layer=layer + 1)
+            logits = _logits(w, resid, rec)
+            # the trunk's recorded tensors join the branch's, so the gradient reaching the trunk is captured too
+            for layer_index, entries in enumerate(rec_trunk.qkv):
+                rec.qkv[layer_index] = entries + rec.qkv[layer_index]
+            for layer_index, entries in enumerate(rec_trunk.mlp_in):
+                rec.mlp_in[layer_index] = entries + rec.mlp_in[layer_index]
+            last = index == len(nodes) - 1 and steps.stop == ig_steps
+            grads.add(_metric_sum(metric, logits, k, clean_logits, input_lengths, labels), rec, retain_graph=not last)
+    return senders
