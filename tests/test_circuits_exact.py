@@ -1,0 +1,86 @@
+"""hooklens.circuits.exact: EAP-IG's 'exact' edge scores, batched, against evaluate_graph and the unbatched loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_circuits_evaluate import SHAPES, batches, logit_diff, make_model, mean_logit_diff
+
+from hooklens.circuits.evaluate import evaluate_baseline, evaluate_graph
+from hooklens.circuits.exact import exact
+from hooklens.circuits.graph import Graph
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def model(request):
+    return make_model(**SHAPES[request.param])
+
+
+def loop_scores(model, metric, data, edge_names, intervention="patching", means_data=None):
+    """EAP-IG's get_scores_exact, unbatched: one evaluate_graph of the full graph minus the edge, per edge."""
+    baseline = evaluate_baseline(model, data, metric, quiet=True).mean()
+    scores = {}
+    for name in edge_names:
+        graph = Graph.from_model(model)
+        graph.in_graph |= graph.real_edge_mask
+        graph.edges[name].in_graph = False
+        scores[name] = evaluate_graph(model, graph, data, metric, quiet=True, intervention=intervention,
+                                      intervention_dataloader=means_data).mean() - baseline
+    return scores
+
+
+def sample_edges(graph, n, seed=0):
+    names = list(graph.edges)
+    gen = torch.Generator().manual_seed(seed)
+    picked = [names[i] for i in torch.randperm(len(names), generator=gen)[:n].tolist()]
+    # always one edge into q, k, v, an MLP and the logits, and the last layer's MLP -> logits
+    for tag in ("<q>", "<k>", "<v>", "->m0", "->logits"):
+        picked.append(next(n for n in names if tag in n))
+    picked.append(names[-1])
+    return sorted(set(picked))
+
+
+@pytest.mark.parametrize("intervention", ["patching", "zero", "mean"])
+def test_exact_scores_equal_differences_of_evaluate_graph(model, intervention):
+    data = batches(2)  # padded batches of 2 and 1
+    graph = Graph.from_model(model)
+    scores = exact(model, graph, data, logit_diff, intervention=intervention, intervention_dataloader=data,
+                   quiet=True, memory_budget=2**20)
+    names = sample_edges(graph, 12)
+    expected = loop_scores(model, logit_diff, data, names, intervention, data)
+    actual = torch.stack([graph.edges[n].score for n in names])
+    torch.testing.assert_close(actual, torch.stack([expected[n] for n in names]), rtol=1e-4, atol=1e-4)
+    assert scores is graph.scores and bool(graph.in_graph[graph.real_edge_mask].all())
+    assert not torch.isnan(graph.scores).any() and bool((graph.scores[~graph.real_edge_mask] == 0).all())
+    assert graph.scores[graph.real_edge_mask].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_batched_exact_equals_one_edge_per_chunk(model, positions):
+    data = batches(3)
+    whole = Graph.from_model(model)
+    exact(model, whole, data, mean_logit_diff, quiet=True, metric_positions=positions)
+    one = Graph.from_model(model)
+    exact(model, one, data, mean_logit_diff, quiet=True, metric_positions="all", memory_budget=1)  # 1 edge a chunk
+    torch.testing.assert_close(whole.scores, one.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_interrupted_exact_keeps_finished_scores(model):
+    calls = {"n": 0}
+
+    def flaky(logits, clean_logits, input_lengths, labels):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise KeyboardInterrupt
+        return logit_diff(logits, clean_logits, input_lengths, labels)
+
+    graph = Graph.from_model(model)
+    with pytest.raises(KeyboardInterrupt) as info:
+        exact(model, graph, batches(3), flaky, quiet=True, metric_positions="last", memory_budget=2**18)
+    partial, done = info.value.partial_result, info.value.done
+    assert 0 < int(done.sum()) < int(graph.real_edge_mask.sum())
+    full = Graph.from_model(model)
+    exact(model, full, batches(3), logit_diff, quiet=True)
+    torch.testing.assert_close(partial[done], full.scores[done], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(partial[~done]).all()
