@@ -25,7 +25,7 @@ import harness  # noqa: E402
 
 # Modules whose `@workload`s are registered; later benchmark files (kernels, FactoredMatrix, sweeps) add theirs here.
 # `peers` needs nnsight (the `bench` extra) only to run its workloads; without it they are skipped.
-WORKLOAD_MODULES = ["core", "lowrank", "patching_sweeps", "attention", "peers"]
+WORKLOAD_MODULES = ["core", "lowrank", "patching_sweeps", "attention", "peers", "ops_patching"]
 
 DEFAULTS = {
     # Per device kind. The CPU defaults keep a full run under ~5 minutes on 2 cores; patching_loop does
