@@ -426,3 +426,17 @@ def test_draw(tmp_path):
     assert (tmp_path / "eap_style.png").stat().st_size > 0
     with pytest.raises(ValueError, match="layout"):
         g.to_image(tmp_path / "x.png", layout="neato")
+
+
+def test_package_exports_eap_api():
+    import importlib
+
+    import hooklens.circuits as circuits
+
+    importlib.import_module("hooklens.circuits.attribute")  # importing the submodule must not shadow the function
+    from hooklens.circuits import Graph as exported_graph
+    from hooklens.circuits import attribute, evaluate_baseline, evaluate_graph
+
+    assert exported_graph is Graph
+    for fn in (attribute, evaluate_graph, evaluate_baseline):
+        assert callable(fn) and not hasattr(fn, "__path__") and fn.__name__ in circuits.__all__

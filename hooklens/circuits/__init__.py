@@ -1,5 +1,17 @@
-"""Circuit discovery with EAP-IG 2.0's public API (hannamw/EAP-IG): the model's computational `Graph`, and an
-IOI dataset generator with EAP-IG-shaped batches and metrics."""
+"""Circuit discovery with EAP-IG 2.0's public API (hannamw/EAP-IG), so EAP-IG / MIB code runs after swapping
+`eap.graph` / `eap.attribute` / `eap.evaluate` imports for `hooklens.circuits`:
+
+- `Graph` (and its node / edge classes): the model's computational graph, circuit selection, JSON / .pt files,
+  drawing (hooklens.circuits.graph, .drawing);
+- `attribute` (EAP, EAP-IG-inputs, EAP-IG-activations, clean-corrupted, exact) (hooklens.circuits.attribute);
+- `evaluate_graph`, `evaluate_graphs` (many circuits at once), `evaluate_baseline` (hooklens.circuits.evaluate);
+- `IOIDataset`, `logit_diff`: IOI data in EAP-IG's batch format and its metric (hooklens.circuits.ioi).
+"""
+# `attribute` is bound here on purpose: it is also a submodule's name, and importing a submodule sets the package
+# attribute to the module; importing the function in __init__ keeps `from hooklens.circuits import attribute` the
+# function however the submodules are imported later.
+from hooklens.circuits.attribute import attribute
+from hooklens.circuits.evaluate import evaluate_baseline, evaluate_graph, evaluate_graphs
 from hooklens.circuits.graph import (
     AttentionNode,
     Edge,
@@ -10,5 +22,9 @@ from hooklens.circuits.graph import (
     MLPNode,
     Node,
 )
+from hooklens.circuits.interventions import tokenize_plus
+from hooklens.circuits.ioi import IOIDataset, collate_EAP, logit_diff
 
-__all__ = ["AttentionNode", "Edge", "Graph", "GraphConfig", "InputNode", "LogitNode", "MLPNode", "Node"]
+__all__ = ["AttentionNode", "Edge", "Graph", "GraphConfig", "InputNode", "LogitNode", "MLPNode", "Node",
+           "IOIDataset", "collate_EAP", "logit_diff", "attribute", "evaluate_graph", "evaluate_graphs",
+           "evaluate_baseline", "tokenize_plus"]
