@@ -94,20 +94,18 @@ def _layer_norm(module, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[T
     return out, xhat, scale
 
 
-def _layer_norm_backward(module, grad_out: Tensor, xhat: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
-    """The gradient at a LayerNorm's input from the gradient at its output, for one row's saved normalized input
-    `xhat` and `scale`: `(g - mean(g) - xhat * mean(g * xhat)) / scale` with `g = grad_out * w`. `grad_out` has
-    extra dims between the position and d_model dims (`[n, p, ..., d]`); xhat / scale are `[n, p, d]` / `[n, p, 1]`."""
-    if xhat is None:
+def _layer_norm_backward(weight: Optional[Tensor], grad_out: Tensor, xhat: Optional[Tensor],
+                         scale: Optional[Tensor]) -> Tensor:
+    """The gradient at a LayerNorm's input from the gradient at its output, for each row's saved normalized input
+    `xhat` and `scale`: `(g - mean(g) - xhat * mean(g * xhat)) / scale` with `g = grad_out * weight`. grad_out is
+    `[k, rows, d]` (k receivers reading the same normalized rows), xhat / scale `[rows, d]` / `[rows, 1]`."""
+    if xhat is None:  # no normalization
         return grad_out
-    if isinstance(module, LayerNorm):
-        grad_out = grad_out * module.w
-    extra = grad_out.dim() - xhat.dim()
-    xhat = xhat.view(xhat.shape[:2] + (1,) * extra + xhat.shape[2:]).to(grad_out.dtype)  # [n, p, 1.., d]
-    scale = scale.view(scale.shape[:2] + (1,) * extra + scale.shape[2:]).to(grad_out.dtype)  # [n, p, 1.., 1]
-    mean_g = grad_out.mean(-1, keepdim=True)
-    mean_gx = (grad_out * xhat).mean(-1, keepdim=True)
-    return (grad_out - mean_g - xhat * mean_gx) / scale
+    g = grad_out * weight if weight is not None else grad_out
+    xhat = xhat.to(g.dtype)
+    mean_g = g.mean(-1, keepdim=True)
+    mean_gx = (g * xhat).mean(-1, keepdim=True)
+    return (g - mean_g - xhat * mean_gx) / scale.to(g.dtype)
 
 
 class _Weights:
@@ -118,13 +116,15 @@ class _Weights:
         h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
         self.model = model
         self.act = ACTIVATIONS[cfg.act_fn]
-        self.W_qkv_flat, self.b_qkv, self.W_qkv = [], [], []
+        self.W_qkv_flat, self.b_qkv, self.W_qkv_T, self.ln1_w = [], [], [], []
         for block in model.blocks:
             a = block.attn
             W = torch.stack([a.W_Q, a.W_K, a.W_V]).detach()  # [3, h, d, dh]
-            self.W_qkv.append(W)
-            self.W_qkv_flat.append(W.permute(0, 1, 3, 2).reshape(3 * h * dh, d))  # [3*h*dh, d] for F.linear
+            W_T = W.permute(0, 1, 3, 2).reshape(3 * h, dh, d).contiguous()  # [3h, dh, d]
+            self.W_qkv_T.append(W_T)
+            self.W_qkv_flat.append(W_T.view(3 * h * dh, d))  # [3*h*dh, d] for F.linear
             self.b_qkv.append(torch.stack([a.b_Q, a.b_K, a.b_V]).detach().reshape(3 * h * dh))
+            self.ln1_w.append(block.ln1.w.detach() if isinstance(block.ln1, LayerNorm) else None)
 
 
 class _Recorder:
@@ -143,8 +143,8 @@ class _Recorder:
 
 def _attention_layer(w: _Weights, layer: int, resid: Tensor, mask: Tensor, rec: Optional[_Recorder],
                      per_head: bool) -> Tensor:
-    """Attention of `layer` on `resid` `[n, p, d]`: the per-head results `[n, p, h, d]` (without b_O) if
-    `per_head`, else the summed output `[n, p, d]` with b_O."""
+    """Attention of `layer` on `resid` `[n, p, d]`: the per-head results `[h, n, p, d]` (without b_O; head-major,
+    the sender stack's layout) if `per_head`, else the summed output `[n, p, d]` with b_O."""
     cfg = w.model.cfg
     block = w.model.blocks[layer]
     attn = block.attn
@@ -152,11 +152,13 @@ def _attention_layer(w: _Weights, layer: int, resid: Tensor, mask: Tensor, rec: 
     x, xhat, scale = _layer_norm(block.ln1, resid)
     qkv = F.linear(x, w.W_qkv_flat[layer], w.b_qkv[layer]).view(n, p, 3, cfg.n_heads, cfg.d_head)  # [n, p, 3, h, dh]
     if rec is not None:
-        rec.qkv[layer].append((qkv, None if xhat is None else xhat.detach(), None if scale is None else scale.detach()))
+        rows = (None, None) if xhat is None else (xhat.detach().reshape(n * p, -1), scale.detach().reshape(n * p, 1))
+        rec.qkv[layer].append((qkv,) + rows)
     q, k, v = qkv.unbind(2)  # [n, p, h, dh] each
     z = sdpa_attention(q, k, v, attn.attn_scale, 0, mask)  # [n, p, h, dh]
     if per_head:
-        return torch.einsum("bphe,hed->bphd", z, attn.W_O)  # [n, p, h, d]
+        return torch.bmm(z.permute(2, 0, 1, 3).reshape(cfg.n_heads, n * p, cfg.d_head), attn.W_O).view(
+            cfg.n_heads, n, p, cfg.d_model)  # [h, n*p, dh] @ [h, dh, d] -> [h, n, p, d]
     return torch.addmm(attn.b_O, z.reshape(n * p, -1), attn.W_O.reshape(-1, cfg.d_model)).view(n, p, -1)
 
 
@@ -176,7 +178,7 @@ def _mlp_layer(w: _Weights, layer: int, resid_mid: Tensor, rec: Optional[_Record
 def _run(w: _Weights, resid: Tensor, mask: Tensor, rec: Optional[_Recorder], start_layer: int = 0,
          start_mid: bool = False, senders: Optional[Tensor] = None, keep: Optional[Dict[str, list]] = None) -> Tensor:
     """Run the blocks from `start_layer` (from its MLP if `start_mid`, `resid` then being the residual after its
-    attention) to the end and return the final residual `[n, p, d]`. `senders` `[n, p, n_forward, d]`, if given,
+    attention) to the end and return the final residual `[n, p, d]`. `senders` `[n_forward, n, p, d]`, if given,
     receives the detached head results and MLP outputs; `keep` collects the residuals before each attention
     ('pre') and before each MLP ('mid') for branching."""
     cfg = w.model.cfg
@@ -187,16 +189,16 @@ def _run(w: _Weights, resid: Tensor, mask: Tensor, rec: Optional[_Recorder], sta
             if keep is not None:
                 keep["pre"].append(resid)
             if senders is not None:
-                result = _attention_layer(w, layer, resid, mask, rec, per_head=True)  # [n, p, h, d]
-                senders[:, :, first:first + h] = result.detach()
-                resid = resid + (result.sum(2) + w.model.blocks[layer].attn.b_O)
+                result = _attention_layer(w, layer, resid, mask, rec, per_head=True)  # [h, n, p, d]
+                senders[first:first + h] = result.detach()
+                resid = resid + (result.sum(0) + w.model.blocks[layer].attn.b_O)
             else:
                 resid = resid + _attention_layer(w, layer, resid, mask, rec, per_head=False)
         if keep is not None:
             keep["mid"].append(resid)
         mlp_out = _mlp_layer(w, layer, resid, rec)
         if senders is not None:
-            senders[:, :, first + h] = mlp_out.detach()
+            senders[first + h] = mlp_out.detach()
         resid = resid + mlp_out
     return resid
 
@@ -213,72 +215,91 @@ def _logits(w: _Weights, resid: Tensor, rec: Optional[_Recorder]) -> Tensor:
 def _embed(w: _Weights, tokens: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
     """(token embedding, positional embedding) `[b, p, d]` each, as the model computes them with a padding mask."""
     model = w.model
-    return model.embed.W_E[tokens], model.pos_embed(tokens, 0, mask)
+    with torch.no_grad():  # constants of every pass: gradients start at the residual stream
+        return model.embed.W_E[tokens], model.pos_embed(tokens, 0, mask)
 
 
-def _clean_run(w: _Weights, tokens: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-    """A no-grad forward: (logits `[b, p, v]`, sender outputs `[b, p, n_forward, d]`)."""
-    cfg = w.model.cfg
+def _clean_run(w: _Weights, tokens: Tensor, mask: Tensor, logits: bool = True) -> Tuple[Optional[Tensor], Tensor]:
+    """A no-grad forward: (logits `[b, p, v]` or None without `logits`, sender outputs `[n_forward, b, p, d]`)."""
     with torch.no_grad():
         embed, pos = _embed(w, tokens, mask)
-        senders = embed.new_empty(embed.shape[:2] + (iv.n_forward(cfg), cfg.d_model))
-        senders[:, :, 0] = embed
+        senders = _sender_buffer(w, embed)
         resid = _run(w, embed + pos, mask, None, senders=senders)
-        return _logits(w, resid, None), senders
+        return (_logits(w, resid, None) if logits else None), senders
+
+
+def _sender_buffer(w: _Weights, embed: Tensor) -> Tensor:
+    """`[n_forward, b, p, d]` sender outputs, the token embedding (the `input` sender) written."""
+    senders = embed.new_empty((iv.n_forward(w.model.cfg),) + tuple(embed.shape))
+    senders[0] = embed.detach()
+    return senders
 
 
 # -- receiver gradients and the contraction ---------------------------------------------------------------------
 class _GradSums:
     """Receiver-input gradients of one batch, summed over the passes (steps, clean/corrupted) that share its
-    difference tensor: per layer `[b, p, 3, h, d]` for q/k/v inputs and `[b, p, d]` for the MLP input, and
-    `[b, p, d]` for the logits' input."""
+    difference tensor, receiver-major so the contraction is a plain GEMM: per layer `[3h, b*p, d]` for the heads'
+    q/k/v inputs (q heads, k heads, v heads: the graph's backward order) and `[b*p, d]` for the MLP input, and
+    `[b*p, d]` for the logits' input. None until a pass reaches them."""
 
-    def __init__(self, w: _Weights, b: int, p: int, dtype: torch.dtype, device):
-        cfg = w.model.cfg
+    def __init__(self, w: _Weights, b: int, p: int):
+        n_layers = w.model.cfg.n_layers
         self.w = w
-        self.b = b
-        self.attn = torch.zeros(cfg.n_layers, b, p, 3, cfg.n_heads, cfg.d_model, dtype=dtype, device=device)
-        self.mlp = torch.zeros(cfg.n_layers, b, p, cfg.d_model, dtype=dtype, device=device)
-        self.final = torch.zeros(b, p, cfg.d_model, dtype=dtype, device=device)
+        self.rows = b * p
+        self.attn: List[Optional[Tensor]] = [None] * n_layers
+        self.mlp: List[Optional[Tensor]] = [None] * n_layers
+        self.final: Optional[Tensor] = None
 
     def _fold(self, grad: Tensor) -> Tensor:
-        # rows are [copies * b] (copy-major: steps, or clean/corrupted): sum the copies of each example
-        return grad.reshape((-1, self.b) + tuple(grad.shape[1:])).sum(0)
+        # `[..., copies * b * p, d]` rows (copy-major: steps, or clean / corrupted) -> `[..., b * p, d]`, each
+        # example's copies summed
+        return grad.reshape(grad.shape[:-2] + (-1, self.rows, grad.shape[-1])).sum(-3)
+
+    @staticmethod
+    def _acc(total: Optional[Tensor], part: Tensor) -> Tensor:
+        return part if total is None else total.add_(part)
 
     def add(self, total: Tensor, rec: _Recorder, retain_graph: bool = False) -> None:
         tensors = rec.tensors()
         grads = torch.autograd.grad(total, tensors, allow_unused=True, retain_graph=retain_graph)
+        w = self.w
         it = iter(grads)
-        for layer, entries in enumerate(rec.qkv):
-            block = self.w.model.blocks[layer]
-            for (_, xhat, scale), g in zip(entries, it):
-                if g is None:
-                    continue
-                g_ln = torch.einsum("npthe,thde->npthd", g, self.w.W_qkv[layer])  # [n, p, 3, h, d] at ln1's output
-                self.attn[layer] += self._fold(_layer_norm_backward(block.ln1, g_ln, xhat, scale))
-        for layer, entries in enumerate(rec.mlp_in):
-            for _, g in zip(entries, it):
+        with torch.no_grad():
+            for layer, entries in enumerate(rec.qkv):
+                for (qkv, xhat, scale), g in zip(entries, it):
+                    if g is None:
+                        continue
+                    n, p, three, h, dh = g.shape
+                    g = g.permute(2, 3, 0, 1, 4).reshape(three * h, n * p, dh)  # [3h, n*p, dh]
+                    g_ln = torch.bmm(g, w.W_qkv_T[layer])  # [3h, n*p, d]: the gradient at ln1's output, per head
+                    g_in = _layer_norm_backward(w.ln1_w[layer], g_ln, xhat, scale)
+                    self.attn[layer] = self._acc(self.attn[layer], self._fold(g_in))
+            for layer, entries in enumerate(rec.mlp_in):
+                for _, g in zip(entries, it):
+                    if g is not None:
+                        self.mlp[layer] = self._acc(self.mlp[layer], self._fold(g.reshape(-1, g.shape[-1])))
+            for _, g in zip(rec.final, it):
                 if g is not None:
-                    self.mlp[layer] += self._fold(g)
-        for _, g in zip(rec.final, it):
-            if g is not None:
-                self.final += self._fold(g)
+                    self.final = self._acc(self.final, self._fold(g.reshape(-1, g.shape[-1])))
 
 
 def _contract(scores: Tensor, diff: Tensor, grads: _GradSums, cfg) -> None:
-    """scores[f, r] += sum over batch, pos, d of diff[.., f, :] * grad[.., r, :], for the senders before each
-    receiver (EAP-IG's prev_index); one product per layer and receiver kind."""
+    """scores[f, r] += sum over batch, pos, d of diff[f] * grad[r], for the senders before each receiver (EAP-IG's
+    prev_index): per layer one `[senders, b*p*d] x [b*p*d, 3h]` GEMM and one matrix-vector product."""
     h = cfg.n_heads
-    b, p, n_f, d = diff.shape
-    flat = diff.reshape(b * p, n_f, d)  # [b*p, n_forward, d]
-    for layer in range(cfg.n_layers):
-        col = layer * (3 * h + 1)
-        n_attn = iv.prev_index(cfg, layer, mlp=False)
-        n_mlp = iv.prev_index(cfg, layer, mlp=True)
-        g_attn = grads.attn[layer].reshape(b * p, 3 * h, d)  # [b*p, 3h, d]: q heads, k heads, v heads
-        scores[:n_attn, col:col + 3 * h] += torch.einsum("nfd,nrd->fr", flat[:, :n_attn], g_attn)
-        scores[:n_mlp, col + 3 * h] += torch.einsum("nfd,nd->f", flat[:, :n_mlp], grads.mlp[layer].reshape(b * p, d))
-    scores[:, -1] += torch.einsum("nfd,nd->f", flat, grads.final.reshape(b * p, d))
+    flat = diff.reshape(diff.shape[0], -1)  # [n_forward, b*p*d]
+    with torch.no_grad():
+        for layer in range(cfg.n_layers):
+            col = layer * (3 * h + 1)
+            if grads.attn[layer] is not None:
+                n_attn = iv.prev_index(cfg, layer, mlp=False)
+                g = grads.attn[layer].reshape(3 * h, -1)  # [3h, b*p*d]
+                scores[:n_attn, col:col + 3 * h] += (flat[:n_attn] @ g.T).to(scores.dtype)
+            if grads.mlp[layer] is not None:
+                n_mlp = iv.prev_index(cfg, layer, mlp=True)
+                scores[:n_mlp, col + 3 * h] += (flat[:n_mlp] @ grads.mlp[layer].reshape(-1)).to(scores.dtype)
+        if grads.final is not None:
+            scores[:, -1] += (flat @ grads.final.reshape(-1)).to(scores.dtype)
 
 
 # -- per-method passes ------------------------------------------------------------------------------------------
@@ -392,19 +413,21 @@ def _attribute_batch(w: _Weights, scores: Tensor, method: str, intervention: str
     if corrupted_tokens.shape[0] != b and intervention == "patching":
         raise ValueError(f"a batch has {b} clean but {corrupted_tokens.shape[0]} corrupted prompts; pair them.")
     with torch.no_grad():
-        # corrupted - clean, in EAP-IG's words the activation difference, here [b, p, n_forward, d]
-        replacement = iv.replacement_outputs(model, intervention, corrupted_tokens, mask, means)
-    grads = _GradSums(w, b, n_pos, scores.dtype, scores.device)
+        # what replaces a sender's clean output, broadcastable to [n_forward, b, p, d]: the corrupted run's outputs
+        # (with the clean attention mask, as EAP-IG runs it), zeros or EAP-IG's means
+        if intervention == "patching":
+            replacement = _clean_run(w, corrupted_tokens, mask, logits=False)[1]
+        else:
+            replacement = iv.replacement_outputs(model, intervention, corrupted_tokens, mask, means).permute(2, 0, 1, 3)
+    grads = _GradSums(w, b, n_pos)
     embed, pos = _embed(w, clean_tokens, mask)
 
     if method == "EAP":
         rec = _Recorder(cfg.n_layers)
-        senders = embed.new_empty((b, n_pos, iv.n_forward(cfg), cfg.d_model))
-        senders[:, :, 0] = embed.detach()
-        resid = _run(w, _leaf(embed) + pos, mask, rec, senders=senders)
+        clean_senders = _sender_buffer(w, embed)
+        resid = _run(w, _leaf(embed) + pos, mask, rec, senders=clean_senders)
         logits = _logits(w, resid, rec)
         grads.add(_metric_sum(metric, logits, 1, logits.detach(), input_lengths, labels), rec)
-        clean_senders = senders
     elif method == "clean-corrupted":
         clean_logits, clean_senders = _clean_run(w, clean_tokens, mask)
         corrupted_embed, _ = _embed(w, corrupted_tokens, mask)
@@ -414,8 +437,8 @@ def _attribute_batch(w: _Weights, scores: Tensor, method: str, intervention: str
         grads.add(_metric_sum(metric, logits, 2, clean_logits, input_lengths, labels), rec)
     elif method == "EAP-IG-inputs":
         clean_logits, clean_senders = _clean_run(w, clean_tokens, mask)
-        corrupted_embed = replacement[:, :, 0]  # [b, p, d]
-        delta = clean_senders[:, :, 0] - corrupted_embed
+        corrupted_embed = replacement[0]  # [b, p, d]
+        delta = clean_senders[0] - corrupted_embed
         for steps in _chunks(ig_steps, b, max_batch_tokens, n_pos):
             alphas = torch.arange(steps.start, steps.stop, device=embed.device, dtype=embed.dtype) / ig_steps
             interp = corrupted_embed + alphas.view(-1, 1, 1, 1) * delta  # [k, b, p, d]
@@ -427,7 +450,10 @@ def _attribute_batch(w: _Weights, scores: Tensor, method: str, intervention: str
     else:  # EAP-IG-activations
         clean_senders = _ig_activations(w, grads, embed, pos, mask, replacement, intervention, ig_steps, metric,
                                         input_lengths, labels, max_batch_tokens)
-    _contract(scores, replacement - clean_senders, grads, cfg)
+    with torch.no_grad():
+        # corrupted (or intervened) - clean: EAP-IG's activation difference, [n_forward, b, p, d]
+        diff = torch.sub(replacement, clean_senders, out=torch.empty_like(clean_senders))
+    _contract(scores, diff, grads, cfg)
 
 
 def _ig_activations(w: _Weights, grads: _GradSums, embed: Tensor, pos: Tensor, mask: Tensor, replacement: Tensor,
@@ -442,41 +468,44 @@ def _ig_activations(w: _Weights, grads: _GradSums, embed: Tensor, pos: Tensor, m
     h = cfg.n_heads
     rec_trunk = _Recorder(cfg.n_layers)
     keep: Dict[str, list] = {"pre": [], "mid": []}
-    senders = embed.new_empty((b, p, iv.n_forward(cfg), cfg.d_model))
-    senders[:, :, 0] = embed.detach()
+    senders = _sender_buffer(w, embed)
     trunk_end = _run(w, _leaf(embed) + pos, mask, rec_trunk, senders=senders, keep=keep)
     with torch.no_grad():
         clean_logits = _logits(w, trunk_end.detach(), None)
-    corrupted = replacement if intervention == "patching" else torch.zeros_like(senders)
+    corrupted = replacement if intervention == "patching" else None  # None: zeros, as EAP-IG interpolates
 
-    # (node slice of the sender stack, how a branch resumes) in EAP-IG's node order
+    # (node rows of the sender stack, how a branch resumes, layer) in EAP-IG's node order
     nodes: List[Tuple[slice, str, int]] = [(slice(0, 1), "input", 0)]
     for layer in range(cfg.n_layers):
         first = 1 + layer * (h + 1)
         nodes.append((slice(first, first + h), "attn", layer))
         nodes.append((slice(first + h, first + h + 1), "mlp", layer))
     for index, (node, kind, layer) in enumerate(nodes):
-        clean_out, corrupted_out = senders[:, :, node], corrupted[:, :, node]  # [b, p, n_node, d]
+        clean_out = senders[node]  # [n_node, b, p, d]
+        corrupted_out = corrupted[node] if corrupted is not None else torch.zeros_like(clean_out)
         for steps in _chunks(ig_steps, b, max_batch_tokens, p):
             k = len(steps)
             alphas = torch.arange(steps.start + 1, steps.stop + 1, device=embed.device, dtype=embed.dtype) / ig_steps
             a = alphas.view(-1, 1, 1, 1, 1)
-            out = (a * clean_out + (1 - a) * corrupted_out).reshape(k * b, p, -1, cfg.d_model)  # [k*b, p, n_node, d]
+            with torch.no_grad():
+                out = a * clean_out + (1 - a) * corrupted_out  # [k, n_node, b, p, d]
+                out = out.sum(1) if kind == "attn" else out[:, 0]  # [k, b, p, d]: the layer's summed heads
+                out = out.reshape(k * b, p, cfg.d_model)  # [k*b, p, d]
             rec = _Recorder(cfg.n_layers)
             rows = mask.repeat(k, 1)
             if kind == "input":
-                resid = _run(w, out[:, :, 0] + pos.repeat(k, 1, 1), rows, rec)
+                # a leaf: the branch starts from constants, yet its receivers need gradients
+                resid = _run(w, _leaf(out + pos.repeat(k, 1, 1)), rows, rec)
             elif kind == "attn":
-                resid_mid = keep["pre"][layer].repeat(k, 1, 1) + out.sum(2) + model.blocks[layer].attn.b_O
+                resid_mid = keep["pre"][layer].repeat(k, 1, 1) + out + model.blocks[layer].attn.b_O
                 resid = _run(w, resid_mid, rows, rec, start_layer=layer, start_mid=True)
             else:
-                resid = _run(w, keep["mid"][layer].repeat(k, 1, 1) + out[:, :, 0], rows, rec, start_layer=layer + 1)
+                resid = _run(w, keep["mid"][layer].repeat(k, 1, 1) + out, rows, rec, start_layer=layer + 1)
             logits = _logits(w, resid, rec)
             # the trunk's recorded tensors join the branch's, so the gradient reaching the trunk is captured too
-            for layer_index, entries in enumerate(rec_trunk.qkv):
-                rec.qkv[layer_index] = entries + rec.qkv[layer_index]
-            for layer_index, entries in enumerate(rec_trunk.mlp_in):
-                rec.mlp_in[layer_index] = entries + rec.mlp_in[layer_index]
+            for layer_index in range(cfg.n_layers):
+                rec.qkv[layer_index] = rec_trunk.qkv[layer_index] + rec.qkv[layer_index]
+                rec.mlp_in[layer_index] = rec_trunk.mlp_in[layer_index] + rec.mlp_in[layer_index]
             last = index == len(nodes) - 1 and steps.stop == ig_steps
             grads.add(_metric_sum(metric, logits, k, clean_logits, input_lengths, labels), rec, retain_graph=not last)
     return senders
