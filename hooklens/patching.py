@@ -4,7 +4,8 @@ Every `get_act_patch_*` returns the same tensor TransformerLens returns (same sh
 rounding), but runs many patches per forward pass (see `hooklens.sweeps`). Extra keyword-only arguments:
 
 * `metric_positions`: the positions the metric reads, e.g. `[-1]` (logits elsewhere are NaN); default all;
-* `memory_budget`: bytes per chunk of stacked variants (default: half the free GPU memory, or 2 GiB on CPU);
+* `memory_budget`: bytes per chunk of stacked variants (default: half the free GPU memory; on CPU a quarter of the
+  available memory, at most 8 GiB); a chunk that runs out of memory is retried in halves;
 * `progress`: show a tqdm bar;
 * `dtype`: the precision the sweep's forwards run in: None (default) for the model's own, exactly as without the
   argument; `torch.bfloat16` or `torch.float16` on a float32 model runs them under `torch.autocast` without changing

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from hooklens.sweep_engine import _PER_ROW, ChunkPlan, packed_forward
+from hooklens.sweep_precision import cuda_matmul_precision
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def structure_key(plan: ChunkPlan, kind: str, inputs: List[Tensor], keys: List[T
     device = inputs[0].device
     autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)) \
         if device.type in ("cuda", "cpu") else None
-    tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None
+    tf32 = cuda_matmul_precision() if device.type == "cuda" else None  # the legacy flag's read can raise
     return (kind, scalars, tensors, patches, _tensor_key(inputs[0]), _tensor_key(keys[0]), autocast, tf32)
 
 
@@ -148,13 +149,17 @@ def run_packed(model, plan: ChunkPlan, kind: str, inputs: List[Tensor], keys: Li
 
 def _capture(fn: Callable[[], Tensor]) -> Tuple[Any, Tensor]:
     """A CUDA graph of `fn` (warmed up once on a side stream, as torch.cuda.graphs requires) and its output."""
+    # A caller's autocast with its weight cache on would let the graph read low-precision weight copies that are
+    # freed when that autocast block ends, while later sweeps still replay the graph: capture without the cache.
+    no_cache = torch.autocast("cuda", enabled=torch.is_autocast_enabled("cuda"),
+                              dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), no_cache:
         fn()  # warm-up: lazy initialisations (cuBLAS handles, SDPA kernel choice) happen outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), no_cache:
         output = fn()
     logger.debug("Captured the packed sweep forward as a CUDA graph.")
     return graph, output

@@ -1,7 +1,7 @@
 """hooklens.ops.patching: `index_patch_` (C++ CPU operator, Triton CUDA kernel, PyTorch reference) against an
 unbatched per-(variant, prompt) loop and against `masked_patch` with `hooklens.sweeps.index_mask`'s mask, on every
 layout the patching setters use; `masked_patch` (torch.where) against the loop. CUDA twins are skipped without
-CUDA; the Triton kernel runs on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1 there)."""
+CUDA; the Triton kernel runs on CPU tensors in Triton's interpreter (conftest switches the interpreter on there)."""
 from __future__ import annotations
 
 import pytest

@@ -52,10 +52,7 @@ def draw_graph(graph: "Graph", path: Optional[Union[str, os.PathLike]] = None, *
     """
     if not 0 <= min_width <= max_width:
         raise ValueError(f"draw: need 0 <= min_width <= max_width, got {min_width} and {max_width}")
-    import numpy as np
-    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
     positions = _node_positions(graph)
     n_layers, n_heads = graph.cfg["n_layers"], graph.cfg["n_heads"]
@@ -67,6 +64,19 @@ def draw_graph(graph: "Graph", path: Optional[Union[str, os.PathLike]] = None, *
 
     in_nodes = graph.nodes_in_graph.tolist()
     drawn = {name for name, node in graph.nodes.items() if name == "logits" or in_nodes[node._forward]}
+
+    _draw_edges(ax, graph, positions, min_width, max_width)
+    _draw_nodes(ax, positions, drawn, node_colorscheme, seed, small_font=n_heads > 16, show_all_nodes=show_all_nodes)
+    _style_axes(ax, graph, height, title, n_drawn=len(drawn))
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+def _draw_edges(ax, graph: "Graph", positions, min_width: float, max_width: float) -> None:
+    """The circuit's edges: colour by score sign, width by |score| between min_width and max_width."""
+    from matplotlib.collections import LineCollection
 
     # Edges in one LineCollection per receiver-input style: thousands of edges draw in one call.
     scores, in_graph = graph.scores.tolist(), graph.in_graph.tolist()
@@ -86,6 +96,12 @@ def draw_graph(graph: "Graph", path: Optional[Union[str, os.PathLike]] = None, *
         ax.add_collection(LineCollection(list(segments), colors=list(colors), linewidths=list(widths),
                                          linestyles=_QKV_STYLE[qkv], alpha=0.7, zorder=1))
 
+
+def _draw_nodes(ax, positions, drawn, node_colorscheme: Optional[str], seed: Optional[int], small_font: bool,
+                show_all_nodes: bool) -> None:
+    """Node labels in boxes; nodes outside the circuit faint (only with show_all_nodes)."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     cmap = None
     if node_colorscheme is not None:
@@ -104,11 +120,17 @@ def draw_graph(graph: "Graph", path: Optional[Union[str, os.PathLike]] = None, *
         else:
             face = "#e0e0e0"
         faint = name not in drawn
-        ax.text(x, y, name, ha="center", va="center", fontsize=7 if n_heads <= 16 else 5, zorder=2,
+        ax.text(x, y, name, ha="center", va="center", fontsize=5 if small_font else 7, zorder=2,
                 alpha=0.35 if faint else 1.0,
                 bbox=dict(boxstyle="round,pad=0.25", facecolor="white" if faint else face,
                           edgecolor="#bbbbbb" if faint else "black", linewidth=0.6))
 
+
+def _style_axes(ax, graph: "Graph", height: int, title: Optional[str], n_drawn: int) -> None:
+    """Layer ticks, legend (score sign, q/k/v line styles) and title."""
+    from matplotlib.lines import Line2D
+
+    n_layers = graph.cfg["n_layers"]
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.6, height + 0.6)
     ax.set_yticks([1 + (1 if graph.cfg["parallel_attn_mlp"] else 2) * layer for layer in range(n_layers)])
@@ -121,8 +143,4 @@ def draw_graph(graph: "Graph", path: Optional[Union[str, os.PathLike]] = None, *
     legend += [Line2D([], [], color="black", linestyle=_QKV_STYLE[q], label=f"into {q}") for q in "qkv"]
     ax.legend(handles=legend, loc="upper left", fontsize=6, frameon=False, bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title if title is not None else
-                 f"{graph.count_included_edges()} edges, {len(drawn) - 1} nodes + logits", fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path)
-    return fig
+                 f"{graph.count_included_edges()} edges, {n_drawn - 1} nodes + logits", fontsize=9)

@@ -407,13 +407,21 @@ class Graph:
         under node- / neuron-level topn and threshold.
         """
         graph = cls()
-        graph.cfg = GraphConfig()
+        graph.cfg = cls._config_of(model_or_config)
+        graph._allocate(neuron_level, node_scores)
+        graph._add_nodes_and_edges()
+        return graph
+
+    @staticmethod
+    def _config_of(model_or_config: Any) -> "GraphConfig":
+        """The graph's config from a model, its config or a dict, checked."""
+        config = GraphConfig()
         if isinstance(model_or_config, dict):
             missing = [key for key in _REQUIRED_CFG_KEYS if key not in model_or_config]
             if missing:
                 raise ValueError(f"Graph.from_model: the config dict lacks {missing}; it needs "
                                  f"{list(_REQUIRED_CFG_KEYS)}")
-            graph.cfg.update(model_or_config)
+            config.update(model_or_config)
         else:
             # A model carries its config in `.cfg`; a config object has the fields itself.
             cfg = getattr(model_or_config, "cfg", model_or_config)
@@ -423,14 +431,19 @@ class Graph:
             if getattr(cfg, "attn_only", False):
                 raise ValueError("Graph.from_model: the model is attention-only, but EAP-IG's graph has an MLP node "
                                  "per layer; use a model with MLPs")
-            graph.cfg.update({"n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                              "parallel_attn_mlp": bool(getattr(cfg, "parallel_attn_mlp", False)),
-                              "d_model": cfg.d_model})
-        n_layers, n_heads = graph.cfg["n_layers"], graph.cfg["n_heads"]
+            config.update({"n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                           "parallel_attn_mlp": bool(getattr(cfg, "parallel_attn_mlp", False)),
+                           "d_model": cfg.d_model})
+        n_layers, n_heads = config["n_layers"], config["n_heads"]
         if not (isinstance(n_layers, int) and isinstance(n_heads, int) and n_layers >= 1 and n_heads >= 1):
             raise ValueError(f"Graph.from_model: n_layers and n_heads must be positive integers, got "
                              f"n_layers={n_layers!r}, n_heads={n_heads!r}")
+        return config
 
+    def _allocate(self, neuron_level: bool, node_scores: bool) -> None:
+        """The graph's [n_forward, n_backward] tensors (and per-node / per-neuron ones when asked for)."""
+        graph, cls = self, type(self)
+        n_layers, n_heads = graph.cfg["n_layers"], graph.cfg["n_heads"]
         graph.n_forward = cls._n_forward(graph.cfg)
         graph.n_backward = cls._n_backward(graph.cfg)
         shape = (graph.n_forward, graph.n_backward)
@@ -456,7 +469,10 @@ class Graph:
             graph.forward_to_backward[head_rows, head_cols] = True
         graph.forward_to_backward[1 + layers * (n_heads + 1) + n_heads, layers * (3 * n_heads + 1) + 3 * n_heads] = True
 
-        # Nodes and edges in EAP-IG's insertion order (to_json writes them in this order).
+    def _add_nodes_and_edges(self) -> None:
+        """Nodes and edges in EAP-IG's insertion order (to_json writes them in this order)."""
+        graph = self
+        n_layers, n_heads = graph.cfg["n_layers"], graph.cfg["n_heads"]
         input_node = InputNode(graph)
         graph.nodes[input_node.name] = input_node
         residual_stream: List[Node] = [input_node]
@@ -481,7 +497,6 @@ class Graph:
         for node in residual_stream:
             graph.add_edge(node, logit_node)
         graph.nodes[logit_node.name] = logit_node
-        return graph
 
     # -------------------------------------------------------------------------------------------- counting
     def weighted_edge_count(self) -> float:
