@@ -310,6 +310,36 @@ def test_model_flags_do_not_change_scores(model):
     torch.testing.assert_close(flagged.scores, plain.scores)
 
 
+@pytest.mark.parametrize("aggregation", ["sum", "mean"])
+def test_exact_is_delegated_to_circuits_exact(model, aggregation):
+    from hooklens.circuits.exact import exact
+
+    data = batches(n=2)
+    graph = run_attribute(model, data, mean_logit_diff, "exact", aggregation=aggregation)
+    expected = Graph.from_model(model)
+    exact(model, expected, data, mean_logit_diff, quiet=True)
+    divisor = model.cfg.d_model if aggregation == "mean" else 1  # EAP-IG divides exact scores too
+    torch.testing.assert_close(graph.scores, expected.scores / divisor)
+    assert graph.scores.abs().max() > 0
+
+
+def test_package_api_on_ioi_dataloader(model):
+    # EAP-IG's usage after the import swap: a DataLoader of IOIDataset with collate_EAP, logit_diff(loss=True)
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from hooklens.circuits import Graph as PackageGraph
+    from hooklens.circuits import IOIDataset, collate_EAP, logit_diff
+    from hooklens.circuits import attribute as package_attribute
+
+    loader = DataLoader(IOIDataset(4, seed=1, tokenizer=model.tokenizer), batch_size=2, collate_fn=collate_EAP)
+    metric = partial(logit_diff, loss=True, mean=True)
+    graph = PackageGraph.from_model(model)
+    package_attribute(model, graph, loader, metric, method="EAP-IG-inputs", ig_steps=2, quiet=True)
+    assert_scores(graph, reference_scores(model, graph, list(loader), metric, "EAP-IG-inputs", ig_steps=2))
+
+
 # -- errors before work -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="EAP-IG"), "method must be one of"),

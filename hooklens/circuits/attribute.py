@@ -359,8 +359,8 @@ def attribute(
     if method == "exact":
         from hooklens.circuits import exact  # G's module; imported here so the gradient methods never need it
 
-        scores = exact.get_scores_exact(model, graph, dataloader, metric, intervention=intervention,
-                                        intervention_dataloader=intervention_dataloader, quiet=quiet)
+        scores = exact.exact(model, graph, dataloader, metric, intervention=intervention,
+                             intervention_dataloader=intervention_dataloader, quiet=quiet)
         if aggregation == "mean":
             scores = scores / model.cfg.d_model
         graph.scores[:] = scores.to(graph.scores.device)
