@@ -267,6 +267,15 @@ def test_moving_into_place_drops_figures_the_new_run_did_not_draw(tmp_path):
 
 
 def test_ctrl_c_is_held_while_the_run_is_moved_into_place():
+    # Python's default handler, as under a terminal (a backgrounded test run may start with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _deliver_ctrl_c_inside_the_deferred_block()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _deliver_ctrl_c_inside_the_deferred_block():
     delivered = []
     with pytest.raises(KeyboardInterrupt):
         with cli._sigint_deferred():
@@ -313,8 +322,11 @@ def test_interrupted_first_run_creates_no_out(tmp_path, tiny_dir, monkeypatch):
 # A real Ctrl-C (SIGINT) delivered to `hooklens induction` in its own process. The run is held (sleeping) right
 # after its first figures, so the signal lands mid-run every time; the sleep is the only change to the command.
 SLOW_INDUCTION = """
-import sys, time
+import signal, sys, time
 import hooklens.cli as cli
+# A terminal's Ctrl-C reaches a process whose SIGINT handler is Python's default; a test run launched in the
+# background of a non-interactive shell starts with SIGINT ignored, which the child would inherit.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 original = cli._repeated_token_losses
 def slow(*args, **kwargs):
     result = original(*args, **kwargs)
