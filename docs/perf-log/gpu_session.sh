@@ -86,7 +86,8 @@ run_tune() {  # block / warp / stage sweep of the Triton kernels (benchmarks/tun
 run_kernels() {
   # The GPU-only tests once more, serially and verbose (their names and times), and the large-T shapes.
   timeout ${KERNELS_LIMIT:-180} $PY -m pytest -q --durations=15 -p no:cacheprovider \
-    tests/test_kernels.py tests/test_attention_backend.py tests/test_head_scores.py >"$OUT/kernels.log" 2>&1
+    tests/test_kernels.py tests/test_attention_backend.py tests/test_head_scores.py \
+    tests/test_sweep_engine.py tests/test_ops_patching.py tests/test_sweep_precision.py >"$OUT/kernels.log" 2>&1
   local rc=$?  # saved first: $(stamp) below would reset $?
   summary "[$(stamp)] kernel tests rc=$rc: $(tail -1 "$OUT/kernels.log")"
 }
@@ -97,7 +98,7 @@ declare -A GROUP=(
   [core]="forward,run_with_cache_all,run_with_cache_patterns,patching_loop"
   [attention]="pattern_attention_kernel,flash_attention_kernel,run_with_cache_vs_forward,induction_scores,induction_scores_streamed"
   [circuits]="ov_eigenvalues,full_ov_eigenvalues,ov_svd,composition_scores,kcomp_top1"
-  [sweeps]="ioi_resid_pre_sweep,head_out_all_pos_sweep,head_out_by_pos_sweep"
+  [sweeps]="ioi_resid_pre_sweep,head_out_all_pos_sweep,head_out_by_pos_sweep,mlp_out_sweep,index_patch_resid_pre,index_patch_head_out"
   [bf16]="forward,pattern_attention_kernel,flash_attention_kernel,run_with_cache_vs_forward"
 )
 declare -A GROUP_LIMIT=([core]=120 [attention]=120 [bf16]=60 [sweeps]=220 [circuits]=150)
