@@ -71,6 +71,72 @@ def positions_plan(metrics: Sequence[Metric], probes: Sequence[Tensor], clean_lo
     return "last"
 
 
+def _metric_value(metric: Metric, logits: Tensor, input_lengths: Tensor, labels) -> Tensor:
+    return torch.as_tensor(metric(logits, None, input_lengths, labels))
+
+
+def columns_plan(metric: Metric, probes: Sequence[Tensor], input_lengths: Tensor, labels, metric_columns,
+                 d_vocab: int) -> Optional[Tensor]:
+    """The vocabulary columns `metric(logits, None, input_lengths, labels)` reads, as a sorted index tensor, or None
+    for all of them. Logits are then computed only there (zeros elsewhere): logit_diff reads 2 of GPT-2's 50,257.
+
+    `metric_columns` 'all' -> None; a sequence of token ids -> those (the caller vouches for them). None probes on
+    each of `probes` (logits as the metric will get them): the candidates are the columns where the metric's
+    gradient is nonzero plus the values of integer `labels`; they are kept only if the metric's value is unchanged
+    (float32 tolerance) when every other column is replaced by zeros and by large random values. A metric that
+    fails under autograd, reads more than an eighth of the vocabulary or changes under the test reads 'all'."""
+    if metric_columns is not None:
+        if isinstance(metric_columns, str):
+            if metric_columns != "all":
+                raise ValueError(f"metric_columns must be None (probe), 'all' or token ids, got {metric_columns!r}.")
+            return None
+        columns = torch.as_tensor(metric_columns).reshape(-1)
+        if columns.dtype.is_floating_point or columns.dtype == torch.bool or not len(columns) or \
+                int(columns.min()) < 0 or int(columns.max()) >= d_vocab:
+            raise ValueError(f"metric_columns must be token ids in [0, {d_vocab}) (or None to probe, 'all'); got "
+                             f"{metric_columns!r}.")
+        return columns.to(torch.long).unique()
+    if not probes:
+        return None
+    device = probes[0].device
+    read = torch.zeros(d_vocab, dtype=torch.bool, device=device)
+    if isinstance(labels, Tensor) and not labels.dtype.is_floating_point and labels.dtype != torch.bool:
+        valid = labels[(labels >= 0) & (labels < d_vocab)]
+        read[valid.to(device=device, dtype=torch.long)] = True
+    hits = []
+    try:
+        # the probes may be inference tensors (callers run under inference_mode): differentiate a normal copy, and
+        # update `read` (maybe an inference tensor) only back in the caller's mode
+        with torch.inference_mode(False), torch.enable_grad():
+            for logits in probes:
+                x = logits.detach().clone().requires_grad_(True)
+                out = _metric_value(metric, x, input_lengths, labels)
+                if out.requires_grad:
+                    (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
+                    if grad is not None:
+                        hits.append((grad != 0).reshape(-1, d_vocab).any(0))
+    except Exception:  # a metric autograd cannot differentiate: no column plan
+        return None
+    for hit in hits:
+        read |= hit
+    columns = read.nonzero()[:, 0]
+    if len(columns) > d_vocab // 8:
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.inference_mode():
+        for logits in probes:
+            expected = _metric_value(metric, logits, input_lengths, labels)
+            noise = torch.randn(logits.shape, generator=gen).to(device=device, dtype=logits.dtype)
+            for filler in (torch.zeros_like(logits), noise * (10 * logits.abs().max() + 10)):
+                filler[..., columns] = logits[..., columns]
+                try:
+                    if not _close(expected, _metric_value(metric, filler, input_lengths, labels)):
+                        return None
+                except Exception:
+                    return None
+    return columns
+
+
 def apply_metric(metric: Metric, logits: Tensor, clean_logits: Optional[Tensor], input_lengths: Tensor, labels,
                  state: Dict) -> Tensor:
     """`metric` on each variant's logits `[V, b, p, v]` -> `[V, k]` (k = b for per-example metrics, 1 for a scalar).

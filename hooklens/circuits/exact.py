@@ -17,21 +17,26 @@ graph missing that node's edges. Here every edge is scored against the full grap
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooklens.attention import sdpa_attention
 from hooklens.circuits import interventions as iv
 from hooklens.circuits.evaluate import (
     DEFAULT_MEMORY_BUDGET,
     _check_batch,
-    _logits,
+    _gather_last,
     apply_metric,
+    columns_plan,
     evaluate_baseline,
     positions_plan,
 )
+from hooklens.components import LayerNormPre
 
 
 def attach_partial(exc: BaseException, scores: Tensor, done: Tensor) -> None:
@@ -45,109 +50,275 @@ def attach_partial(exc: BaseException, scores: Tensor, done: Tensor) -> None:
                  "exception's .partial_result (NaN where not done; .done marks which).")
 
 
-def _layer_groups(edges: Tensor, cfg) -> List[tuple]:
-    """Edges `[E, 2]` (forward, backward index) -> [(layer or None for logits, edges of that receiver layer)]."""
+_KINDS = ("q", "k", "v")
+
+
+def _receiver_groups(edges: Tensor, cfg) -> List[tuple]:
+    """Edges `[E, 2]` (forward, backward index) -> [(layer or None for logits, kind, edges)], kind 'q' / 'k' / 'v'
+    / 'mlp' / 'logits': a chunk holds edges into one kind of receiver of one layer, so it runs one code path."""
     per_layer = 3 * cfg.n_heads + 1
     n_b = iv.n_backward(cfg)
-    layer = torch.where(edges[:, 1] == n_b - 1, cfg.n_layers, edges[:, 1] // per_layer)
+    last = edges[:, 1] == n_b - 1
+    layer = torch.where(last, cfg.n_layers, edges[:, 1] // per_layer)
+    kind = torch.where(last, 4, torch.clamp((edges[:, 1] % per_layer) // cfg.n_heads, max=3))  # 0..2 q/k/v, 3 mlp
     groups = []
     for value in range(cfg.n_layers + 1):
-        selected = edges[layer == value]
-        if len(selected):
-            groups.append((value if value < cfg.n_layers else None, selected))
+        for k, name in enumerate(_KINDS + ("mlp", "logits")):
+            selected = edges[(layer == value) & (kind == k)]
+            if len(selected):
+                groups.append((value if value < cfg.n_layers else None, name, selected))
     return groups
 
 
-class _Batch:
-    """Everything an edge chunk needs from one batch: the clean run's cache and (replacement - clean output) of
-    every sender."""
+# -- the forward from a receiver on, written over the model's weights (no hooks run on this path) ---------------
+def _norm(module, x: Tensor) -> Tensor:
+    """The model's LayerNorm / LayerNormPre as one fused `F.layer_norm` (same formula, a few ULPs apart) in float32
+    / float64, where the model's module makes ~9 memory-bound passes; anything else runs the module itself."""
+    if isinstance(module, LayerNormPre) and x.dtype in (torch.float32, torch.float64):
+        return F.layer_norm(x, (x.shape[-1],), getattr(module, "w", None), getattr(module, "b", None), module.eps)
+    return module(x)
 
-    def __init__(self, model, clean, corrupted, labels, intervention, means, metric, metric_positions):
+
+def _gelu_new_(x: Tensor) -> Tensor:
+    """GPT-2's tanh GELU (`components.gelu_new`'s formula) overwriting `x` plus one temporary: on CPU the MLP's
+    elementwise passes are memory-bound, and the formula's seven temporaries cost more than the GEMMs around them."""
+    t = x * x
+    t.mul_(x).mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
+    return x.mul_(t).mul_(0.5)
+
+
+def _mlp(block, x: Tensor) -> Tensor:
+    """`block.mlp(x)` on `[..., d]`: two addmm's and the activation (in place for gelu_new)."""
+    mlp = block.mlp
+    shape = x.shape
+    pre = torch.addmm(mlp.b_in, x.reshape(-1, shape[-1]), mlp.W_in)  # [rows, d_mlp]
+    post = _gelu_new_(pre) if block.cfg.act_fn == "gelu_new" else mlp.act_fn(pre)
+    return torch.addmm(mlp.b_out, post, mlp.W_out).view(shape)
+
+
+class _Weights:
+    """Per layer, q/k/v as one `[d, 3*H*dh]` matrix (one GEMM for all heads) and W_O as `[H*dh, d]`."""
+
+    def __init__(self, model):
+        self.qkv, self.b_qkv, self.W_O = [], [], []
+        for block in model.blocks:
+            attn = block.attn
+            W = torch.cat([attn.W_Q, attn.W_K, attn.W_V])  # [3H, d, dh]
+            self.qkv.append(W.permute(1, 0, 2).reshape(W.shape[1], -1).contiguous())  # [d, 3H*dh]
+            self.b_qkv.append(torch.cat([attn.b_Q, attn.b_K, attn.b_V]).reshape(-1))  # [3H*dh]
+            self.W_O.append(attn.W_O.reshape(-1, attn.W_O.shape[-1]))  # [H*dh, d]
+
+
+def _attend_last(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor) -> Tensor:
+    """Attention of one query per row (its last real token, so every real key is visible and causality holds):
+    q `[n, 1, h, dh]`, k, v `[n, p, h, dh]`, key_mask `[n, p]` -> z `[n, 1, h, dh]`."""
+    mask = key_mask.bool()[:, None, None, :]  # [n, 1, 1, p]
+    z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       scale=1.0 / scale)  # [n, h, 1, dh]
+    return z.transpose(1, 2)
+
+
+def _block(model, w: _Weights, layer: int, resid: Tensor, mask_rows: Tensor, last: Optional[Tensor]) -> Tensor:
+    """One ordinary block on `[n, p, d]`; with `last` (`[n]` last-token index per row) only those tokens' outputs
+    `[n, 1, d]` are computed (keys and values still at every position)."""
+    cfg = model.cfg
+    block = model.blocks[layer]
+    n, p, d = resid.shape
+    H, dh = cfg.n_heads, cfg.d_head
+    x = _norm(block.ln1, resid)
+    qkv = torch.addmm(w.b_qkv[layer], x.view(n * p, d), w.qkv[layer]).view(n, p, 3, H, dh)
+    q, k, v = qkv.unbind(2)  # [n, p, H, dh] each
+    if last is None:
+        z = sdpa_attention(q, k, v, block.attn.attn_scale, 0, mask_rows)  # [n, p, H, dh]
+    else:
+        rows = torch.arange(n, device=resid.device)
+        q = q[rows, last].unsqueeze(1)  # [n, 1, H, dh]
+        resid = resid[rows, last].unsqueeze(1)  # [n, 1, d]
+        z = _attend_last(q, k, v, block.attn.attn_scale, mask_rows)
+    t = z.shape[1]
+    attn_out = torch.addmm(block.attn.b_O, z.reshape(n * t, H * dh), w.W_O[layer]).view(n, t, d)
+    if cfg.parallel_attn_mlp:
+        return resid + attn_out + _mlp(block, _norm(block.ln2, resid))
+    mid = resid + attn_out
+    return mid + _mlp(block, _norm(block.ln2, mid))
+
+
+def _at_last(t: Tensor, last: Tensor) -> Tensor:
+    """`[..., b, p, x]` -> `[..., b, 1, x]`: each prompt's entry at its last real token."""
+    return t[..., torch.arange(t.shape[-3], device=t.device), last, :].unsqueeze(-2)
+
+
+class _Batch:
+    """Everything an edge chunk needs from one batch: the clean run's activations (head-major, so a chunk's heads
+    are one contiguous gather), (replacement - clean output) of every sender `[n_forward, b, p, d]`, and, for
+    metrics that read only the last tokens, the same at those tokens (`[..., b, 1, ...]`)."""
+
+    def __init__(self, model, clean, corrupted, labels, intervention, means, metric, metric_positions,
+                 metric_columns):
         tokens, mask, lengths, _ = iv.tokenize_plus(model, clean)
         corrupted_tokens = iv.tokenize_plus(model, corrupted)[0]
         _check_batch(clean, corrupted, tokens, corrupted_tokens)
         self.mask, self.lengths, self.labels = mask, lengths, labels
-        self.cache = iv.run_cache(model, tokens, mask)
+        cache = iv.run_cache(model, tokens, mask)
         replacement = iv.replacement_outputs(model, intervention, corrupted_tokens, mask, means)
-        self.delta = replacement - self.cache["senders"]  # [b, p, n_forward, d]
-        del self.cache["senders"]
+        delta = replacement - cache.pop("senders")  # [b, p, n_forward, d]
+        self.delta = delta.permute(2, 0, 1, 3).contiguous()  # [n_forward, b, p, d]
+        del delta, replacement
         probes = []
-        if metric_positions is None:
+        if metric_positions is None or metric_columns is None:
             probes = [model(tokens, attention_mask=mask), model(corrupted_tokens, attention_mask=mask)]
         self.positions = positions_plan([metric], probes, None, lengths, labels, metric_positions)
         self.metric_lengths = torch.ones_like(lengths) if self.positions == "last" else lengths
+        if self.positions == "last":
+            probes = [_gather_last(logits, lengths) for logits in probes]
+        self.columns = columns_plan(metric, probes, self.metric_lengths, labels, metric_columns,
+                                    model.cfg.d_vocab_out)
+        self.last = lengths - 1
+        self.logits_buffer: Optional[Tensor] = None  # see _unembed
+        # clean activations: residuals [b, p, d] per layer; q, k, v, z head-major [H, b, p, dh] per layer
+        self.resid_pre = cache["resid_pre"] + [cache["resid_final"]]  # resid_pre[l + 1] is layer l's output
+        self.resid_mid, self.mlp_out = cache["resid_mid"], cache["mlp_out"]
+        self.heads = {name: [t.permute(2, 0, 1, 3).contiguous() for t in cache[name]] for name in ("q", "k", "v", "z")}
+        if self.positions == "last":  # the last layer and the logits are only needed at the last tokens
+            top = model.cfg.n_layers - 1
+            self.at_last = {
+                "resid_pre": _at_last(self.resid_pre[top], self.last),  # [b, 1, d]
+                "resid_mid": _at_last(self.resid_mid[top], self.last),
+                "resid_post": _at_last(self.resid_pre[top + 1], self.last),
+                "mlp_out": _at_last(self.mlp_out[top], self.last),
+                "q": _at_last(self.heads["q"][top], self.last),  # [H, b, 1, dh]
+                "z": _at_last(self.heads["z"][top], self.last),
+                "delta": _at_last(self.delta, self.last),  # [n_forward, b, 1, d]
+            }
+
+    def nbytes(self) -> int:
+        tensors = [self.delta, *self.resid_pre, *self.resid_mid, *self.mlp_out]
+        tensors += [t for ts in self.heads.values() for t in ts] + list(getattr(self, "at_last", {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _finish_blocks(model, resid: Tensor, first_layer: int, mask_rows: Tensor) -> Tensor:
-    """Run blocks `first_layer..` on `[n, p, d]` residuals (ordinary blocks: every edge downstream is present)."""
-    for block in model.blocks[first_layer:]:
-        resid = block(resid, attention_mask=mask_rows)
-    return resid
+def _unembed(model, final: Tensor, batch: _Batch) -> Tensor:
+    """Final residual `[C, b, t, d]` -> logits `[C, b, t, v]`; with `batch.columns`, only those vocabulary columns
+    are computed (the metric reads no other, see `columns_plan`) and written into a zero buffer kept across chunks
+    (re-zeroing C x b x 50,257 floats per chunk would cost more than the columns' GEMM)."""
+    x = _norm(model.ln_final, final)
+    W_U, b_U = model.unembed.W_U, model.unembed.b_U
+    rows = x.shape[:-1].numel()
+    if batch.columns is None:
+        return torch.addmm(b_U, x.reshape(rows, -1), W_U).view(*x.shape[:-1], -1)
+    part = torch.addmm(b_U[batch.columns], x.reshape(rows, -1), W_U[:, batch.columns])  # [rows, n_columns]
+    if batch.logits_buffer is None or batch.logits_buffer.shape[0] < rows:
+        batch.logits_buffer = x.new_zeros(rows, W_U.shape[1])
+    logits = batch.logits_buffer[:rows]  # [rows, v], zero outside `columns`
+    logits.index_copy_(1, batch.columns, part)
+    return logits.view(*x.shape[:-1], -1)
 
 
-def _chunk_logits(model, batch: _Batch, layer: Optional[int], edges: Tensor) -> Tensor:
-    """Logits `[C, b, p or 1, v]` of the full graph with each one of `edges` `[C, 2]` absent."""
+def _chunk_logits(model, w: _Weights, batch: _Batch, layer: Optional[int], kind: str, edges: Tensor) -> Tensor:
+    """Logits `[C, b, p or 1, v]` of the full graph with each one of `edges` `[C, 2]` (all into `kind` receivers of
+    `layer`) absent: the receiver's layer is recomputed from the clean activations with the one changed input,
+    then the later blocks run as ordinary blocks (every edge downstream is present)."""
     cfg = model.cfg
-    H = cfg.n_heads
-    cache = batch.cache
+    H, L = cfg.n_heads, cfg.n_layers
     C = edges.shape[0]
-    b, p, _, d = batch.delta.shape
-    delta = batch.delta[:, :, edges[:, 0]].permute(2, 0, 1, 3)  # [C, b, p, d]
-    mask_rows = batch.mask.repeat(C, 1)  # [C*b, p]
-    if layer is None:  # logits receiver: the final residual moves by the sender's difference, nothing to rerun
-        return _logits(model, cache["resid_final"] + delta, batch.lengths, batch.positions)
-    block, attn = model.blocks[layer], model.blocks[layer].attn
-    resid_pre, resid_mid = cache["resid_pre"][layer], cache["resid_mid"][layer]
-    resid_post = cache["resid_pre"][layer + 1] if layer + 1 < cfg.n_layers else cache["resid_final"]
-    rem = edges[:, 1] - layer * (3 * H + 1)  # [C] receiver within the layer: q heads, k heads, v heads, MLP
-    is_mlp = rem == 3 * H
-    new_post = torch.empty(C, b, p, d, dtype=delta.dtype, device=delta.device)
-    if (~is_mlp).any():
-        a = (~is_mlp).nonzero()[:, 0]  # [A] attention-receiver edges of the chunk
-        kind, head = rem[a] // H, rem[a] % H  # 0/1/2 = q/k/v, and the head
-        x = block.ln1(resid_pre + delta[a])  # [A, b, p, d]
-        W = torch.stack([attn.W_Q, attn.W_K, attn.W_V])[kind, head]  # [A, d, dh]
-        bias = torch.stack([attn.b_Q, attn.b_K, attn.b_V])[kind, head]  # [A, dh]
-        moved = torch.einsum("abpd,ade->abpe", x, W) + bias[:, None, None]  # [A, b, p, dh]
-        clean_qkv = [cache[name][layer][:, :, head].permute(2, 0, 1, 3) for name in "qkv"]  # 3 x [A, b, p, dh]
-        q, k, v = (torch.where((kind == i)[:, None, None, None], moved, clean_qkv[i]) for i in range(3))
-        A = a.shape[0]
-        rows = batch.mask.repeat(A, 1)  # [A*b, p]
-        z = iv.attention(q.reshape(A * b, p, 1, -1), k.reshape(A * b, p, 1, -1), v.reshape(A * b, p, 1, -1),
-                         attn.attn_scale, rows)  # [A*b, p, 1, dh]
-        result = torch.einsum("abpe,aed->abpd", z.view(A, b, p, -1), attn.W_O[head])  # [A, b, p, d]
-        change = result - cache["result"][layer][:, :, head].permute(2, 0, 1, 3)  # [A, b, p, d]
-        if cfg.parallel_attn_mlp:
-            new_post[a] = resid_post + change
+    b, p = batch.mask.shape
+    last_only = batch.positions == "last"
+    # the receiver's own layer at the last tokens only when it is the last layer and the metric reads only those
+    short = last_only and (layer is None or layer == L - 1)
+
+    def clean(name: str, index: Optional[Tensor] = None) -> Tensor:
+        if short and name in batch.at_last:
+            t = batch.at_last[name]
+        elif name == "resid_post":
+            t = batch.resid_pre[L if layer is None else layer + 1]
+        elif name in ("q", "k", "v", "z"):
+            t = batch.heads[name][layer]
         else:
-            mid = resid_mid + change
-            new_post[a] = mid + block.mlp(block.ln2(mid))
-    if is_mlp.any():
-        m = is_mlp.nonzero()[:, 0]
-        mlp_in = (resid_pre if cfg.parallel_attn_mlp else resid_mid) + delta[m]  # [M, b, p, d]
-        new_post[m] = resid_post + block.mlp(block.ln2(mlp_in)) - cache["mlp_out"][layer]
-    final = _finish_blocks(model, new_post.view(C * b, p, d), layer + 1, mask_rows).view(C, b, p, d)
-    return _logits(model, final, batch.lengths, batch.positions)
+            t = getattr(batch, name)[layer] if name != "delta" else batch.delta
+        return t if index is None else t.index_select(0, index)
+
+    delta = clean("delta", edges[:, 0])  # [C, b, t, d], t = 1 (short) or p
+    if layer is None:  # logits receiver: the final residual moves by the sender's difference, nothing to rerun
+        return _unembed(model, clean("resid_post") + delta, batch)
+    block, attn = model.blocks[layer], model.blocks[layer].attn
+    if kind == "mlp":
+        mlp_in = (clean("resid_pre") if cfg.parallel_attn_mlp else clean("resid_mid")) + delta  # [C, b, t, d]
+        post = clean("resid_post") + (_mlp(block, _norm(block.ln2, mlp_in)) - clean("mlp_out"))
+    else:
+        head = (edges[:, 1] - layer * (3 * H + 1)) % H  # [C]
+        which = _KINDS.index(kind)
+        W = (attn.W_Q, attn.W_K, attn.W_V)[which].index_select(0, head)  # [C, d, dh]
+        bias = (attn.b_Q, attn.b_K, attn.b_V)[which].index_select(0, head)  # [C, dh]
+        if kind == "q" or not short:
+            x = _norm(block.ln1, clean("resid_pre") + delta)  # [C, b, t, d]
+        else:  # a key / value edge of the last layer changes k or v at every position
+            full_delta = batch.delta.index_select(0, edges[:, 0])  # [C, b, p, d]
+            x = _norm(block.ln1, batch.resid_pre[layer] + full_delta)  # [C, b, p, d]
+        moved = torch.baddbmm(bias[:, None], x.reshape(C, -1, x.shape[-1]), W)  # [C, b*t', dh]
+        moved = moved.view(C, b, -1, cfg.d_head)
+        q, k, v = (moved if kind == name else
+                   (clean("q", head) if name == "q" else batch.heads[name][layer].index_select(0, head))
+                   for name in _KINDS)  # q [C, b, t, dh]; k, v [C, b, p, dh]
+        t = q.shape[2]
+        one = (C * b, -1, 1, cfg.d_head)  # one head per (edge, prompt) row
+        rows = batch.mask.repeat(C, 1)  # [C*b, p]
+        if short:
+            z = _attend_last(q.reshape(one), k.reshape(one), v.reshape(one), attn.attn_scale, rows)
+        else:
+            z = sdpa_attention(q.reshape(one), k.reshape(one), v.reshape(one), attn.attn_scale, 0, rows)
+        dz = z.reshape(C, b * t, cfg.d_head) - clean("z", head).reshape(C, b * t, cfg.d_head)  # [C, b*t, dh]
+        change = torch.bmm(dz, attn.W_O.index_select(0, head)).view(C, b, t, -1)  # this head's result moves
+        if cfg.parallel_attn_mlp:  # the MLP reads resid_pre, which an attention edge leaves unchanged
+            post = clean("resid_post") + change
+        else:
+            mid = clean("resid_mid") + change
+            post = mid + _mlp(block, _norm(block.ln2, mid))
+    if not short:
+        d = post.shape[-1]
+        resid, mask_rows = post.view(C * b, p, d), batch.mask.repeat(C, 1)  # [C*b, p, d]
+        last = batch.last.repeat(C) if last_only else None  # [C*b]
+        for later in range(layer + 1, L):
+            resid = _block(model, w, later, resid, mask_rows, last if later == L - 1 else None)
+        post = resid.view(C, b, -1, d)
+    return _unembed(model, post, batch)
+
+
+def chunk_bytes(model, n_prompts: int, n_pos: int, positions: str = "last", n_columns: Optional[int] = None) -> int:
+    """Peak bytes of one edge's activations in a chunk (an upper estimate): a block at every position of `n_prompts`
+    prompts of `n_pos` tokens (residual, LayerNorm, q/k/v, z, attention output, two MLP-wide tensors, ...) and its
+    logits at the metric's positions (`n_columns` vocabulary columns, or all of them)."""
+    cfg = model.cfg
+    elem = torch.finfo(cfg.dtype).bits // 8
+    per_edge = n_prompts * n_pos * (12 * cfg.d_model + 2 * cfg.d_mlp + 2 * cfg.n_heads * n_pos) * elem
+    t = 1 if positions == "last" else n_pos
+    per_edge += n_prompts * t * cfg.d_vocab_out * elem * (1 if n_columns is not None else 2)
+    return per_edge
+
+
+def edges_per_chunk(model, n_prompts: int, n_pos: int, memory_budget: int, positions: str = "last",
+                    n_columns: Optional[int] = None) -> int:
+    """Edges stacked in one forward: as many as `memory_budget` bytes of activations hold (at least 1)."""
+    return max(1, int(memory_budget // chunk_bytes(model, n_prompts, n_pos, positions, n_columns)))
 
 
 def _edges_per_chunk(model, batch: _Batch, memory_budget: int) -> int:
-    cfg = model.cfg
     b, p = batch.mask.shape
-    elem = torch.finfo(cfg.dtype).bits // 8
-    per_edge = b * p * (12 * cfg.d_model + 2 * cfg.d_mlp + 2 * cfg.n_heads * p) * elem
-    per_edge += b * (1 if batch.positions == "last" else p) * cfg.d_vocab_out * elem * 2
-    return max(1, int(memory_budget // per_edge))
+    n_columns = None if batch.columns is None else len(batch.columns)
+    return edges_per_chunk(model, b, p, memory_budget, batch.positions, n_columns)
 
 
 def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patching",
           intervention_dataloader: Optional[Iterable] = None, quiet: bool = False,
-          metric_positions: Optional[str] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Tensor:
+          metric_positions: Optional[str] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+          metric_columns=None) -> Tensor:
     """EAP-IG's `get_scores_exact`: fills `graph.scores` with each real edge's exact patching score (see the module
     docstring), sets every real edge in the graph (as EAP-IG leaves it) and returns `graph.scores`.
 
-    `metric_positions` None probes which logits the metric reads ('last' / 'all' say so). `memory_budget` bounds
-    a chunk's activations in bytes. On an exception (including KeyboardInterrupt) the finished scores are attached
-    to it (`exc.partial_result`, `exc.done`)."""
+    `metric_positions` None probes which logits the metric reads ('last' / 'all' say so); `metric_columns` None
+    probes which vocabulary columns it reads (e.g. logit_diff: the label columns), 'all' turns that off, a list of
+    token ids says so (see `evaluate.columns_plan`). `memory_budget` bounds a chunk's activations in bytes (the
+    cached clean run comes on top: `memory_plan` estimates both). On an exception (including KeyboardInterrupt)
+    the finished scores are attached to it (`exc.partial_result`, `exc.done`)."""
     iv.check_supported(model)
     iv.check_intervention(intervention, intervention_dataloader)
     if getattr(graph, "neurons_in_graph", None) is not None:
@@ -169,17 +340,19 @@ def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patch
     baseline = baseline.to(device)
     try:
         with torch.inference_mode():
-            batches = [_Batch(model, c, x, y, intervention, means, metric, metric_positions) for c, x, y in dataloader]
-            groups = _layer_groups(edges.to(model.cfg.device), model.cfg)
+            batches = [_Batch(model, c, x, y, intervention, means, metric, metric_positions, metric_columns)
+                       for c, x, y in dataloader]
+            groups = _receiver_groups(edges.to(model.cfg.device), model.cfg)
+            weights = _Weights(model)
+            chunk = min(_edges_per_chunk(model, batch, memory_budget) for batch in batches)
             state: dict = {}
             with tqdm(total=len(edges), disable=quiet, desc="exact") as bar:
-                for layer, group in groups:
-                    chunk = min(_edges_per_chunk(model, batch, memory_budget) for batch in batches)
+                for layer, kind, group in groups:
                     for start in range(0, len(group), chunk):
                         part = group[start:start + chunk]  # [C, 2]
                         total, count = 0.0, 0
                         for batch in batches:
-                            logits = _chunk_logits(model, batch, layer, part)
+                            logits = _chunk_logits(model, weights, batch, layer, kind, part)
                             values = apply_metric(metric, logits, None, batch.metric_lengths, batch.labels,
                                                   state)  # [C, k]
                             total = total + values.sum(1)
