@@ -1,9 +1,11 @@
-"""The `hooklens` command: the induction-head and IOI analyses, end to end, on any GPT-2 checkpoint.
+"""The `hooklens` command: the induction-head, IOI patching and circuit-discovery analyses, end to end, on any
+GPT-2 checkpoint.
 
     hooklens induction [--model PATH_OR_NAME] [--device cpu] [--dtype float32] [--out DIR]
     hooklens patch [--clean TEXT --corrupted TEXT --answer TEXT --wrong TEXT] [--model ...] [--out DIR]
+    hooklens circuit [--method EAP-IG-inputs] [--n-prompts 100] [--ig-steps 5] [--model ...] [--out DIR]
 
-Without `--model` the embedded default model (shipped inside the package) is used, so both commands run on a
+Without `--model` the embedded default model (shipped inside the package) is used, so every command runs on a
 fresh offline machine. Each writes PNG figures and `summary.json` to `--out` and prints a short table.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -40,9 +43,11 @@ OUTPUT_FILES = {
     "induction": ("induction_scores.png", "prev_token_scores.png", "loss_by_position.png",
                   "top_induction_head_pattern.png", "mlp_patching.png", "ov_copying_scores.png", "summary.json"),
     "patch": ("resid_pre_patching.png", "head_out_patching.png", "summary.json"),
+    "circuit": ("faithfulness.png", "circuit.png", "importances.json", "summary.json"),
 }
 # Keys that identify a command's summary.json written before summaries named their command.
-SUMMARY_KEYS = {"induction": {"induction_scores", "kcomp_top1"}, "patch": {"resid_pre_patching", "head_out_patching"}}
+SUMMARY_KEYS = {"induction": {"induction_scores", "kcomp_top1"}, "patch": {"resid_pre_patching", "head_out_patching"},
+                "circuit": {"cpr", "cmd", "faithfulness"}}
 DEFAULT_SEQ_LEN = 50
 
 
@@ -410,6 +415,129 @@ def _patch_figures(model: HookedTransformer, corrupted: Tensor, resid: Tensor, h
                      [f"H{h}" for h in range(model.cfg.n_heads)], layer_labels, "head", "layer")
 
 
+# -- hooklens circuit -------------------------------------------------------------------------------------------
+CIRCUIT_METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
+CIRCUIT_INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
+IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
+
+
+def _check_circuit_flags(args: argparse.Namespace) -> None:
+    """The checks `hooklens circuit` can make before loading anything (argparse already checked types/choices)."""
+    if args.seed < 0:
+        raise CLIError(f"--seed {args.seed}: the IOI generator (numpy) takes seeds >= 0.")
+    if args.method in ("EAP-IG-inputs", "clean-corrupted") and args.intervention != "patching":
+        raise CLIError(f"--intervention {args.intervention}: --method {args.method} interpolates between the clean "
+                       "and the corrupted prompts, so it takes --intervention patching only.")
+
+
+def _default_top_n(n_edges: int) -> int:
+    """Edges of the drawn circuit when --top-n is not given: 1% of the edges, at least 10 and at most 200 (a
+    drawing of more is unreadable), never more than the graph has."""
+    return min(n_edges, 200, max(10, int(0.01 * n_edges)))
+
+
+def _ioi_data(model: HookedTransformer, args: argparse.Namespace):
+    """IOI prompts for the model's tokenizer, checked against its context before any forward."""
+    from hooklens.circuits.ioi import IOIDataset
+
+    if model.tokenizer is None:
+        raise CLIError("The model has no tokenizer; the IOI prompts are text. Give a --model with its tokenizer.")
+    try:
+        dataset = IOIDataset(args.n_prompts, seed=args.seed, counterfactual=args.counterfactual,
+                             tokenizer=model.tokenizer)
+    except ValueError as err:  # e.g. a name that is several tokens under this model's tokenizer
+        raise CLIError(f"IOI data for this model's tokenizer: {err}") from err
+    longest = max(dataset.n_tokens) + 1  # + BOS
+    if longest > model.cfg.n_ctx:
+        raise CLIError(f"The IOI prompts are up to {longest} tokens (BOS included), more than the model's "
+                       f"n_ctx={model.cfg.n_ctx}.")
+    return dataset
+
+
+def run_circuit(args: argparse.Namespace) -> Dict[str, Any]:
+    """`hooklens circuit`: edge attribution (EAP-IG's methods) on IOI prompts, then MIB's faithfulness curves (CPR
+    from the signed-score ranking, CMD from the absolute one); the curve, the top circuit, EAP-IG's importances.json
+    and summary.json."""
+    # imported here: `hooklens --help` and the other commands need none of the circuits package
+    from hooklens.circuits import interventions
+    from hooklens.circuits.attribute import attribute
+    from hooklens.circuits.faithfulness import MIB_KS, mib_scores
+    from hooklens.circuits.graph import Graph
+    from hooklens.circuits.ioi import logit_diff_loss, logit_diff_per_prompt
+
+    start = time.perf_counter()
+    _check_circuit_flags(args)
+    timings: Dict[str, float] = {}
+    with staged_output(args.out, "circuit") as stage:
+        model = load_model(args.model, args.device, args.dtype)
+        try:
+            interventions.check_supported(model)
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+        dataset = _ioi_data(model, args)
+        dataloader = dataset.to_dataloader(args.batch)
+        # MIB passes the task data as the mean interventions' data too
+        intervention_data = dataloader if "mean" in args.intervention else None
+        graph = Graph.from_model(model)
+        n_edges = len(graph.edges)
+        if args.top_n is not None and args.top_n > n_edges:
+            raise CLIError(f"--top-n {args.top_n}: the model's graph has {n_edges} edges. Use --top-n {n_edges} or "
+                           "less.")
+        top_n = _default_top_n(n_edges) if args.top_n is None else args.top_n
+        timings["load"] = time.perf_counter() - start
+
+        tick = time.perf_counter()
+        # MIB's attribution metric: the mean logit difference as a loss (an edge's score is its effect on it)
+        attribute(model, graph, dataloader, logit_diff_loss, method=args.method, intervention=args.intervention,
+                  ig_steps=args.ig_steps, intervention_dataloader=intervention_data, quiet=args.quiet)
+        timings["attribute"] = time.perf_counter() - tick
+        graph.to_json(stage / "importances.json")
+
+        tick = time.perf_counter()
+        scores = mib_scores(model, graph, dataloader, logit_diff_per_prompt, intervention=args.intervention,
+                            intervention_dataloader=intervention_data, quiet=args.quiet)
+        timings["faithfulness"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        method = args.method + (f", {args.ig_steps} steps" if args.method in IG_METHODS else "")
+        scores.plot(stage / "faithfulness.png",
+                    title=f"{model.cfg.model_name}: {method}, {args.n_prompts} IOI prompts")
+        graph.apply_topn(top_n, absolute=True, prune=True)
+        graph.draw(stage / "circuit.png", title=f"Top {top_n} edges by |score| ({method}): "
+                   f"{graph.count_included_edges()} after pruning")
+        timings["figures"] = time.perf_counter() - tick
+
+        summary = {
+            "command": "hooklens circuit", "command_line": "hooklens " + shlex.join(args.argv),
+            "model": model.cfg.model_name, "method": args.method,
+            "ig_steps": args.ig_steps if args.method in IG_METHODS else None, "intervention": args.intervention,
+            "n_prompts": args.n_prompts, "batch": args.batch, "seed": args.seed,
+            "counterfactual": args.counterfactual, "n_edges": n_edges,
+            "cpr": scores.cpr, "cmd": scores.cmd, "ks": list(MIB_KS),
+            "faithfulness": {"signed": scores.signed.to_dict(), "absolute": scores.absolute.to_dict()},
+            "baselines": {"clean_logit_diff": scores.signed.full_score,
+                          "corrupted_logit_diff": scores.signed.empty_score},
+            "top_circuit": {"top_n": top_n, "absolute": True, "edges": graph.count_included_edges(),
+                            "nodes": graph.count_included_nodes()},
+            "timings": timings,
+            "seconds": time.perf_counter() - start,
+        }
+        save_summary(stage / "summary.json", summary)
+    _print_summary(Path(args.out), "hooklens circuit", summary, [
+        ("model", summary["model"]),
+        ("data", f"{args.n_prompts} IOI prompts ({args.counterfactual} counterfactuals), batches of {args.batch}"),
+        ("method", f"{method}, intervention {args.intervention}"),
+        ("edges", str(n_edges)),
+        ("clean / corrupted logit diff", f"{scores.signed.full_score:.3f} / {scores.signed.empty_score:.3f}"),
+        ("CPR (signed ranking, higher is better)", f"{scores.cpr:.3f}"),
+        ("CMD (|score| ranking, lower is better)", f"{scores.cmd:.3f}"),
+        ("f per k (|score| ranking)", " ".join(f"{f:.2f}" for f in scores.absolute.faithfulness)),
+        ("top circuit (circuit.png)", f"{summary['top_circuit']['edges']} edges, "
+         f"{summary['top_circuit']['nodes']} nodes"),
+    ])
+    return summary
+
+
 def save_summary(path: Path, summary: dict) -> None:
     """Write `summary` as strict JSON: NaN and infinities (which `json` would write as the non-JSON tokens NaN
     and Infinity) become null, with a warning naming where they were."""
@@ -496,16 +624,33 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--corrupted", default=IOI_CORRUPTED)
     patch.add_argument("--answer", default=" Mary", help="the clean prompt's answer (one token)")
     patch.add_argument("--wrong", default=" John", help="the corrupted prompt's answer (one token)")
+    circuit = commands.add_parser("circuit", help="circuit discovery on IOI: edge attribution (EAP-IG) and MIB's "
+                                  "faithfulness (CPR / CMD)")
+    common(circuit, "hooklens-circuit")
+    circuit.add_argument("--method", default="EAP-IG-inputs", choices=CIRCUIT_METHODS,
+                         help="edge attribution method (default: EAP-IG-inputs)")
+    circuit.add_argument("--ig-steps", type=int_at_least(1), default=5,
+                         help="integration steps of EAP-IG-inputs / EAP-IG-activations (default: 5, as MIB)")
+    circuit.add_argument("--intervention", default="patching", choices=CIRCUIT_INTERVENTIONS,
+                         help="what edges outside a circuit carry (default: patching, the corrupted run)")
+    circuit.add_argument("--n-prompts", type=int_at_least(1), default=100, help="IOI prompts (default: 100)")
+    circuit.add_argument("--batch", type=int_at_least(1), default=20, help="prompts per batch (default: 20)")
+    circuit.add_argument("--counterfactual", default="abc", choices=["abc", "s2"],
+                         help="corrupted prompts: 'abc' (three new names) or 's2' (a new repeated subject)")
+    circuit.add_argument("--top-n", type=int_at_least(1), default=None,
+                         help="edges of the drawn circuit, by |score| (default: 1%% of the edges, 10 to 200)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit codes: 0 done, 2 bad input (argparse's usage errors exit 2 too), 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, recorded in summaries
     torch.manual_seed(args.seed)
+    commands = {"induction": run_induction, "patch": run_patch, "circuit": run_circuit}
     try:
         check_device(args.device)  # before --out is touched: no directory made for a run that cannot start
-        (run_induction if args.command == "induction" else run_patch)(args)
+        commands[args.command](args)
     except CLIError as err:
         print(f"hooklens {args.command}: error: {err}", file=sys.stderr)
         return 2
