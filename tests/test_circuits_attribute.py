@@ -340,6 +340,38 @@ def test_package_api_on_ioi_dataloader(model):
     assert_scores(graph, reference_scores(model, graph, list(loader), metric, "EAP-IG-inputs", ig_steps=2))
 
 
+def last_column_diff(logits, clean_logits, input_lengths, labels):
+    # reads position -1 whatever input_lengths says: on a right-padded batch that is a pad position for short prompts
+    return (logits[:, -1, :7] - clean_logits[:, -1, :7].softmax(-1)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("metric, last_only", [(mean_logit_diff, True), (kl_all_positions, False),
+                                               (last_column_diff, False)])
+def test_probe_finds_the_positions_a_metric_reads(model, metric, last_only):
+    from hooklens.circuits.attribute import _reads_last_token_only
+
+    tokens, mask, lengths, _ = iv.tokenize_plus(model, CLEAN[:2])
+    with torch.no_grad():
+        clean_logits = model(tokens, attention_mask=mask)
+    assert _reads_last_token_only(metric, clean_logits, lengths, LABELS[:2]) is last_only
+
+
+@pytest.mark.parametrize("method, kwargs", [("EAP", {}), ("EAP-IG-inputs", dict(ig_steps=2)),
+                                            ("EAP-IG-activations", dict(ig_steps=2)), ("clean-corrupted", {})])
+def test_metric_positions_last_all_and_probe_agree(model, method, kwargs):
+    data = batches(n=2)
+    probed = run_attribute(model, data, mean_logit_diff, method, **kwargs)
+    for positions in ("last", "all"):
+        given = run_attribute(model, data, mean_logit_diff, method, metric_positions=positions, **kwargs)
+        torch.testing.assert_close(given.scores, probed.scores, atol=1e-6, rtol=1e-5)
+
+
+def test_metric_reading_a_pad_position_gets_full_logits(model):
+    data = batches(n=2)
+    graph = run_attribute(model, data, last_column_diff, "EAP-IG-inputs", ig_steps=2)
+    assert_scores(graph, reference_scores(model, graph, data, last_column_diff, "EAP-IG-inputs", ig_steps=2))
+
+
 # -- errors before work -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="EAP-IG"), "method must be one of"),
@@ -351,6 +383,7 @@ def test_package_api_on_ioi_dataloader(model):
     (dict(method="EAP-IG-inputs"), "ig_steps"),
     (dict(method="EAP-IG-activations", ig_steps=0), "ig_steps"),
     (dict(method="EAP", neuron=True), "neuron"),
+    (dict(method="EAP", metric_positions="first"), "metric_positions"),
 ])
 def test_bad_arguments_raise_before_any_forward(kwargs, match):
     model = make_model(**SHAPES["1l2h_ln_pre"])

@@ -203,11 +203,9 @@ def _run(w: _Weights, resid: Tensor, mask: Tensor, rec: Optional[_Recorder], sta
     return resid
 
 
-def _logits(w: _Weights, resid: Tensor, rec: Optional[_Recorder]) -> Tensor:
+def _logits(w: _Weights, resid: Tensor) -> Tensor:
+    """ln_final and unembed, `[..., d]` -> `[..., v]` (passes record the logits receiver in `_Reader.total`)."""
     model = w.model
-    if rec is not None:
-        resid = resid.view_as(resid)  # the logits receiver's input (EAP-IG: the last block's hook_resid_post)
-        rec.final.append(resid)
     x, _, _ = _layer_norm(model.ln_final, resid) if model.cfg.normalization_type is not None else (resid, None, None)
     return addmm_last_dim(model.unembed.b_U, model.unembed.W_U, x)  # [n, p, v]
 
@@ -225,7 +223,7 @@ def _clean_run(w: _Weights, tokens: Tensor, mask: Tensor, logits: bool = True) -
         embed, pos = _embed(w, tokens, mask)
         senders = _sender_buffer(w, embed)
         resid = _run(w, embed + pos, mask, None, senders=senders)
-        return (_logits(w, resid, None) if logits else None), senders
+        return (_logits(w, resid) if logits else None), senders
 
 
 def _sender_buffer(w: _Weights, embed: Tensor) -> Tensor:
@@ -308,13 +306,97 @@ def _metric_sum(metric, logits: Tensor, copies: int, clean_logits, input_lengths
     the sum is the sum of each copy's gradient, as EAP-IG's one-backward-per-step loop accumulates."""
     total = None
     for part in logits.chunk(copies, dim=0):
-        value = metric(part, clean_logits, input_lengths, labels)
-        if not isinstance(value, Tensor) or value.dim() != 0:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"metric must return a scalar tensor (it is backpropagated), got {shape}; reduce it "
-                             "over the batch (e.g. mean=True).")
+        value = _check_scalar(metric(part, clean_logits, input_lengths, labels))
         total = value if total is None else total + value
     return total
+
+
+def _check_scalar(value):
+    if not isinstance(value, Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"metric must return a scalar tensor (it is backpropagated), got {shape}; reduce it "
+                         "over the batch (e.g. mean=True).")
+    return value
+
+
+def _last_rows(x: Tensor, lengths: Tensor) -> Tensor:
+    """`[n, p, ...]` -> `[n, 1, ...]`: each row's position `lengths - 1` (its last real token under right padding)."""
+    index = (lengths - 1).view((-1, 1) + (1,) * (x.dim() - 2)).expand((-1, 1) + tuple(x.shape[2:]))
+    return x.gather(1, index)
+
+
+def _reads_last_token_only(metric, clean_logits: Tensor, input_lengths: Tensor, labels) -> bool:
+    """Whether `metric` reads the logits only at each prompt's last token, so the passes can unembed just those:
+    on a probe unlike the clean logits (their vocabulary reversed, so a metric comparing the two has a non-zero
+    gradient wherever it reads) the metric's gradient must be zero at every other position, and on the probe and
+    on the clean logits the metric of the `[b, 1, v]` last-token logits with input_lengths all 1 must equal the full
+    one. One probe per batch (its host sync is per batch, not per pass); a metric failing on `[b, 1, v]` logits
+    reads more."""
+    ones = torch.ones_like(input_lengths)
+    others = torch.ones(clean_logits.shape[:2], dtype=torch.bool, device=clean_logits.device)  # [b, p]
+    others[torch.arange(others.shape[0], device=others.device), input_lengths - 1] = False
+    clean_logits = clean_logits.detach()
+    clean_last = _last_rows(clean_logits, input_lengths)
+    probe = clean_logits.flip(-1).requires_grad_(True)  # a new leaf [b, p, v]
+    with torch.enable_grad():
+        full = _check_scalar(metric(probe, clean_logits, input_lengths, labels))
+        (grad,) = torch.autograd.grad(full, probe, allow_unused=True)
+    if grad is not None and bool((grad.abs().amax(-1) * others).any()):  # [b, p]: read somewhere else
+        return False
+    with torch.no_grad():
+        pairs = [(full.detach(), probe.detach()),
+                 (metric(clean_logits, clean_logits, input_lengths, labels), clean_logits)]
+        for value, logits in pairs:
+            try:
+                last = metric(_last_rows(logits, input_lengths), clean_last, ones, labels)
+            except Exception:  # noqa: BLE001 - any failure on [b, 1, v] logits means the metric needs more
+                return False
+            value, last = torch.as_tensor(value).double(), torch.as_tensor(last).double()
+            if value.shape != last.shape or not torch.allclose(value, last, rtol=1e-5, atol=1e-6, equal_nan=True):
+                return False
+    return True
+
+
+class _Reader:
+    """How a batch's passes turn their final residual into the metric: every position unembedded (as EAP-IG), or,
+    when the metric reads only each prompt's last token, just those rows (the unembedding is most of a small
+    model's forward and backward); the metric then gets `[n, 1, v]` logits, clean logits alike and input_lengths
+    all 1, which the probe has checked give the same value and gradient."""
+
+    def __init__(self, metric, labels, input_lengths: Tensor, clean_logits: Optional[Tensor], last: bool):
+        self.metric, self.labels, self.input_lengths, self.last = metric, labels, input_lengths, last
+        if last:
+            self.clean = None if clean_logits is None else (
+                clean_logits if clean_logits.shape[1] == 1 else _last_rows(clean_logits, input_lengths))
+            self.lengths = torch.ones_like(input_lengths)
+        else:
+            self.clean, self.lengths = clean_logits, input_lengths
+
+    def total(self, w: _Weights, resid: Tensor, rec: _Recorder, copies: int) -> Tensor:
+        """Sum over the `copies` stacked copies of the batch in `resid` `[copies * b, p, d]` of the metric."""
+        resid = resid.view_as(resid)  # the logits receiver's input (EAP-IG: the last block's hook_resid_post)
+        rec.final.append(resid)
+        if self.last:
+            resid = _last_rows(resid, self.input_lengths.repeat(copies))  # [copies * b, 1, d]
+        logits = _logits(w, resid)
+        clean = logits.detach() if self.clean is None else self.clean  # EAP: the pass is the clean run
+        return _metric_sum(self.metric, logits, copies, clean, self.lengths, self.labels)
+
+
+def _make_reader(w: _Weights, metric_positions: Optional[str], metric, labels, input_lengths: Tensor,
+                 clean_logits: Optional[Tensor], clean_resid: Optional[Tensor] = None) -> _Reader:
+    """The batch's `_Reader`. `clean_logits` (full) or, for EAP, whose pass is the clean run, `clean_resid`."""
+    if metric_positions == "all":
+        return _Reader(metric, labels, input_lengths, clean_logits, last=False)
+    with torch.no_grad():
+        if metric_positions == "last":
+            if clean_logits is None:
+                clean_logits = _logits(w, _last_rows(clean_resid.detach(), input_lengths))  # [b, 1, v]
+            return _Reader(metric, labels, input_lengths, clean_logits, last=True)
+        if clean_logits is None:
+            clean_logits = _logits(w, clean_resid.detach())  # [b, p, v], for the probe
+    last = _reads_last_token_only(metric, clean_logits, input_lengths, labels)
+    return _Reader(metric, labels, input_lengths, clean_logits, last=last)
 
 
 def _chunks(n_items: int, rows_per_item: int, max_tokens: int, p: int) -> List[range]:
@@ -340,6 +422,7 @@ def attribute(
     neuron: bool = False,
     *,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    metric_positions: Optional[str] = None,
 ) -> None:
     """EAP-IG's `attribute`: writes edge scores into `graph.scores` (`[n_forward, n_backward]`, zero for pairs that
     are not edges) in place.
@@ -350,12 +433,18 @@ def attribute(
     attention / MLP output and the embeddings in turn), 'clean-corrupted' (gradients at the clean and the corrupted
     input, averaged), 'exact' (each edge patched alone). intervention: 'patching' (corrupted outputs), 'zero',
     'mean', 'mean-positional' (means over intervention_dataloader, EAP-IG's arithmetic); EAP-IG-inputs and
-    clean-corrupted take 'patching' only. aggregation 'mean' divides the scores by d_model. max_batch_tokens bounds
-    the tokens of one batched pass of integration steps (hooklens's addition).
+    clean-corrupted take 'patching' only. aggregation 'mean' divides the scores by d_model.
+
+    hooklens's additions: max_batch_tokens bounds the tokens of one batched pass of integration steps.
+    metric_positions: None probes per batch whether the metric reads only each prompt's last token
+    (`input_lengths - 1`, as EAP-IG's metrics do) and then unembeds only those; 'last' asserts it, 'all' unembeds
+    every position. Either way the scores are EAP-IG's.
     """
     _check_args(model, graph, method, intervention, aggregation, ig_steps, intervention_dataloader, metric, neuron)
     if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}.")
+    if metric_positions not in (None, "last", "all"):
+        raise ValueError(f"metric_positions must be None (probe), 'last' or 'all', got {metric_positions!r}.")
     if method == "exact":
         from hooklens.circuits import exact  # G's module; imported here so the gradient methods never need it
 
@@ -385,7 +474,7 @@ def attribute(
             clean, corrupted, labels = batch
             total_items += len(clean)
             _attribute_batch(w, scores, method, intervention, ig_steps, means, clean, corrupted, labels, metric,
-                             max_batch_tokens)
+                             max_batch_tokens, metric_positions)
     if total_items == 0:
         raise ValueError("dataloader yielded no examples; give at least one (clean, corrupted, labels) batch.")
     scores /= total_items
@@ -401,7 +490,8 @@ def attribute(
 
 
 def _attribute_batch(w: _Weights, scores: Tensor, method: str, intervention: str, ig_steps: Optional[int], means,
-                     clean: List[str], corrupted: List[str], labels: Any, metric, max_batch_tokens: int) -> None:
+                     clean: List[str], corrupted: List[str], labels: Any, metric, max_batch_tokens: int,
+                     metric_positions: Optional[str]) -> None:
     model = w.model
     cfg = model.cfg
     clean_tokens, mask, input_lengths, n_pos = iv.tokenize_plus(model, clean)
@@ -426,30 +516,30 @@ def _attribute_batch(w: _Weights, scores: Tensor, method: str, intervention: str
         rec = _Recorder(cfg.n_layers)
         clean_senders = _sender_buffer(w, embed)
         resid = _run(w, _leaf(embed) + pos, mask, rec, senders=clean_senders)
-        logits = _logits(w, resid, rec)
-        grads.add(_metric_sum(metric, logits, 1, logits.detach(), input_lengths, labels), rec)
+        reader = _make_reader(w, metric_positions, metric, labels, input_lengths, None, clean_resid=resid)
+        grads.add(reader.total(w, resid, rec, 1), rec)
     elif method == "clean-corrupted":
         clean_logits, clean_senders = _clean_run(w, clean_tokens, mask)
         corrupted_embed, _ = _embed(w, corrupted_tokens, mask)
+        reader = _make_reader(w, metric_positions, metric, labels, input_lengths, clean_logits)
         rec = _Recorder(cfg.n_layers)
         both = torch.cat([embed, corrupted_embed]) + pos.repeat(2, 1, 1)  # [2b, p, d]: clean rows, corrupted rows
-        logits = _logits(w, _run(w, _leaf(both), mask.repeat(2, 1), rec), rec)
-        grads.add(_metric_sum(metric, logits, 2, clean_logits, input_lengths, labels), rec)
+        grads.add(reader.total(w, _run(w, _leaf(both), mask.repeat(2, 1), rec), rec, 2), rec)
     elif method == "EAP-IG-inputs":
         clean_logits, clean_senders = _clean_run(w, clean_tokens, mask)
         corrupted_embed = replacement[0]  # [b, p, d]
         delta = clean_senders[0] - corrupted_embed
+        reader = _make_reader(w, metric_positions, metric, labels, input_lengths, clean_logits)
         for steps in _chunks(ig_steps, b, max_batch_tokens, n_pos):
             alphas = torch.arange(steps.start, steps.stop, device=embed.device, dtype=embed.dtype) / ig_steps
             interp = corrupted_embed + alphas.view(-1, 1, 1, 1) * delta  # [k, b, p, d]
             k = len(steps)
             rec = _Recorder(cfg.n_layers)
             resid = _leaf(interp.reshape(k * b, n_pos, -1)) + pos.repeat(k, 1, 1)  # [k*b, p, d]
-            logits = _logits(w, _run(w, resid, mask.repeat(k, 1), rec), rec)
-            grads.add(_metric_sum(metric, logits, k, clean_logits, input_lengths, labels), rec)
+            grads.add(reader.total(w, _run(w, resid, mask.repeat(k, 1), rec), rec, k), rec)
     else:  # EAP-IG-activations
         clean_senders = _ig_activations(w, grads, embed, pos, mask, replacement, intervention, ig_steps, metric,
-                                        input_lengths, labels, max_batch_tokens)
+                                        input_lengths, labels, max_batch_tokens, metric_positions)
     with torch.no_grad():
         # corrupted (or intervened) - clean: EAP-IG's activation difference, [n_forward, b, p, d]
         diff = torch.sub(replacement, clean_senders, out=torch.empty_like(clean_senders))
@@ -457,7 +547,8 @@ def _attribute_batch(w: _Weights, scores: Tensor, method: str, intervention: str
 
 
 def _ig_activations(w: _Weights, grads: _GradSums, embed: Tensor, pos: Tensor, mask: Tensor, replacement: Tensor,
-                    intervention: str, ig_steps: int, metric, input_lengths, labels, max_batch_tokens: int) -> Tensor:
+                    intervention: str, ig_steps: int, metric, input_lengths, labels, max_batch_tokens: int,
+                    metric_positions: Optional[str]) -> Tensor:
     """EAP-IG-activations: for each node of [input, attention layer 0, MLP 0, attention layer 1, ...] and step
     k = 1..steps, the clean run with that node's output replaced by `a * clean + (1 - a) * corrupted` (a = k/steps;
     'corrupted' is the corrupted run's output for 'patching' and zero otherwise, as in EAP-IG). Returns the clean
@@ -470,8 +561,8 @@ def _ig_activations(w: _Weights, grads: _GradSums, embed: Tensor, pos: Tensor, m
     keep: Dict[str, list] = {"pre": [], "mid": []}
     senders = _sender_buffer(w, embed)
     trunk_end = _run(w, _leaf(embed) + pos, mask, rec_trunk, senders=senders, keep=keep)
-    with torch.no_grad():
-        clean_logits = _logits(w, trunk_end.detach(), None)
+    reader = _make_reader(w, metric_positions, metric, labels, input_lengths, None, clean_resid=trunk_end)
+    reader.clean = reader.clean if reader.clean is not None else _logits(w, trunk_end.detach())
     corrupted = replacement if intervention == "patching" else None  # None: zeros, as EAP-IG interpolates
 
     # (node rows of the sender stack, how a branch resumes, layer) in EAP-IG's node order
@@ -501,11 +592,11 @@ def _ig_activations(w: _Weights, grads: _GradSums, embed: Tensor, pos: Tensor, m
                 resid = _run(w, resid_mid, rows, rec, start_layer=layer, start_mid=True)
             else:
                 resid = _run(w, keep["mid"][layer].repeat(k, 1, 1) + out, rows, rec, start_layer=layer + 1)
-            logits = _logits(w, resid, rec)
+            total = reader.total(w, resid, rec, k)
             # the trunk's recorded tensors join the branch's, so the gradient reaching the trunk is captured too
             for layer_index in range(cfg.n_layers):
                 rec.qkv[layer_index] = rec_trunk.qkv[layer_index] + rec.qkv[layer_index]
                 rec.mlp_in[layer_index] = rec_trunk.mlp_in[layer_index] + rec.mlp_in[layer_index]
             last = index == len(nodes) - 1 and steps.stop == ig_steps
-            grads.add(_metric_sum(metric, logits, k, clean_logits, input_lengths, labels), rec, retain_graph=not last)
+            grads.add(total, rec, retain_graph=not last)
     return senders
