@@ -235,3 +235,34 @@ def test_bad_inputs_raise_clear_errors(model):
         evaluate_graph(model, graph, [(["The cat sat"], ["The big dog sat down"], LABELS[:1])], logit_diff, quiet=True)
     with pytest.raises(ValueError, match="metric_positions"):
         evaluate_graph(model, graph, batches(), logit_diff, quiet=True, metric_positions="first")
+
+
+def test_columns_plan_finds_the_columns_a_metric_reads():
+    from hooklens.circuits.evaluate import columns_plan
+
+    V = 50257
+    gen = torch.Generator().manual_seed(0)
+    probes = [torch.randn(3, 1, V, generator=gen), torch.randn(3, 1, V, generator=gen)]
+    ones = torch.ones(3, dtype=torch.long)
+    cols = columns_plan(logit_diff, probes, ones, LABELS, None, V)
+    assert cols.tolist() == sorted(set(LABELS.flatten().tolist()))
+
+    def log_prob(logits, clean_logits, input_lengths, labels):  # reads every column (the normalizer)
+        return logits[:, -1].log_softmax(-1).gather(-1, labels[:, :1])[:, 0]
+
+    def hidden_column(logits, clean_logits, input_lengths, labels):  # no gradient, a column outside the labels
+        return (logits[:, -1, 7] > 0).float()
+
+    def top1(logits, clean_logits, input_lengths, labels):  # no gradient; the label columns alone don't decide
+        return (logits[:, -1].argmax(-1) == labels[:, 0]).float()
+
+    for metric in (log_prob, hidden_column, top1):
+        assert columns_plan(metric, probes, ones, LABELS, None, V) is None, metric.__name__
+    with torch.inference_mode():  # probes made under inference_mode, as exact makes them
+        frozen = [p.clone() for p in probes]
+        assert columns_plan(logit_diff, frozen, ones, LABELS, None, V).tolist() == cols.tolist()
+    assert columns_plan(logit_diff, probes, ones, LABELS, "all", V) is None
+    assert columns_plan(logit_diff, [], ones, LABELS, [5, 3, 5], V).tolist() == [3, 5]
+    for bad in ("last", [V], [-1], [0.5], []):
+        with pytest.raises(ValueError, match="metric_columns"):
+            columns_plan(logit_diff, probes, ones, LABELS, bad, V)

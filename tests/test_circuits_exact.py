@@ -86,3 +86,54 @@ def test_interrupted_exact_keeps_finished_scores(model):
     exact(model, full, batches(3), logit_diff, quiet=True)
     torch.testing.assert_close(partial[done], full.scores[done], rtol=1e-5, atol=1e-5)
     assert torch.isnan(partial[~done]).all()
+
+
+def every_position_diff(logits, clean_logits, input_lengths, labels):
+    # reads the label columns at every real position: no last-token shortcut, but a column plan applies
+    diff = logits[..., labels[:, 0]] - logits[..., labels[:, 1]]  # [b, p, b]
+    real = torch.arange(logits.shape[1])[None, :] < input_lengths[:, None]  # [b, p]
+    own = diff.diagonal(dim1=0, dim2=2).T  # [b, p]: each prompt's own labels
+    return (own * real).sum(1)
+
+
+@pytest.mark.parametrize("columns", [None, "all"])
+def test_exact_with_a_metric_reading_every_position(model, columns):
+    data = batches(2)
+    graph = Graph.from_model(model)
+    exact(model, graph, data, every_position_diff, quiet=True, metric_columns=columns, memory_budget=2**19)
+    names = sample_edges(graph, 8)
+    expected = loop_scores(model, every_position_diff, data, names)
+    actual = torch.stack([graph.edges[n].score for n in names])
+    torch.testing.assert_close(actual, torch.stack([expected[n] for n in names]), rtol=1e-4, atol=1e-4)
+
+
+def test_column_plan_of_a_label_metric_equals_full_logits(model):
+    data = batches(3)
+    probed, full, hinted = Graph.from_model(model), Graph.from_model(model), Graph.from_model(model)
+    exact(model, probed, data, logit_diff, quiet=True)
+    exact(model, full, data, logit_diff, quiet=True, metric_columns="all")
+    exact(model, hinted, data, logit_diff, quiet=True, metric_columns=LABELS.flatten().tolist())
+    torch.testing.assert_close(probed.scores, full.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hinted.scores, full.scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["LNPre_relu", "gelu"])
+def test_exact_on_other_block_variants(variant):
+    from transformers import GPT2TokenizerFast
+
+    import hooklens.tokenizer as tok
+    from hooklens import HookedTransformer, HookedTransformerConfig
+
+    # the fast path's fused LayerNorm / GELU only cover LN and gelu_new: the other norms and activations too
+    extra = {"LNPre_relu": dict(normalization_type="LNPre"), "gelu": dict(act_fn="gelu")}[variant]
+    cfg = HookedTransformerConfig(**{**dict(n_layers=2, d_model=24, n_heads=3, d_head=8, n_ctx=64, d_vocab=50257,
+                                            act_fn="relu", seed=1, device="cpu"), **extra})
+    model = HookedTransformer(cfg, tokenizer=GPT2TokenizerFast.from_pretrained(str(tok.SHIPPED_TOKENIZER_DIR)))
+    model.eval()
+    data = batches(2)
+    graph = Graph.from_model(model)
+    exact(model, graph, data, logit_diff, quiet=True, memory_budget=2**19)
+    names = sample_edges(graph, 10)
+    expected = loop_scores(model, logit_diff, data, names)
+    actual = torch.stack([graph.edges[n].score for n in names])
+    torch.testing.assert_close(actual, torch.stack([expected[n] for n in names]), rtol=1e-4, atol=1e-4)
