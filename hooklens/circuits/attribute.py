@@ -449,7 +449,8 @@ def attribute(
         from hooklens.circuits import exact  # G's module; imported here so the gradient methods never need it
 
         scores = exact.exact(model, graph, dataloader, metric, intervention=intervention,
-                             intervention_dataloader=intervention_dataloader, quiet=quiet)
+                             intervention_dataloader=intervention_dataloader, quiet=quiet,
+                             metric_positions=metric_positions)
         if aggregation == "mean":
             scores = scores / model.cfg.d_model
         graph.scores[:] = scores.to(graph.scores.device)
