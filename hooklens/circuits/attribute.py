@@ -446,11 +446,13 @@ def attribute(
     if metric_positions not in (None, "last", "all"):
         raise ValueError(f"metric_positions must be None (probe), 'last' or 'all', got {metric_positions!r}.")
     if method == "exact":
-        from hooklens.circuits import exact  # G's module; imported here so the gradient methods never need it
+        # imported here so the gradient methods never need it; by module path, as the package may bind `exact` to
+        # the function
+        from hooklens.circuits.exact import exact as exact_scores
 
-        scores = exact.exact(model, graph, dataloader, metric, intervention=intervention,
-                             intervention_dataloader=intervention_dataloader, quiet=quiet,
-                             metric_positions=metric_positions)
+        scores = exact_scores(model, graph, dataloader, metric, intervention=intervention,
+                              intervention_dataloader=intervention_dataloader, quiet=quiet,
+                              metric_positions=metric_positions)
         if aggregation == "mean":
             scores = scores / model.cfg.d_model
         graph.scores[:] = scores.to(graph.scores.device)
