@@ -266,3 +266,23 @@ def test_columns_plan_finds_the_columns_a_metric_reads():
     for bad in ("last", [V], [-1], [0.5], []):
         with pytest.raises(ValueError, match="metric_columns"):
             columns_plan(logit_diff, probes, ones, LABELS, bad, V)
+
+
+def test_width_plan_cuts_the_vocabulary_only_where_the_metric_cannot_tell():
+    from hooklens.circuits.evaluate import width_plan
+
+    V = 50257
+    probes = [torch.randn(3, 1, V, generator=torch.Generator().manual_seed(1))]
+    ones = torch.ones(3, dtype=torch.long)
+    columns = LABELS.flatten().unique()
+    assert width_plan(logit_diff, probes, ones, LABELS, columns) == int(columns.max()) + 1
+
+    def minus_last_column(logits, clean_logits, input_lengths, labels):  # reads the vocabulary's last entry
+        return logit_diff(logits, clean_logits, input_lengths, labels) - logits[:, -1, -1]
+
+    def checks_size(logits, clean_logits, input_lengths, labels):
+        assert logits.shape[-1] == V
+        return logit_diff(logits, clean_logits, input_lengths, labels)
+
+    for metric in (minus_last_column, checks_size):  # given only the label columns, the cut is caught
+        assert width_plan(metric, probes, ones, LABELS, columns) == V, metric.__name__

@@ -137,6 +137,29 @@ def columns_plan(metric: Metric, probes: Sequence[Tensor], input_lengths: Tensor
     return columns
 
 
+def width_plan(metric: Metric, probes: Sequence[Tensor], input_lengths: Tensor, labels, columns: Tensor) -> int:
+    """How many leading vocabulary columns the metric needs to see when it reads only `columns` (see
+    `columns_plan`): `max(columns) + 1` if the metric's value on each probe is unchanged when the logits are cut
+    there (zeros elsewhere, as the engines give them), else the whole vocabulary. A metric that reads label columns
+    copies whole vocabulary rows (e.g. `logits[range(b), input_lengths - 1]`); on CPU that copy costs more than
+    the rest of a small model's edge, and label ids (names) sit well below GPT-2's 50,257."""
+    d_vocab = probes[0].shape[-1] if probes else 0
+    width = int(columns.max()) + 1 if len(columns) else 1
+    if not probes or width >= d_vocab:
+        return d_vocab
+    with torch.inference_mode():
+        for logits in probes:
+            expected = _metric_value(metric, logits, input_lengths, labels)
+            cut = torch.zeros_like(logits[..., :width])
+            cut[..., columns] = logits[..., columns]
+            try:
+                if not _close(expected, _metric_value(metric, cut, input_lengths, labels)):
+                    return d_vocab
+            except Exception:  # e.g. a metric reading logits[..., -1] or checking the vocabulary size
+                return d_vocab
+    return width
+
+
 def apply_metric(metric: Metric, logits: Tensor, clean_logits: Optional[Tensor], input_lengths: Tensor, labels,
                  state: Dict) -> Tensor:
     """`metric` on each variant's logits `[V, b, p, v]` -> `[V, k]` (k = b for per-example metrics, 1 for a scalar).
