@@ -137,3 +137,24 @@ def test_exact_on_other_block_variants(variant):
     expected = loop_scores(model, logit_diff, data, names)
     actual = torch.stack([graph.edges[n].score for n in names])
     torch.testing.assert_close(actual, torch.stack([expected[n] for n in names]), rtol=1e-4, atol=1e-4)
+
+
+def test_exact_skips_the_unchanged_prefix_and_keeps_every_metric_position(model):
+    import importlib
+
+    exact_module = importlib.import_module("hooklens.circuits.exact")  # the package binds `exact` to the function
+    # the first pair is identical and short (its last token comes before the second pair's first difference)
+    data = [(["The cat sat on the", "When Mary and John went to the store, John gave a drink to"],
+             ["The cat sat on the", "When Mary and John went to the store, Carl gave a drink to"], LABELS[1:3])]
+    with torch.inference_mode():
+        batch = exact_module._Batch(model, *data[0], "patching", None, logit_diff, None, None)
+        ioi = exact_module._Batch(model, *batches(3)[0], "patching", None, logit_diff, None, None)
+    assert batch.p0 == int(batch.lengths.min()) - 1 and 0 < batch.p0 < 10
+    assert ioi.p0 == 2  # CLEAN and CORRUPTED differ from the first name on
+    for metric in (logit_diff, every_position_diff):
+        graph = Graph.from_model(model)
+        exact(model, graph, data, metric, quiet=True, memory_budget=2**19)
+        names = sample_edges(graph, 8)
+        expected = loop_scores(model, metric, data, names)
+        actual = torch.stack([graph.edges[n].score for n in names])
+        torch.testing.assert_close(actual, torch.stack([expected[n] for n in names]), rtol=1e-4, atol=1e-4)

@@ -117,18 +117,24 @@ def _attend_last(q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor
     return z.transpose(1, 2)
 
 
-def _block(model, w: _Weights, layer: int, resid: Tensor, mask_rows: Tensor, last: Optional[Tensor]) -> Tensor:
-    """One ordinary block on `[n, p, d]`; with `last` (`[n]` last-token index per row) only those tokens' outputs
+def _block(model, w: _Weights, layer: int, resid: Tensor, prefix_kv, mask_rows: Tensor,
+           last: Optional[Tensor]) -> Tensor:
+    """One ordinary block on the changed positions `[n, s, d]` (positions p0.. of p; the prompts' keys and values
+    at positions < p0 are the clean run's, `prefix_kv` `[b, p0, H, dh]` x 2, repeated over the n // b variants).
+    With `last` (`[n]` index of each row's last real token within the s positions), only those tokens' outputs
     `[n, 1, d]` are computed (keys and values still at every position)."""
     cfg = model.cfg
     block = model.blocks[layer]
-    n, p, d = resid.shape
+    n, s, d = resid.shape
     H, dh = cfg.n_heads, cfg.d_head
     x = _norm(block.ln1, resid)
-    qkv = torch.addmm(w.b_qkv[layer], x.view(n * p, d), w.qkv[layer]).view(n, p, 3, H, dh)
-    q, k, v = qkv.unbind(2)  # [n, p, H, dh] each
+    qkv = torch.addmm(w.b_qkv[layer], x.view(n * s, d), w.qkv[layer]).view(n, s, 3, H, dh)
+    q, k, v = qkv.unbind(2)  # [n, s, H, dh] each
+    p0 = prefix_kv[0].shape[1]
+    if p0:
+        k, v = (torch.cat([pre.repeat(n // pre.shape[0], 1, 1, 1), new], 1) for pre, new in zip(prefix_kv, (k, v)))
     if last is None:
-        z = sdpa_attention(q, k, v, block.attn.attn_scale, 0, mask_rows)  # [n, p, H, dh]
+        z = sdpa_attention(q, k, v, block.attn.attn_scale, p0, mask_rows)  # [n, s, H, dh]
     else:
         rows = torch.arange(n, device=resid.device)
         q = q[rows, last].unsqueeze(1)  # [n, 1, H, dh]
@@ -143,26 +149,41 @@ def _block(model, w: _Weights, layer: int, resid: Tensor, mask_rows: Tensor, las
 
 
 def _at_last(t: Tensor, last: Tensor) -> Tensor:
-    """`[..., b, p, x]` -> `[..., b, 1, x]`: each prompt's entry at its last real token."""
+    """`[..., b, s, x]` -> `[..., b, 1, x]`: each prompt's entry at `last` (its last real token)."""
     return t[..., torch.arange(t.shape[-3], device=t.device), last, :].unsqueeze(-2)
 
 
+def _first_change(delta: Tensor, last: Tensor) -> int:
+    """The first position where some sender's (replacement - clean) output is nonzero, `delta` `[n_f, b, p, d]`.
+    Every run of exact differs from the clean run only there and after (causal attention), so the positions before
+    are not recomputed. Patching with counterfactuals that share a prefix (IOI's ABC prompts differ from the second
+    name on) leaves most positions unchanged; 'zero' / 'mean' change every position (p0 = 0). Capped at the
+    earliest last token, so every prompt's metric position is computed."""
+    changed = (delta != 0).any(3).any(1).any(0)  # [p]
+    first = int(changed.float().argmax()) if bool(changed.any()) else delta.shape[2]
+    return min(first, int(last.min()))
+
+
 class _Batch:
-    """Everything an edge chunk needs from one batch: the clean run's activations (head-major, so a chunk's heads
-    are one contiguous gather), (replacement - clean output) of every sender `[n_forward, b, p, d]`, and, for
-    metrics that read only the last tokens, the same at those tokens (`[..., b, 1, ...]`)."""
+    """Everything an edge chunk needs from one batch: the clean run's activations at the positions the runs change
+    (p0.., see `_first_change`; head-major, so a chunk's heads are one contiguous gather), the clean keys and values
+    before p0, (replacement - clean output) of every sender `[n_forward, b, s, d]` (s = p - p0), and, for metrics
+    that read only the last tokens, the same at those tokens (`[..., b, 1, ...]`)."""
 
     def __init__(self, model, clean, corrupted, labels, intervention, means, metric, metric_positions,
                  metric_columns):
+        cfg = model.cfg
         tokens, mask, lengths, _ = iv.tokenize_plus(model, clean)
         corrupted_tokens = iv.tokenize_plus(model, corrupted)[0]
         _check_batch(clean, corrupted, tokens, corrupted_tokens)
         self.mask, self.lengths, self.labels = mask, lengths, labels
         cache = iv.run_cache(model, tokens, mask)
         replacement = iv.replacement_outputs(model, intervention, corrupted_tokens, mask, means)
-        delta = replacement - cache.pop("senders")  # [b, p, n_forward, d]
-        self.delta = delta.permute(2, 0, 1, 3).contiguous()  # [n_forward, b, p, d]
-        del delta, replacement
+        delta = (replacement - cache.pop("senders")).permute(2, 0, 1, 3)  # [n_forward, b, p, d]
+        del replacement
+        p0 = self.p0 = _first_change(delta, lengths - 1)
+        self.delta = delta[:, :, p0:].contiguous()  # [n_forward, b, s, d]
+        del delta
         probes = []
         if metric_positions is None or metric_columns is None:
             probes = [model(tokens, attention_mask=mask), model(corrupted_tokens, attention_mask=mask)]
@@ -170,20 +191,27 @@ class _Batch:
         self.metric_lengths = torch.ones_like(lengths) if self.positions == "last" else lengths
         if self.positions == "last":
             probes = [_gather_last(logits, lengths) for logits in probes]
-        self.columns = columns_plan(metric, probes, self.metric_lengths, labels, metric_columns,
-                                    model.cfg.d_vocab_out)
+        self.columns = columns_plan(metric, probes, self.metric_lengths, labels, metric_columns, cfg.d_vocab_out)
         # the logits' vocabulary width the metric gets (only with a column plan; see evaluate.width_plan)
-        self.width = model.cfg.d_vocab_out
+        self.width = cfg.d_vocab_out
         if self.columns is not None and metric_columns is None:
             self.width = width_plan(metric, probes, self.metric_lengths, labels, self.columns)
-        self.last = lengths - 1
+        self.last = lengths - 1 - p0  # [b] last real token, counted from p0
         self.logits_buffer: Optional[Tensor] = None  # see _unembed
-        # clean activations: residuals [b, p, d] per layer; q, k, v, z head-major [H, b, p, dh] per layer
-        self.resid_pre = cache["resid_pre"] + [cache["resid_final"]]  # resid_pre[l + 1] is layer l's output
-        self.resid_mid, self.mlp_out = cache["resid_mid"], cache["mlp_out"]
-        self.heads = {name: [t.permute(2, 0, 1, 3).contiguous() for t in cache[name]] for name in ("q", "k", "v", "z")}
+        # clean activations from p0 on: residuals [b, s, d] per layer; q, z head-major [H, b, s, dh] per layer;
+        # k, v head-major at every position [H, b, p, dh]; every head's k, v before p0 [b, p0, H, dh]
+        self.resid_pre = [t[:, p0:] for t in cache["resid_pre"] + [cache["resid_final"]]]  # [l + 1]: l's output
+        self.resid_mid = [t[:, p0:] for t in cache["resid_mid"]]
+        self.mlp_out = [t[:, p0:] for t in cache["mlp_out"]]
+        self.heads = {name: [t[:, p0:].permute(2, 0, 1, 3).contiguous() for t in cache[name]] for name in "qz"}
+        self.heads.update({name: [t.permute(2, 0, 1, 3).contiguous() for t in cache[name]] for name in "kv"})
+        self.prefix_kv = [(k[:, :p0].contiguous(), v[:, :p0].contiguous()) for k, v in zip(cache["k"], cache["v"])]
+        self.prefix_logits = None  # metrics reading every position get the clean logits before p0
+        if self.positions == "all" and p0:
+            self.prefix_logits = _unembed(model, cache["resid_final"][:, :p0], self)  # [b, p0, width]
+            self.logits_buffer = None
         if self.positions == "last":  # the last layer and the logits are only needed at the last tokens
-            top = model.cfg.n_layers - 1
+            top = cfg.n_layers - 1
             self.at_last = {
                 "resid_pre": _at_last(self.resid_pre[top], self.last),  # [b, 1, d]
                 "resid_mid": _at_last(self.resid_mid[top], self.last),
@@ -195,13 +223,17 @@ class _Batch:
             }
 
     def nbytes(self) -> int:
+        """Bytes this batch keeps for the whole run (its share of the persistent memory, see `memory_plan`)."""
         tensors = [self.delta, *self.resid_pre, *self.resid_mid, *self.mlp_out]
-        tensors += [t for ts in self.heads.values() for t in ts] + list(getattr(self, "at_last", {}).values())
+        tensors += [t for ts in self.heads.values() for t in ts] + [t for kv in self.prefix_kv for t in kv]
+        tensors += list(getattr(self, "at_last", {}).values())
+        if self.prefix_logits is not None:
+            tensors.append(self.prefix_logits)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _unembed(model, final: Tensor, batch: _Batch) -> Tensor:
-    """Final residual `[C, b, t, d]` -> logits `[C, b, t, v]`; with `batch.columns`, only those vocabulary columns
+    """Final residual `[..., t, d]` -> logits `[..., t, v]`; with `batch.columns`, only those vocabulary columns
     are computed (the metric reads no other, see `columns_plan`) and written into a zero buffer kept across chunks
     (re-zeroing C x b x 50,257 floats per chunk would cost more than the columns' GEMM), `batch.width` columns
     wide (`width_plan`: the metric cannot tell)."""
@@ -221,11 +253,12 @@ def _unembed(model, final: Tensor, batch: _Batch) -> Tensor:
 def _chunk_logits(model, w: _Weights, batch: _Batch, layer: Optional[int], kind: str, edges: Tensor) -> Tensor:
     """Logits `[C, b, p or 1, v]` of the full graph with each one of `edges` `[C, 2]` (all into `kind` receivers of
     `layer`) absent: the receiver's layer is recomputed from the clean activations with the one changed input,
-    then the later blocks run as ordinary blocks (every edge downstream is present)."""
+    then the later blocks run as ordinary blocks (every edge downstream is present), all at positions p0.. only."""
     cfg = model.cfg
     H, L = cfg.n_heads, cfg.n_layers
     C = edges.shape[0]
     b, p = batch.mask.shape
+    p0 = batch.p0
     last_only = batch.positions == "last"
     # the receiver's own layer at the last tokens only when it is the last layer and the metric reads only those
     short = last_only and (layer is None or layer == L - 1)
@@ -235,41 +268,43 @@ def _chunk_logits(model, w: _Weights, batch: _Batch, layer: Optional[int], kind:
             t = batch.at_last[name]
         elif name == "resid_post":
             t = batch.resid_pre[L if layer is None else layer + 1]
-        elif name in ("q", "k", "v", "z"):
+        elif name in ("q", "z"):
             t = batch.heads[name][layer]
         else:
             t = getattr(batch, name)[layer] if name != "delta" else batch.delta
         return t if index is None else t.index_select(0, index)
 
-    delta = clean("delta", edges[:, 0])  # [C, b, t, d], t = 1 (short) or p
+    delta = clean("delta", edges[:, 0])  # [C, b, t, d], t = 1 (short) or s = p - p0
     if layer is None:  # logits receiver: the final residual moves by the sender's difference, nothing to rerun
-        return _unembed(model, clean("resid_post") + delta, batch)
-    block, attn = model.blocks[layer], model.blocks[layer].attn
-    if kind == "mlp":
+        post = clean("resid_post") + delta
+    elif kind == "mlp":
+        block = model.blocks[layer]
         mlp_in = (clean("resid_pre") if cfg.parallel_attn_mlp else clean("resid_mid")) + delta  # [C, b, t, d]
         post = clean("resid_post") + (_mlp(block, _norm(block.ln2, mlp_in)) - clean("mlp_out"))
     else:
+        block, attn = model.blocks[layer], model.blocks[layer].attn
         head = (edges[:, 1] - layer * (3 * H + 1)) % H  # [C]
         which = _KINDS.index(kind)
         W = (attn.W_Q, attn.W_K, attn.W_V)[which].index_select(0, head)  # [C, d, dh]
         bias = (attn.b_Q, attn.b_K, attn.b_V)[which].index_select(0, head)  # [C, dh]
         if kind == "q" or not short:
             x = _norm(block.ln1, clean("resid_pre") + delta)  # [C, b, t, d]
-        else:  # a key / value edge of the last layer changes k or v at every position
-            full_delta = batch.delta.index_select(0, edges[:, 0])  # [C, b, p, d]
-            x = _norm(block.ln1, batch.resid_pre[layer] + full_delta)  # [C, b, p, d]
+        else:  # a key / value edge of the last layer changes k or v at every position from p0
+            full_delta = batch.delta.index_select(0, edges[:, 0])  # [C, b, s, d]
+            x = _norm(block.ln1, batch.resid_pre[layer] + full_delta)  # [C, b, s, d]
         moved = torch.baddbmm(bias[:, None], x.reshape(C, -1, x.shape[-1]), W)  # [C, b*t', dh]
         moved = moved.view(C, b, -1, cfg.d_head)
-        q, k, v = (moved if kind == name else
-                   (clean("q", head) if name == "q" else batch.heads[name][layer].index_select(0, head))
-                   for name in _KINDS)  # q [C, b, t, dh]; k, v [C, b, p, dh]
+        q = moved if kind == "q" else clean("q", head)  # [C, b, t, dh]
+        k, v = (batch.heads[name][layer].index_select(0, head) for name in "kv")  # [C, b, p, dh] clean
+        if kind in "kv":  # the head's keys or values move from p0 on
+            k, v = (torch.cat([t[:, :, :p0], moved], 2) if kind == name else t for name, t in zip("kv", (k, v)))
         t = q.shape[2]
         one = (C * b, -1, 1, cfg.d_head)  # one head per (edge, prompt) row
         rows = batch.mask.repeat(C, 1)  # [C*b, p]
         if short:
             z = _attend_last(q.reshape(one), k.reshape(one), v.reshape(one), attn.attn_scale, rows)
         else:
-            z = sdpa_attention(q.reshape(one), k.reshape(one), v.reshape(one), attn.attn_scale, 0, rows)
+            z = sdpa_attention(q.reshape(one), k.reshape(one), v.reshape(one), attn.attn_scale, p0, rows)
         dz = z.reshape(C, b * t, cfg.d_head) - clean("z", head).reshape(C, b * t, cfg.d_head)  # [C, b*t, dh]
         change = torch.bmm(dz, attn.W_O.index_select(0, head)).view(C, b, t, -1)  # this head's result moves
         if cfg.parallel_attn_mlp:  # the MLP reads resid_pre, which an attention edge leaves unchanged
@@ -277,14 +312,18 @@ def _chunk_logits(model, w: _Weights, batch: _Batch, layer: Optional[int], kind:
         else:
             mid = clean("resid_mid") + change
             post = mid + _mlp(block, _norm(block.ln2, mid))
-    if not short:
+    if not short and layer is not None:
         d = post.shape[-1]
-        resid, mask_rows = post.view(C * b, p, d), batch.mask.repeat(C, 1)  # [C*b, p, d]
+        resid, mask_rows = post.view(C * b, -1, d), batch.mask.repeat(C, 1)  # [C*b, s, d]
         last = batch.last.repeat(C) if last_only else None  # [C*b]
         for later in range(layer + 1, L):
-            resid = _block(model, w, later, resid, mask_rows, last if later == L - 1 else None)
+            resid = _block(model, w, later, resid, batch.prefix_kv[later], mask_rows,
+                           last if later == L - 1 else None)
         post = resid.view(C, b, -1, d)
-    return _unembed(model, post, batch)
+    logits = _unembed(model, post, batch)  # [C, b, t, width]
+    if batch.prefix_logits is not None:  # a metric reading every position: the clean logits before p0
+        logits = torch.cat([batch.prefix_logits.expand(C, -1, -1, -1), logits], 2)  # [C, b, p, width]
+    return logits
 
 
 def chunk_bytes(model, n_prompts: int, n_pos: int, positions: str = "last", n_columns: Optional[int] = None) -> int:
