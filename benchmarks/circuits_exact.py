@@ -8,7 +8,18 @@ whose sender hooks subtract and whose receiver hooks (q/k/v inputs per layer, ML
 minus that edge. Only `--sample` edges of the loop are timed and the loop's time is extrapolated to every edge
 (said so in the row); the sampled edges' loop scores are checked against hooklens's.
 
+The row also has the FLOP floor of hooklens's algorithm (`exact_floor_flops`: matmul FLOPs of the work it must
+do; only the positions from the first one a patch changes, the last block at the metric's token) over the
+machine's measured GEMM rate (`flop_floor.gemm_peak_flops`), and its fraction of the measured time.
+
     python benchmarks/circuits_exact.py --threads 1 [--sample 24] [--log benchmarks/results.jsonl]
+
+`--gpt2-small` instead builds a GPT-2-small-shaped random model (32,491 edges) and `--prompts` IOI prompts in one
+batch, prints exact's memory plan against the measured peak RSS of preparing the batch and running chunks, and
+times `--sample-edges` edges per receiver layer and kind, extrapolated to every edge (the full run is hours on
+one CPU core and is not made):
+
+    python benchmarks/circuits_exact.py --gpt2-small --threads 1 --prompts 100 --sample-edges 1
 """
 from __future__ import annotations
 
@@ -96,13 +107,129 @@ def eap_loop_evaluate(model, in_graph, data, metric):
     return torch.cat(out)
 
 
+def exact_floor_flops(cfg, n_prompts: int, n_pos: int, p0: int, n_columns: int, positions: str = "last") -> float:
+    """Matmul FLOPs of hooklens's exact algorithm over every edge (2*m*n*k per product; LayerNorm, GELU, softmax
+    not counted): per edge, its receiver's layer (the one head's projection, attention and output at the changed
+    positions p0.., then that layer's MLP; an MLP receiver's MLP), every later block at the changed positions
+    (queries, keys, values, attention over all keys, output, MLP), the last block only at the last token when the
+    metric reads only that (keys and values at the changed positions), and the unembedding of the metric's
+    columns at its positions; plus the clean and corrupted runs. n_prompts prompts of n_pos tokens."""
+    L, H, d, dh, m = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
+    a = H * dh
+    s = n_pos - p0
+    last = positions == "last"
+
+    def block(rows_out: int, rows_kv: int) -> float:  # one full block: outputs at rows_out, keys/values at rows_kv
+        return 2 * (rows_out * d * a + rows_kv * d * 2 * a + 2 * rows_out * n_pos * a + rows_out * a * d
+                    + rows_out * 2 * d * m)
+
+    def after(layer: int) -> float:  # blocks layer+1.. and the unembedding
+        flops = sum(block(1 if (last and j == L - 1) else s, s) for j in range(layer + 1, L))
+        return flops + 2 * (1 if last else s) * d * n_columns
+
+    total = 2 * 2 * n_pos * (L * (4 * d * a + 2 * d * m) + d * cfg.d_vocab_out)  # the clean and corrupted runs
+    for layer in range(L):
+        senders = 1 + layer * (H + 1)
+        t = 1 if (last and layer == L - 1) else s  # rows the receiver's layer outputs
+        head = 2 * (t * n_pos * dh * 2 + t * dh * d + t * 2 * d * m)  # attention, W_O, the layer's MLP
+        q_edge = 2 * t * d * dh + head
+        kv_edge = 2 * s * d * dh + head
+        mlp_edge = 2 * t * 2 * d * m
+        total += senders * H * (q_edge + 2 * kv_edge) + (senders + H) * mlp_edge
+        total += (senders * 3 * H + senders + H) * after(layer)
+    total += (1 + L * (H + 1)) * 2 * (1 if last else s) * d * n_columns  # edges into the logits
+    return float(total) * n_prompts
+
+
+def rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak so far) of this process, from /proc."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def gpt2_small_sample(args) -> dict:
+    """GPT-2-small-shaped random model (12 x 12 heads, d_model 768: 32,491 edges) on `--prompts` IOI prompts in
+    one batch: the memory plan against the measured peak RSS of preparing the batch and running chunks, and the
+    time of one chunk per receiver layer and kind, extrapolated to every edge (the full run is not made here)."""
+    import importlib
+
+    from transformers import GPT2TokenizerFast
+
+    import hooklens.tokenizer as tok
+    from hooklens import HookedTransformer, HookedTransformerConfig
+    from hooklens.circuits.evaluate import apply_metric
+    from hooklens.circuits.graph import Graph
+    from hooklens.circuits.ioi import IOIDataset, logit_diff_per_prompt
+
+    ex = importlib.import_module("hooklens.circuits.exact")
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(tok.SHIPPED_TOKENIZER_DIR))
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+                                  d_vocab=50257, act_fn="gelu_new", seed=0, device="cpu")
+    model = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    ds = IOIDataset(args.prompts, seed=0, counterfactual=args.counterfactual, tokenizer=tokenizer)
+    clean, corrupted, labels = list(ds.clean), list(ds.corrupted), ds.labels
+    graph = Graph.from_model(model)
+    edges = graph.real_edge_mask.nonzero()
+    rss_before = rss_bytes("VmRSS")
+    with torch.inference_mode():
+        batch = ex._Batch(model, clean, corrupted, labels, "patching", None, logit_diff_per_prompt, None, None)
+        weights = ex._Weights(model)
+        b, p = batch.mask.shape
+        plan = ex.memory_plan(cfg, [(b, p, p - batch.p0)], args.budget, batch.positions,
+                              None if batch.columns is None else batch.width)
+        chunk = ex._edges_per_chunk(model, batch, args.budget)
+        per_edge, timed = {}, 0
+        for layer, kind, group in ex._receiver_groups(edges, cfg):
+            if kind == "v":  # the same work as k (one head's values instead of its keys); timed as k's
+                continue
+            part = group[:min(len(group), max(1, min(chunk, args.sample_edges)))]
+            start = time.perf_counter()
+            logits = ex._chunk_logits(model, weights, batch, layer, kind, part)
+            apply_metric(logit_diff_per_prompt, logits, None, batch.metric_lengths, batch.labels, {})
+            per_edge[(layer, kind)] = (time.perf_counter() - start) / len(part)
+            timed += len(part)
+        del logits
+    peak = rss_bytes("VmHWM") - rss_before
+    total_s = 0.0
+    for layer, kind, group in ex._receiver_groups(edges, cfg):
+        total_s += len(group) * per_edge[(layer, "k" if kind == "v" else kind)]
+    n_columns = cfg.d_vocab_out if batch.columns is None else len(batch.columns)
+    return {"edges": len(edges), "prompts": b, "n_pos": p, "p0": batch.p0, "columns": n_columns,
+            "width": batch.width, "edges_per_chunk": chunk, "budget_bytes": args.budget,
+            "plan_bytes": {k: v for k, v in plan.items()}, "measured_peak_rss_over_model_bytes": peak,
+            "edges_timed": timed, "extrapolated_exact_s": total_s,
+            "floor_flops": exact_floor_flops(cfg, b, p, batch.p0, n_columns)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sample", type=int, default=24, help="edges of the loop reference timed (extrapolated)")
     parser.add_argument("--log", default=None, help="append a JSON row here (e.g. benchmarks/results.jsonl)")
+    parser.add_argument("--gpt2-small", action="store_true",
+                        help="instead: GPT-2-small shapes, memory plan vs measured peak RSS, chunk times extrapolated")
+    parser.add_argument("--prompts", type=int, default=100, help="IOI prompts (--gpt2-small)")
+    parser.add_argument("--counterfactual", default="abc", choices=["abc", "s2"], help="IOI data (--gpt2-small)")
+    parser.add_argument("--budget", type=int, default=512 * 2**20, help="exact's memory_budget (--gpt2-small)")
+    parser.add_argument("--sample-edges", type=int, default=2, help="edges timed per receiver group (--gpt2-small)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gpt2_small:
+        from flop_floor import gemm_peak_flops
+
+        row = {"workload": "circuits_exact_gpt2_small_sample", "device": "cpu", "dtype": "float32",
+               **gpt2_small_sample(args), "threads": args.threads, "torch": torch.__version__,
+               "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
+        row["gemm_flops_per_s"] = gemm_peak_flops("cpu")
+        row["floor_s"] = row["floor_flops"] / row["gemm_flops_per_s"]
+        row["floor_fraction"] = row["floor_s"] / row["extrapolated_exact_s"]
+        print(json.dumps(row))
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return
 
     from transformers import GPT2TokenizerFast
 
@@ -150,6 +277,16 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     n_pos = model.to_tokens(data[0][0]).shape[1]
+    import importlib
+
+    from flop_floor import gemm_peak_flops
+
+    with torch.inference_mode():  # the plan exact made: changed positions and vocabulary columns
+        plan = importlib.import_module("hooklens.circuits.exact")._Batch(model, *data[0], "patching", None,
+                                                                        logit_diff, None, None)
+    n_columns = cfg.d_vocab_out if plan.columns is None else len(plan.columns)
+    flops = exact_floor_flops(cfg, len(data[0][0]), n_pos, plan.p0, n_columns)
+    gemm = gemm_peak_flops("cpu")
     row = {
         "workload": "circuits_exact_all_edges", "device": "cpu", "dtype": "float32",
         "reference": "eap_ig_loop_hooks (one evaluate_graph per edge, hooklens model)",
@@ -157,6 +294,8 @@ def main():
         "reference_timing": f"{len(pick)} of {n_edges} edges timed, extrapolated linearly",
         "shape": f"6 layers x 8 heads, d_model 256, {n_edges} edges, 8 prompts x {n_pos} tokens",
         "checked": max_diff < 1e-4, "max_abs_diff": max_diff, "commit": commit,
+        "first_changed_position": plan.p0, "metric_columns": n_columns, "flops": flops, "gemm_flops_per_s": gemm,
+        "floor_s": flops / gemm, "hooklens_floor_fraction": flops / gemm / batched_s,
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "threads": args.threads,
         "command": "python " + " ".join(sys.argv),
     }

@@ -158,3 +158,23 @@ def test_exact_skips_the_unchanged_prefix_and_keeps_every_metric_position(model)
         expected = loop_scores(model, metric, data, names)
         actual = torch.stack([graph.edges[n].score for n in names])
         torch.testing.assert_close(actual, torch.stack([expected[n] for n in names]), rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_size_and_memory_plan_follow_the_budget():
+    import importlib
+
+    from hooklens import HookedTransformerConfig
+
+    ex = importlib.import_module("hooklens.circuits.exact")
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+                                  d_vocab=50257, act_fn="gelu_new", device="cpu", init_weights=False)
+    per_edge = ex.chunk_bytes(cfg, 100, 21, 19, "last", 32356)
+    assert ex.edges_per_chunk(cfg, 100, 21, 1, 19, "last", 32356) == 1  # never fewer than one edge
+    for budget in (2**26, 2**29, 2**31):
+        edges = ex.edges_per_chunk(cfg, 100, 21, budget, 19, "last", 32356)
+        assert edges == max(1, budget // per_edge) and edges * per_edge <= max(budget, per_edge)
+        plan = ex.memory_plan(cfg, [(20, 21, 19)] * 5, budget, "last", 32356)
+        assert plan["chunk"] <= max(budget, plan["chunk"] // plan["edges_per_chunk"])
+        assert plan["peak"] == plan["weights"] + plan["batches"] + max(plan["build"], plan["chunk"])
+    # GPT-2 small, 100 IOI prompts: a 24 GB machine holds the run at the default budget, however many edges
+    assert ex.memory_plan(cfg, [(100, 21, 19)], ex.DEFAULT_MEMORY_BUDGET, "last", None)["peak"] < 12 * 2**30

@@ -17,7 +17,7 @@ graph missing that node's edges. Here every edge is scored against the full grap
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -326,28 +326,84 @@ def _chunk_logits(model, w: _Weights, batch: _Batch, layer: Optional[int], kind:
     return logits
 
 
-def chunk_bytes(model, n_prompts: int, n_pos: int, positions: str = "last", n_columns: Optional[int] = None) -> int:
-    """Peak bytes of one edge's activations in a chunk (an upper estimate): a block at every position of `n_prompts`
-    prompts of `n_pos` tokens (residual, LayerNorm, q/k/v, z, attention output, two MLP-wide tensors, ...) and its
-    logits at the metric's positions (`n_columns` vocabulary columns, or all of them)."""
-    cfg = model.cfg
+def chunk_bytes(cfg, n_prompts: int, n_pos: int, n_changed: Optional[int] = None, positions: str = "last",
+                width: Optional[int] = None) -> int:
+    """Peak bytes one edge adds to a chunk (an upper estimate). A block on `n_changed` (default `n_pos`) positions
+    of `n_prompts` prompts: residual, LayerNorm output, q/k/v, z, attention output, the next residual (~8 x
+    d_model), two MLP-wide tensors, two d_model-wide temporaries; keys / values with the clean prefix at `n_pos`
+    positions (2 x d_model), attention scores if the kernel makes them; the logits at the metric's positions,
+    `width` columns wide (default: the vocabulary, unembedded plus a copy), plus, for metrics reading every
+    position, the logits concatenated with the clean prefix."""
     elem = torch.finfo(cfg.dtype).bits // 8
-    per_edge = n_prompts * n_pos * (12 * cfg.d_model + 2 * cfg.d_mlp + 2 * cfg.n_heads * n_pos) * elem
-    t = 1 if positions == "last" else n_pos
-    per_edge += n_prompts * t * cfg.d_vocab_out * elem * (1 if n_columns is not None else 2)
+    s = n_pos if n_changed is None else n_changed
+    per_edge = n_prompts * s * (12 * cfg.d_model + 2 * cfg.d_mlp + 2 * cfg.n_heads * n_pos) * elem
+    per_edge += n_prompts * n_pos * 2 * cfg.d_model * elem
+    if positions == "last":
+        t = 1
+    else:
+        t = s + n_pos
+    per_edge += n_prompts * t * (width or 2 * cfg.d_vocab_out) * elem
     return per_edge
 
 
-def edges_per_chunk(model, n_prompts: int, n_pos: int, memory_budget: int, positions: str = "last",
-                    n_columns: Optional[int] = None) -> int:
+def edges_per_chunk(cfg, n_prompts: int, n_pos: int, memory_budget: int, n_changed: Optional[int] = None,
+                    positions: str = "last", width: Optional[int] = None) -> int:
     """Edges stacked in one forward: as many as `memory_budget` bytes of activations hold (at least 1)."""
-    return max(1, int(memory_budget // chunk_bytes(model, n_prompts, n_pos, positions, n_columns)))
+    return max(1, int(memory_budget // chunk_bytes(cfg, n_prompts, n_pos, n_changed, positions, width)))
+
+
+def batch_bytes(cfg, n_prompts: int, n_pos: int, n_changed: Optional[int] = None, last_only: bool = True) -> int:
+    """Bytes one batch keeps for the whole run (`_Batch`): (replacement - clean) of every sender and the clean
+    residuals, MLP outputs, q and z at the changed positions; every head's k, v at every position; the last
+    layer's tensors at the last tokens."""
+    elem = torch.finfo(cfg.dtype).bits // 8
+    s = n_pos if n_changed is None else n_changed
+    L, d, a = cfg.n_layers, cfg.d_model, cfg.n_heads * cfg.d_head
+    n = iv.n_forward(cfg) * s * d + (3 * L + 1) * s * d + 2 * L * s * a + 2 * L * n_pos * a + 2 * L * n_pos * a
+    if last_only:
+        n += iv.n_forward(cfg) * d + 4 * d + 2 * a
+    return n_prompts * n * elem
+
+
+def build_bytes(cfg, n_prompts: int, n_pos: int) -> int:
+    """Transient peak while one batch is prepared: the clean run's cache (`run_cache`: per layer the residuals,
+    q, k, v, z and the per-head results, `[b, p, H, d_model]`), the clean and replacement sender outputs and their
+    difference (`[b, p, n_forward, d_model]` each), and the two probe runs' logits."""
+    elem = torch.finfo(cfg.dtype).bits // 8
+    L, d, a = cfg.n_layers, cfg.d_model, cfg.n_heads * cfg.d_head
+    cache = L * (3 * d + 4 * a + cfg.n_heads * d) + d
+    senders = 3 * iv.n_forward(cfg) * d
+    logits = 2 * cfg.d_vocab_out
+    return n_prompts * n_pos * (cache + senders + logits) * elem
+
+
+def memory_plan(cfg, batch_shapes: Sequence[tuple], memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                positions: str = "last", width: Optional[int] = None) -> dict:
+    """The memory an `exact` run needs, before running it: `batch_shapes` is `[(n_prompts, n_pos, n_changed)]`
+    per batch of the dataloader (n_changed: positions from the first one a patch changes, `n_pos` for 'zero' /
+    'mean'). Returns bytes: `weights`, `batches` (kept all run), `build` (the largest transient while a batch is
+    prepared), `chunk` (one chunk at `edges_per_chunk` edges, which is at most `memory_budget`), and `peak` =
+    weights + batches + max(build, chunk): what the process needs beyond PyTorch itself, however many edges."""
+    elem = torch.finfo(cfg.dtype).bits // 8
+    L, d, m = cfg.n_layers, cfg.d_model, cfg.d_mlp
+    a = cfg.n_heads * cfg.d_head
+    # the model's weights plus exact's own [d, 3a] copy of q/k/v per layer (`_Weights`)
+    weights = (L * (7 * d * a + 2 * d * m) + cfg.d_vocab * d + cfg.n_ctx * d + d * cfg.d_vocab_out) * elem
+    edges = min(edges_per_chunk(cfg, b, p, memory_budget, s, positions, width) for b, p, s in batch_shapes)
+    kept = sum(batch_bytes(cfg, b, p, s, positions == "last") for b, p, s in batch_shapes)
+    if width is not None:  # each batch keeps its zero-filled logits buffer (`_unembed`)
+        kept += sum(edges * b * (1 if positions == "last" else s) * width * elem for b, p, s in batch_shapes)
+    build = max(build_bytes(cfg, b, p) for b, p, _ in batch_shapes)
+    # batches run one after another within a chunk: the largest batch's activations are the chunk's peak
+    chunk = max(edges * chunk_bytes(cfg, b, p, s, positions, width) for b, p, s in batch_shapes)
+    return {"weights": weights, "batches": kept, "build": build, "chunk": chunk, "edges_per_chunk": edges,
+            "peak": weights + kept + max(build, chunk)}
 
 
 def _edges_per_chunk(model, batch: _Batch, memory_budget: int) -> int:
     b, p = batch.mask.shape
-    n_columns = None if batch.columns is None else len(batch.columns)
-    return edges_per_chunk(model, b, p, memory_budget, batch.positions, n_columns)
+    width = None if batch.columns is None else batch.width
+    return edges_per_chunk(model.cfg, b, p, memory_budget, p - batch.p0, batch.positions, width)
 
 
 def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patching",
