@@ -523,7 +523,14 @@ def run_circuit(args: argparse.Namespace) -> Dict[str, Any]:
             "seconds": time.perf_counter() - start,
         }
         save_summary(stage / "summary.json", summary)
-    _print_summary(Path(args.out), "hooklens circuit", summary, [
+    _print_summary(Path(args.out), "hooklens circuit", summary, _circuit_table(args, summary, scores, method))
+    return summary
+
+
+def _circuit_table(args: argparse.Namespace, summary: Dict[str, Any], scores, method: str) -> List[tuple]:
+    """The rows `hooklens circuit` prints."""
+    n_edges = summary["n_edges"]
+    return [
         ("model", summary["model"]),
         ("data", f"{args.n_prompts} IOI prompts ({args.counterfactual} counterfactuals), batches of {args.batch}"),
         ("method", f"{method}, intervention {args.intervention}"),
@@ -534,8 +541,7 @@ def run_circuit(args: argparse.Namespace) -> Dict[str, Any]:
         ("f per k (|score| ranking)", " ".join(f"{f:.2f}" for f in scores.absolute.faithfulness)),
         ("top circuit (circuit.png)", f"{summary['top_circuit']['edges']} edges, "
          f"{summary['top_circuit']['nodes']} nodes"),
-    ])
-    return summary
+    ]
 
 
 def save_summary(path: Path, summary: dict) -> None:

@@ -446,16 +446,8 @@ def attribute(
     if metric_positions not in (None, "last", "all"):
         raise ValueError(f"metric_positions must be None (probe), 'last' or 'all', got {metric_positions!r}.")
     if method == "exact":
-        # imported here so the gradient methods never need it; by module path, as the package may bind `exact` to
-        # the function
-        from hooklens.circuits.exact import exact as exact_scores
-
-        scores = exact_scores(model, graph, dataloader, metric, intervention=intervention,
-                              intervention_dataloader=intervention_dataloader, quiet=quiet,
-                              metric_positions=metric_positions)
-        if aggregation == "mean":
-            scores = scores / model.cfg.d_model
-        graph.scores[:] = scores.to(graph.scores.device)
+        _attribute_exact(model, graph, dataloader, metric, intervention, aggregation, intervention_dataloader, quiet,
+                         metric_positions)
         return None
 
     cfg = model.cfg
@@ -480,6 +472,30 @@ def attribute(
                              max_batch_tokens, metric_positions)
     if total_items == 0:
         raise ValueError("dataloader yielded no examples; give at least one (clean, corrupted, labels) batch.")
+    _normalize_scores(scores, cfg, method, aggregation, ig_steps, total_items)
+    graph.scores[:] = scores.to(device=graph.scores.device, dtype=graph.scores.dtype)
+    return None
+
+
+def _attribute_exact(model, graph, dataloader, metric, intervention: str, aggregation: str, intervention_dataloader,
+                     quiet: bool, metric_positions: Optional[str]) -> None:
+    """attribute(method='exact'): each edge patched alone (`hooklens.circuits.exact`)."""
+    # imported here so the gradient methods never need it; by module path, as the package may bind `exact` to
+    # the function
+    from hooklens.circuits.exact import exact as exact_scores
+
+    scores = exact_scores(model, graph, dataloader, metric, intervention=intervention,
+                          intervention_dataloader=intervention_dataloader, quiet=quiet,
+                          metric_positions=metric_positions)
+    if aggregation == "mean":
+        scores = scores / model.cfg.d_model
+    graph.scores[:] = scores.to(graph.scores.device)
+
+
+def _normalize_scores(scores: Tensor, cfg, method: str, aggregation: str, ig_steps: Optional[int],
+                      total_items: int) -> None:
+    """EAP-IG's normalization, in place: mean over examples, over integration steps x interpolated nodes, over the
+    two gradients of clean-corrupted, and over d_model for aggregation 'mean'."""
     scores /= total_items
     if method in ("EAP-IG-inputs", "EAP-IG-activations"):
         n_nodes = 1 if method == "EAP-IG-inputs" else 1 + 2 * cfg.n_layers
@@ -488,8 +504,6 @@ def attribute(
         scores /= 2
     if aggregation == "mean":
         scores /= cfg.d_model
-    graph.scores[:] = scores.to(device=graph.scores.device, dtype=graph.scores.dtype)
-    return None
 
 
 def _attribute_batch(w: _Weights, scores: Tensor, method: str, intervention: str, ig_steps: Optional[int], means,
