@@ -85,6 +85,9 @@ class ChunkPlan:
     out_tokens: Tensor  # [k] live tokens (of the last block) at the metric's positions
     out_rows_from: int  # out_tokens[out_rows_from:] belong to variants starting at the last block
     out_logit_index: Tensor  # [k] row * seq_len + position: where their logits go in [n*b, seq_len, vocab]
+    # [n + 1] (host ints): variant v's tokens are out_tokens[out_variant_bounds[v]:out_variant_bounds[v + 1]]
+    # (tokens are listed row by row), so the metric can run on a few variants' logits at a time
+    out_variant_bounds: List[int]
     # block -> (mask or index, clean) for the variants starting there: a bool mask, or (scores / patterns of an
     # index sweep) the int64 coordinates along `patch_axes` for `index_patch_`
     patches: Dict[int, Tuple[Tensor, Tensor]]
@@ -128,6 +131,7 @@ def plan_chunk(model: "HookedTransformer", layers: Tensor, starts: Tensor, indic
     wanted[positions] = True
     out_tokens = torch.nonzero(wanted[position]).flatten()
     out_rows_from = int((row[out_tokens] < last_new_row).sum())
+    out_variant_bounds = torch.searchsorted(row[out_tokens], torch.arange(n + 1) * batch).tolist()
     patches = {}
     patch_axes = _row_index_axes(kind, sweep, indices, act_shape, length, first_query)
     for j in layers.unique().tolist():
@@ -141,7 +145,8 @@ def plan_chunk(model: "HookedTransformer", layers: Tensor, starts: Tensor, indic
         tokens_upto=tokens_upto, key_index=(row * length + position).to(**to),
         query_index=(row * (length - first_query) + position - first_query).to(**to),
         source_index=((row % batch) * length + position).to(**to), out_tokens=out_tokens.to(**to),
-        out_rows_from=out_rows_from, out_logit_index=(row[out_tokens] * seq_len + position[out_tokens]).to(**to),
+        out_rows_from=out_rows_from, out_variant_bounds=out_variant_bounds,
+        out_logit_index=(row[out_tokens] * seq_len + position[out_tokens]).to(**to),
         patches=patches, patch_axes=patch_axes,
         attention_mask=None if attention_mask is None else
         attention_mask[:, :length].repeat(n, 1).to(**to),  # [n*b, length], variant-major

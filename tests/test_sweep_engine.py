@@ -396,3 +396,36 @@ def test_sweeps_of_one_shape_on_other_axes_do_not_share_a_plan(model):
         actual = sweep_values(model, corrupted, cache, metric, "pattern", indices, axes, capture=False)
         torch.testing.assert_close(actual, naive(model, corrupted, cache, metric, "pattern", indices, axes),
                                    **tolerance())
+
+
+# -- the metric's logits buffer: a few variants per call on CPU ----------------------------------------------------
+@pytest.mark.parametrize("variants_per_call", [1, 3])
+def test_metric_on_a_reused_buffer_equals_one_call_per_chunk(model, monkeypatch, variants_per_call):
+    """A small METRIC_BUFFER_BYTES makes the packed path run the metric on `variants_per_call` variants at a time
+    (an uneven last call too), on one reused NaN buffer: the values equal one call per chunk and the naive loop,
+    the metric still sees NaN at every position it does not read, and a metric that writes into its logits does
+    not leak into the next call's variants."""
+    length = 5
+    corrupted, cache = make_prompts(model, 2, length)
+    indices = grid(model, ("pos",), length)  # 15 variants: starts before and at the metric's position
+    whole = sweep_values(model, corrupted, cache, metric, "resid_pre", indices, (0,), metric_positions=[2, -1])
+
+    def nan_checking(logits):
+        # 1 where the unread positions are all NaN and the read ones finite (0 on check_metric's full logits).
+        return (logits[:, [0, 1, 3]].isnan().all() & logits[:, [2, 4]].isfinite().all()).float()
+
+    def writing(logits):
+        value = metric(logits)
+        logits.zero_()  # a metric mutating its input: the next call must see NaN again
+        return value
+
+    variant_bytes = 2 * length * model.cfg.d_vocab * 4  # [b, p, v] float32 logits of one variant
+    monkeypatch.setattr(sweeps, "METRIC_BUFFER_BYTES", variants_per_call * variant_bytes)
+    small = sweep_values(model, corrupted, cache, metric, "resid_pre", indices, (0,), metric_positions=[2, -1])
+    assert torch.equal(small, whole)
+    torch.testing.assert_close(small, naive(model, corrupted, cache, metric, "resid_pre", indices, (0,)),
+                               **tolerance())
+    flags = sweep_values(model, corrupted, cache, nan_checking, "resid_pre", indices, (0,), metric_positions=[2, -1])
+    assert torch.equal(flags, torch.ones(len(indices))), flags
+    torch.testing.assert_close(sweep_values(model, corrupted, cache, writing, "resid_pre", indices, (0,),
+                                            metric_positions=[2, -1]), whole, rtol=0, atol=0)
