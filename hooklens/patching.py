@@ -11,7 +11,10 @@ rounding), but runs many patches per forward pass (see `hooklens.sweeps`). Extra
   argument; `torch.bfloat16` or `torch.float16` on a float32 model runs them under `torch.autocast` without changing
   the model (results stay float32 tensors);
 * `allow_tf32`: TF32 matmuls on CUDA for the duration of the sweep (a process-wide flag, restored after); a no-op on
-  the CPU.
+  the CPU;
+* `shard=(i, n)`, `results_dir`: split the sweep over processes / nodes / job-array tasks and keep finished work
+  units on disk, resumable; with an initialized `torch.distributed` process group every rank returns the whole
+  result (`hooklens.sharding`).
 
 The lower-precision options are opt-in and approximate: their measured error against float32 (normalized metric,
 rank correlation of the patch effects, IOI and repeated-token sweeps) is in docs/sweep-precision.md; the mechanism
@@ -37,6 +40,7 @@ from typing import Callable, Literal, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from hooklens import sharding
 from hooklens.sweep_precision import SweepPrecision
 from hooklens.sweeps import PatchSweep, attach_partial, check_tokens, index_sweep, run_sweep
 
@@ -158,6 +162,8 @@ def generic_activation_patch(
     progress: bool = True,
     dtype: Optional[torch.dtype] = None,
     allow_tf32: bool = False,
+    shard: Optional[Tuple[int, int]] = None,
+    results_dir=None,
 ):
     """Patch `activation_name` from `clean_cache` into the corrupted run at every index and record the metric.
 
@@ -167,6 +173,10 @@ def generic_activation_patch(
     clean_activation)` is called as TransformerLens calls it, once per patch, on that run's `[batch, ...]` slice.
     `return_index_df=True` also returns the indices as a DataFrame. `dtype` / `allow_tf32`: the sweep's precision
     (see the module docstring and `hooklens.sweep_precision`; default: the model's, exact).
+
+    `shard=(i, n)` / `results_dir=`: run this process's share of the sweep's work units and keep finished units
+    in `results_dir/<activation>-<axes>` (resumable); under an initialized `torch.distributed` process group the
+    ranks split the sweep and each returns the whole result. See `hooklens.sharding`.
 
     An exception raised while the patches run carries `partial_result` (shaped like the result, NaN where not
     done) and `done` (bool, True where done), and keeps its type.
@@ -199,8 +209,15 @@ def generic_activation_patch(
                            patch_setter=patch_setter)
     try:
         with precision:
-            values = run_sweep(model, corrupted_tokens, clean_cache, patching_metric, sweep, metric_positions,
-                               memory_budget, progress)
+            if sharding.wants_units(shard, results_dir):
+                key = f"{activation_name}-{'_'.join(index_axis_names) if index_axis_names else 'index_df'}"
+                values = sharding.run_sharded(
+                    model, corrupted_tokens, clean_cache, patching_metric, sweep, metric_positions, memory_budget,
+                    progress, shard=shard, results_dir=results_dir, key=key,
+                    extra={"dtype": str(dtype), "allow_tf32": allow_tf32})
+            else:
+                values = run_sweep(model, corrupted_tokens, clean_cache, patching_metric, sweep, metric_positions,
+                                   memory_budget, progress)
     except BaseException as exc:
         reshape_partial(exc, out_shape)
         raise
