@@ -3,6 +3,7 @@ GPT-2 checkpoint.
 
     hooklens induction [--model PATH_OR_NAME] [--device cpu] [--dtype float32] [--out DIR]
     hooklens patch [--clean TEXT --corrupted TEXT --answer TEXT --wrong TEXT] [--model ...] [--out DIR]
+                   [--shard I/N --results-dir DIR]   (also: torchrun --nproc_per_node N -m hooklens patch ...)
     hooklens circuit [--method EAP-IG-inputs] [--n-prompts 100] [--ig-steps 5] [--model ...] [--out DIR]
 
 Without `--model` the embedded default model (shipped inside the package) is used, so every command runs on a
@@ -33,6 +34,8 @@ from hooklens import HookedTransformer, head_scores, patching, plotting
 from hooklens.embedded import load_embedded
 from hooklens.evals import repeated_random_tokens
 from hooklens.loading import CheckpointError
+from hooklens.mlp_patching import repeated_token_mlp_patching
+from hooklens.sharding import local_device, parse_shard
 from hooklens.utils import get_act_name
 
 IOI_CLEAN = "When John and Mary went to the shops, John gave the bag to"
@@ -49,6 +52,7 @@ OUTPUT_FILES = {
 SUMMARY_KEYS = {"induction": {"induction_scores", "kcomp_top1"}, "patch": {"resid_pre_patching", "head_out_patching"},
                 "circuit": {"cpr", "cmd", "faithfulness"}}
 DEFAULT_SEQ_LEN = 50
+MLP_EFFECT_LABEL = "loss(patched) − loss(clean) [nats]"
 
 
 class CLIError(Exception):
@@ -125,10 +129,10 @@ def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
         mlp_patching = _second_half_mlp_patching(model, tokens, seq_len, args, stage)
         circuits = _circuit_scores(model, heads["top_induction_head"], heads["top_prev_token_head"], args, stage)
         summary = {"command": "hooklens induction", "model": model.cfg.model_name, "seq_len": seq_len,
-                   "batch": args.batch, **losses, **heads, "mlp_patching": mlp_patching.tolist(), **circuits,
+                   "batch": args.batch, **losses, **heads, **mlp_patching, **circuits,
                    "seconds": time.perf_counter() - start}
         save_summary(stage / "summary.json", summary)
-    _print_summary(Path(args.out), "hooklens induction", summary, _induction_table(summary, mlp_patching))
+    _print_summary(Path(args.out), "hooklens induction", summary, _induction_table(summary))
     return summary
 
 
@@ -181,28 +185,38 @@ def _repeated_token_losses(model, tokens: Tensor, seq_len: int, top_head: List[i
             "accuracy_second_half": float(accuracy), "loss_by_position": loss_by_position.tolist()}
 
 
-def _second_half_mlp_patching(model, tokens: Tensor, seq_len: int, args: argparse.Namespace, out: Path) -> Tensor:
-    """MLP-output patching `[layers, pos]` of the second half: clean = the repeated sequence, corrupted = a different
-    first half (so induction cannot predict the second half); metric = mean log-prob of the correct second half."""
-    if model.cfg.attn_only:
-        return torch.zeros(0, tokens.shape[1])
-    corrupted = induction_prompt(model, seq_len, args.batch, args.seed + 1)
-    corrupted[:, seq_len + 1:] = tokens[:, seq_len + 1:]
-    targets = tokens[:, seq_len + 1:]
-
-    def second_half_logprob(patched_logits: Tensor) -> Tensor:
-        lp = patched_logits[:, seq_len:-1].log_softmax(-1)
-        return lp.gather(-1, targets[..., None]).mean()
-
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp_out"))
-    mlp_patching = patching.get_act_patch_mlp_out(model, corrupted, clean_cache, second_half_logprob,
-                                                  metric_positions=range(seq_len, 2 * seq_len),
-                                                  progress=not args.quiet)
+def _second_half_mlp_patching(model, tokens: Tensor, seq_len: int, args: argparse.Namespace,
+                              out: Path) -> Dict[str, Any]:
+    """The seeds' MLP experiment (`hooklens.mlp_patching`): each second-half position's MLP output replaced by the
+    same token's first-half one, per layer; loss(patched) - loss(clean) on the second half, `[layers, seq_len]`."""
+    if model.cfg.attn_only:  # nothing to patch; the summary says so instead of a made-up matrix
+        return {"mlp_patching_loss_change": None, "mlp_patching_positions": [], "mlp_patching_metric": None}
+    _say(args, "MLP patching: second-half MLP outputs <- the same tokens' first-half ones")
+    effect = repeated_token_mlp_patching(model, tokens, seq_len, progress=not args.quiet)
+    positions = list(range(1 + seq_len, 1 + 2 * seq_len))  # BOS + first half come before
     _, layer_labels = _labels(model)
-    plotting.heatmap(mlp_patching, out / "mlp_patching.png", "MLP-output patching (second-half log-prob)",
-                     x_title="position", y_labels=layer_labels, y_title="layer")
-    return mlp_patching
+    token_labels = _token_labels(model, tokens[0])
+    plotting.heatmap(effect, out / "mlp_patching.png",
+                     "MLP output at a repeated token <- its first-occurrence output (mean loss of the second half)",
+                     [token_labels[p] for p in positions], layer_labels, "repeated token (position)", "layer",
+                     colorbar_title=MLP_EFFECT_LABEL)
+    return {"mlp_patching_loss_change": effect.tolist(), "mlp_patching_positions": positions,
+            "mlp_patching_metric": "mean next-token loss (nats) of the second half's predictions at positions "
+                                   f"{positions[0]}..{positions[-1] - 1}, batch mean"}
+
+
+def _token_labels(model, tokens: Tensor) -> List[str]:
+    """Axis labels of a prompt's positions: "token|position" (random tokens repeat, so the position tells them
+    apart)."""
+    if model.tokenizer is None:
+        return [f"{int(t)}|{i}" for i, t in enumerate(tokens)]
+    return [f"{t}|{i}" for i, t in enumerate(model.to_str_tokens(tokens))]
+
+
+def _say(args: argparse.Namespace, what: str) -> None:
+    """Name a long step on stderr (not with --quiet), so a user watching the run knows what it is doing."""
+    if not args.quiet:
+        print(f"hooklens {args.command}: {what}", file=sys.stderr, flush=True)
 
 
 def _circuit_scores(model, top_induction: List[int], top_prev: List[int], args: argparse.Namespace,
@@ -223,13 +237,19 @@ def _circuit_scores(model, top_induction: List[int], top_prev: List[int], args: 
             "ov_copying_scores": ov_copying.tolist()}
 
 
-def _induction_table(summary: Dict[str, Any], mlp_patching: Tensor) -> List[tuple]:
+def _induction_table(summary: Dict[str, Any]) -> List[tuple]:
     """The rows `hooklens induction` prints."""
     ind_layer, ind_head = summary["top_induction_head"]
     prev_layer, prev_head = summary["top_prev_token_head"]
     ind_score = summary["induction_scores"][ind_layer][ind_head]
     prev_score = summary["prev_token_scores"][prev_layer][prev_head]
-    max_mlp_effect = float(mlp_patching.abs().max()) if mlp_patching.numel() else 0
+    mlp_row = ("MLP patching (seeds' experiment)", "none: the model has no MLPs")
+    if summary["mlp_patching_loss_change"] is not None:
+        effect = torch.tensor(summary["mlp_patching_loss_change"])  # [layers, seq_len]
+        layer, column = divmod(int(effect.abs().argmax()), effect.shape[1])
+        mlp_row = ("MLP patching: loss change", f"median |.| {float(effect.abs().median()):.4f}, largest "
+                   f"{float(effect[layer, column]):+.3f} nats (L{layer}, repeated token {column + 1} of "
+                   f"{effect.shape[1]})")
     return [
         ("model", summary["model"]),
         ("tokens", f"{summary['batch']} x (1 + 2 x {summary['seq_len']}) repeated random tokens"),
@@ -238,7 +258,7 @@ def _induction_table(summary: Dict[str, Any], mlp_patching: Tensor) -> List[tupl
         ("accuracy second half", f"{summary['accuracy_second_half']:.2f}"),
         ("top induction head", f"L{ind_layer}H{ind_head}  score {ind_score:.2f}"),
         ("top previous-token head", f"L{prev_layer}H{prev_head}  score {prev_score:.2f}"),
-        ("max |MLP patching effect|", f"{max_mlp_effect:.3f}"),
+        mlp_row,
         ("K-composition top-1 accuracy", f"{summary['kcomp_top1']:.3f} ({summary['kcomp_rows']} rows)"),
         ("best OV copying score", f"{max(max(row) for row in summary['ov_copying_scores']):.2f}"),
     ]
@@ -345,48 +365,104 @@ def _single_token(model, text: str, what: str) -> int:
 
 def run_patch(args: argparse.Namespace) -> Dict[str, Any]:
     """`hooklens patch`: residual-stream and head-output patching of a clean / corrupted prompt pair (IOI by
-    default), metric = the logit difference normalized to 0 (corrupted) .. 1 (clean); figures + summary.json."""
+    default), metric = the logit difference normalized to 0 (corrupted) .. 1 (clean); figures + summary.json.
+
+    `--shard i/n --results-dir D` computes that shard's work units into D and writes no --out (a run without
+    --shard and the same --results-dir then only merges); under torchrun every rank computes its units, rank 0
+    writes --out."""
     start = time.perf_counter()
-    with staged_output(args.out, "patch") as stage:
-        model = load_model(args.model, args.device, args.dtype)
-        clean, corrupted, answer, wrong = _patch_inputs(model, args)
-
-        def logit_diff(logits: Tensor) -> Tensor:
-            return (logits[:, -1, answer] - logits[:, -1, wrong]).mean()
-
-        with torch.no_grad():
-            clean_logits, clean_cache = model.run_with_cache(clean)
-            corrupted_logits = model(corrupted)
-        clean_diff, corrupted_diff = logit_diff(clean_logits), logit_diff(corrupted_logits)
-        scale = clean_diff - corrupted_diff
-        if float(scale.abs()) < 1e-6:
-            raise CLIError("The clean and corrupted prompts give the same logit difference; nothing to patch.")
-
-        def normalized(logits: Tensor) -> Tensor:  # 0 = corrupted behaviour, 1 = clean behaviour
-            return (logit_diff(logits) - corrupted_diff) / scale
-
-        kwargs = dict(metric_positions=[-1], progress=not args.quiet)
-        resid = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, normalized, **kwargs)
-        heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, normalized, **kwargs)
-        _patch_figures(model, corrupted, resid, heads, stage)
-        top_layer, top_head = divmod(int(heads.abs().argmax()), model.cfg.n_heads)
-        summary = {
-            "command": "hooklens patch", "model": model.cfg.model_name,
-            "clean": args.clean, "corrupted": args.corrupted, "answer": args.answer, "wrong": args.wrong,
-            "str_tokens": model.to_str_tokens(corrupted),
-            "clean_logit_diff": float(clean_diff), "corrupted_logit_diff": float(corrupted_diff),
-            "resid_pre_patching": resid.tolist(),
-            "head_out_patching": heads.tolist(),
-            "top_head": [top_layer, top_head],
-            "seconds": time.perf_counter() - start,
-        }
-        save_summary(stage / "summary.json", summary)
+    shard = _check_shard_flags(args)
+    with _process_group_from_launcher(args) as rank:
+        if shard is not None or rank != 0:
+            _patch_results(args, shard)
+            if shard is not None:
+                print(f"hooklens patch: shard {shard[0]}/{shard[1]} done; its units are in --results-dir "
+                      f"{args.results_dir}. Run without --shard (same flags) to write {args.out}.")
+            return {}
+        with staged_output(args.out, "patch") as stage:
+            model, corrupted, clean_diff, corrupted_diff, resid, heads = _patch_results(args, None)
+            _patch_figures(model, corrupted, resid, heads, stage)
+            top_layer, top_head = divmod(int(heads.abs().argmax()), model.cfg.n_heads)
+            summary = {
+                "command": "hooklens patch", "model": model.cfg.model_name,
+                "clean": args.clean, "corrupted": args.corrupted, "answer": args.answer, "wrong": args.wrong,
+                "str_tokens": model.to_str_tokens(corrupted),
+                "clean_logit_diff": float(clean_diff), "corrupted_logit_diff": float(corrupted_diff),
+                "resid_pre_patching": resid.tolist(),
+                "head_out_patching": heads.tolist(),
+                "top_head": [top_layer, top_head],
+                "seconds": time.perf_counter() - start,
+            }
+            save_summary(stage / "summary.json", summary)
     _print_summary(Path(args.out), "hooklens patch", summary, [
         ("model", summary["model"]),
         ("clean / corrupted logit diff", f"{float(clean_diff):.3f} / {float(corrupted_diff):.3f}"),
         ("strongest head (output patching)", f"L{top_layer}H{top_head}  {float(heads[top_layer, top_head]):+.3f}"),
     ])
     return summary
+
+
+def _patch_results(args: argparse.Namespace, shard: Optional[Tuple[int, int]]):
+    """Load the model and run both sweeps (this shard's units of them when `shard` is given, the process group's
+    share under torchrun, kept in --results-dir when given): (model, corrupted, clean_diff, corrupted_diff, resid,
+    heads)."""
+    model = load_model(args.model, args.device, args.dtype)
+    clean, corrupted, answer, wrong = _patch_inputs(model, args)
+
+    def logit_diff(logits: Tensor) -> Tensor:
+        return (logits[:, -1, answer] - logits[:, -1, wrong]).mean()
+
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean)
+        corrupted_logits = model(corrupted)
+    clean_diff, corrupted_diff = logit_diff(clean_logits), logit_diff(corrupted_logits)
+    scale = clean_diff - corrupted_diff
+    if float(scale.abs()) < 1e-6:
+        raise CLIError("The clean and corrupted prompts give the same logit difference; nothing to patch.")
+
+    def normalized(logits: Tensor) -> Tensor:  # 0 = corrupted behaviour, 1 = clean behaviour
+        return (logit_diff(logits) - corrupted_diff) / scale
+
+    kwargs = dict(metric_positions=[-1], progress=not args.quiet, shard=shard, results_dir=args.results_dir)
+    with warnings.catch_warnings():
+        # A shard's result is partial by design; the command says where its units went instead.
+        warnings.filterwarnings("ignore", message="Shard .* work units are filled")
+        resid = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, normalized, **kwargs)
+        heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, normalized, **kwargs)
+    return model, corrupted, clean_diff, corrupted_diff, resid, heads
+
+
+def _check_shard_flags(args: argparse.Namespace) -> Optional[Tuple[int, int]]:
+    """--shard as (i, n), checked before anything is loaded: a shard keeps its work only in --results-dir."""
+    if args.shard is None:
+        return None
+    if args.results_dir is None:
+        raise CLIError(f"--shard {args.shard} needs --results-dir DIR: a shard computes only its part of the sweep, "
+                       "and the other shards' parts and the final merge run meet there.")
+    try:
+        return parse_shard(args.shard)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+
+
+@contextlib.contextmanager
+def _process_group_from_launcher(args: argparse.Namespace) -> Iterator[int]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment, no process group yet): a process group for the run (gloo
+    on the CPU, NCCL on GPUs; each rank on cuda:LOCAL_RANK unless --device says otherwise), destroyed after it.
+    Yields this process's rank (0 without a launcher)."""
+    dist = torch.distributed
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or args.shard is not None or not dist.is_available() or dist.is_initialized():
+        yield dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return
+    if args.device is None and torch.cuda.is_available():
+        args.device = str(local_device())
+    backend = "nccl" if args.device is not None and torch.device(args.device).type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
 
 
 def _patch_inputs(model: HookedTransformer, args: argparse.Namespace) -> Tuple[Tensor, Tensor, int, int]:
@@ -630,6 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--corrupted", default=IOI_CORRUPTED)
     patch.add_argument("--answer", default=" Mary", help="the clean prompt's answer (one token)")
     patch.add_argument("--wrong", default=" John", help="the corrupted prompt's answer (one token)")
+    patch.add_argument("--shard", default=None, metavar="I/N",
+                       help="compute only shard I of N of the sweeps' work units into --results-dir (no --out); a "
+                       "run without --shard then merges them")
+    patch.add_argument("--results-dir", default=None, metavar="DIR",
+                       help="keep finished work units here: a rerun skips them (resumable), shards meet here")
     circuit = commands.add_parser("circuit", help="circuit discovery on IOI: edge attribution (EAP-IG) and MIB's "
                                   "faithfulness (CPR / CMD)")
     common(circuit, "hooklens-circuit")

@@ -32,11 +32,12 @@ def heatmap(
     x_title: str = "",
     y_title: str = "",
     diverging: bool = True,
+    colorbar_title: str = "",
 ):
     """A [rows, cols] heatmap (e.g. layer x position patching results, layer x head scores).
 
-    Diverging results are centred on 0 (red positive, blue negative). Saved to `path` when given; the figure is
-    returned either way, so notebooks can display it.
+    Diverging results are centred on 0 (red positive, blue negative). `colorbar_title` names the values' quantity
+    and unit. Saved to `path` when given; the figure is returned either way, so notebooks can display it.
     """
     plt = _pyplot()
     data = _as_array(values)
@@ -50,7 +51,7 @@ def heatmap(
         image = ax.imshow(data, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     else:
         image = ax.imshow(data, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=colorbar_title or None)
     ax.set_xticks(range(cols))
     ax.set_xticklabels(list(x_labels) if x_labels is not None else range(cols), rotation=90 if x_labels else 0,
                        fontsize=8)

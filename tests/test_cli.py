@@ -13,7 +13,8 @@ from hooklens.cli import IOI_CLEAN, IOI_CORRUPTED, main
 
 INDUCTION_KEYS = {"model", "seq_len", "batch", "logprob_first_half", "logprob_second_half", "accuracy_second_half",
                   "induction_scores", "prev_token_scores", "top_induction_head", "top_prev_token_head",
-                  "mlp_patching", "kcomp_top1", "ov_copying_scores", "seconds"}
+                  "mlp_patching_loss_change", "mlp_patching_positions", "mlp_patching_metric",
+                  "kcomp_top1", "ov_copying_scores", "seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,10 @@ def test_induction_summary_structure(induction_summary):
     n_heads = len(summary["induction_scores"][0])
     for key in ("induction_scores", "prev_token_scores", "ov_copying_scores"):
         assert torch.tensor(summary[key]).shape == (n_layers, n_heads), key
-    assert torch.tensor(summary["mlp_patching"]).shape == (n_layers, 1 + 2 * summary["seq_len"])
+    seq_len = summary["seq_len"]
+    assert torch.tensor(summary["mlp_patching_loss_change"]).shape == (n_layers, seq_len)
+    assert summary["mlp_patching_positions"] == list(range(1 + seq_len, 1 + 2 * seq_len))
+    assert "mlp_patching" not in summary  # the old key held the patched metric itself, not an effect
     assert summary["model"] == "gpt2-embedded" and summary["seq_len"] == 50 and summary["batch"] == 4
     for figure in ("loss_by_position", "induction_scores", "prev_token_scores", "top_induction_head_pattern",
                    "mlp_patching", "ov_copying_scores"):
@@ -58,6 +62,28 @@ def test_induction_summary_equals_the_library(induction_summary):
         log_probs = model(tokens).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     torch.testing.assert_close(torch.tensor(summary["loss_by_position"]), -log_probs.mean(0), **tolerance())
     assert summary["logprob_second_half"] == pytest.approx(float(log_probs[:, seq_len:].mean()), abs=1e-4)
+
+
+def test_induction_mlp_patching_equals_the_library(induction_summary):
+    from hooklens.cli import induction_prompt
+    from hooklens.embedded import load_embedded
+    from hooklens.mlp_patching import repeated_token_mlp_patching
+
+    summary, _ = induction_summary
+    model = load_embedded(device="cpu")
+    tokens = induction_prompt(model, summary["seq_len"], summary["batch"], seed=0)
+    want = repeated_token_mlp_patching(model, tokens, progress=False)
+    torch.testing.assert_close(torch.tensor(summary["mlp_patching_loss_change"]), want, **tolerance("same_dtype"))
+
+
+def test_induction_mlp_patching_shows_the_seeds_finding(induction_summary):
+    """MLPs barely matter for induction: swapping a repeated token's MLP output for its first occurrence's moves
+    the second half's loss by far less than a nat, except at the first repeated token."""
+    summary, _ = induction_summary
+    effect = torch.tensor(summary["mlp_patching_loss_change"])  # [layers, seq_len]
+    assert float(effect.abs().median()) < 0.01
+    assert int(effect.abs().max(0).values.argmax()) == 0  # the largest change is at the first repeated token
+    assert float(effect.abs().max()) > 10 * float(effect.abs().median())
 
 
 def test_induction_finds_the_circuit_on_the_embedded_model(induction_summary):
