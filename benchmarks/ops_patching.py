@@ -10,7 +10,8 @@ which is ATen's best case: the engine would build it per chunk) and `index_put` 
 permuted views, the reference's composition without its bounds check). hooklens is the operator
 (`torch.ops.hooklens.index_patch_`: C++ on CPU, Triton on CUDA).
 
-Sweep workloads (`sweep_resid_pre_op`, `sweep_head_out_all_pos_op`): the IOI sweeps of `patching_sweeps.py` as the
+Sweep workloads (`sweep_resid_pre_op`, `sweep_head_out_all_pos_op`, `sweep_head_out_by_pos_op`,
+`sweep_pattern_all_pos_op`, `sweep_pattern_by_pos_op`): the IOI sweeps of `patching_sweeps.py` as the
 engine runs them, against the same sweeps inside `hooklens.ops.patching.use_reference()` (`aten_patch`: every
 `index_patch_` the engine makes runs the ATen reference instead).
 
@@ -106,6 +107,16 @@ def index_patch_head_out(ctx: Context) -> Case:
     return _op_case(ctx, "head", 48, 8, 15)
 
 
+def _sweep_shape(ctx: Context, kind: str) -> str:
+    import patching_sweeps
+
+    if not kind.startswith("attn_head_pattern"):
+        return patching_sweeps.sweep_shape(ctx, kind)
+    hl, _, corrupted = patching_sweeps._setup(ctx)[:3]
+    per_pos = f" x {corrupted.shape[1]} dest pos" if kind.endswith("by_pos") else ""
+    return f"{hl.cfg.n_layers} layers x {hl.cfg.n_heads} heads{per_pos}"
+
+
 def _sweep_case(ctx: Context, kind: str) -> Case:
     import patching_sweeps
     from hooklens.ops.patching import use_reference
@@ -117,7 +128,7 @@ def _sweep_case(ctx: Context, kind: str) -> Case:
             return run()
 
     return Case(impls={"hooklens": run, "aten_patch": aten_patch}, check=patching_sweeps.check_sweep,
-                shape=patching_sweeps.sweep_shape(ctx, kind), warmup=1, repeats=3)
+                shape=_sweep_shape(ctx, kind), warmup=1, repeats=3)
 
 
 @workload("sweep_resid_pre_op", references=("aten_patch",),
@@ -130,6 +141,30 @@ def sweep_resid_pre_op(ctx: Context) -> Case:
           description="IOI get_act_patch_attn_head_out_all_pos with index_patch_ vs with the ATen reference patch.")
 def sweep_head_out_all_pos_op(ctx: Context) -> Case:
     return _sweep_case(ctx, "attn_head_out_all_pos")
+
+
+# The sweeps where the engine calls index_patch_ (pattern / score patches: padded [rows, h, q, k] rows, a
+# rectangular layout the op covers). Resid / z / MLP patches act on the ragged packed-token matrix, where the engine
+# patches with a precomputed per-token mask (torch.where) and never calls the op: those rows read 1.00x by design.
+
+
+@workload("sweep_pattern_all_pos_op", references=("aten_patch",),
+          description="IOI get_act_patch_attn_head_pattern_all_pos with index_patch_ vs the ATen reference patch.")
+def sweep_pattern_all_pos_op(ctx: Context) -> Case:
+    return _sweep_case(ctx, "attn_head_pattern_all_pos")
+
+
+@workload("sweep_pattern_by_pos_op", references=("aten_patch",),
+          description="IOI get_act_patch_attn_head_pattern_by_pos with index_patch_ vs the ATen reference patch.")
+def sweep_pattern_by_pos_op(ctx: Context) -> Case:
+    return _sweep_case(ctx, "attn_head_pattern_by_pos")
+
+
+@workload("sweep_head_out_by_pos_op", references=("aten_patch",),
+          description="IOI get_act_patch_attn_head_out_by_pos with index_patch_ vs with the ATen reference patch "
+                      "(z patches are token-packed: the op is not on this path, expect 1.00x).")
+def sweep_head_out_by_pos_op(ctx: Context) -> Case:
+    return _sweep_case(ctx, "attn_head_out_by_pos")
 
 
 # -- standalone: the op over the IOI chunk shapes ------------------------------------------------------------------
