@@ -1,0 +1,142 @@
+"""`hooklens patch --shard I/N --results-dir DIR` and `torchrun ... -m hooklens patch`: shards meeting in one
+results directory, then a merge run, and a 2-process torchrun (gloo on the CPU), each give exactly the summary of a
+plain single-process run; `--shard` alone is a clear error before any work."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hooklens import sharding
+from hooklens.cli import main
+
+# One intra-op thread, as torchrun gives each of its processes (OMP_NUM_THREADS=1): the single-process reference
+# then runs the same float32 sums as the workers, and their summaries can be compared exactly.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SWEEP_KEYS = ("resid_pre_patching", "head_out_patching")
+# Everything in a patch summary but the wall time and the recorded command line.
+RESULT_KEYS = ("model", "clean", "corrupted", "answer", "wrong", "str_tokens", "clean_logit_diff",
+               "corrupted_logit_diff", *SWEEP_KEYS, "top_head")
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def _assert_same_results(summary, expected):
+    for key in RESULT_KEYS:
+        assert summary[key] == expected[key], key
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The summary of `hooklens patch` in one process, without shards or a results directory."""
+    out = tmp_path_factory.mktemp("plain") / "out"
+    assert main(["patch", "--out", str(out), "--quiet"]) == 0
+    return _summary(out)
+
+
+@pytest.fixture
+def count_units(monkeypatch):
+    """The work units this process computes (sharding runs `run_sweep` once per unit)."""
+    calls = []
+    real = sharding.run_sweep
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[4].indices))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sharding, "run_sweep", counting)
+    return calls
+
+
+def _units(results_dir):
+    return sorted(p.relative_to(results_dir).as_posix() for p in results_dir.glob("*/unit-*.pt"))
+
+
+def test_two_shards_then_a_merge_run_equal_a_plain_run(plain, tmp_path, count_units, capsys):
+    results_dir, out = tmp_path / "units", tmp_path / "out"
+    per_shard = []
+    for i in range(2):
+        shard = ["--shard", f"{i}/2", "--results-dir", str(results_dir)]
+        assert main(["patch", "--out", str(out), "--quiet", *shard]) == 0
+        assert f"shard {i}/2 done" in capsys.readouterr().out
+        assert not out.exists(), "a shard wrote --out"
+        per_shard.append(len(count_units))
+        count_units.clear()
+    units = _units(results_dir)
+    # The embedded model's IOI sweeps: resid_pre 2 layers x 15 positions = 30 variants (4 units of 8), head_out
+    # 2 layers x 4 heads = 8 variants (1 unit); round robin gives shard 0 units 0, 2 (+ the head unit), shard 1 1, 3.
+    assert len(units) == 5 and per_shard == [3, 2], (units, per_shard)
+    assert main(["patch", "--out", str(out), "--quiet", "--results-dir", str(results_dir)]) == 0
+    assert count_units == [], "the merge run computed units the shards had written"
+    _assert_same_results(_summary(out), plain)
+    assert _units(results_dir) == units
+
+
+def test_a_missing_shard_is_computed_by_the_merge_run(plain, tmp_path, count_units):
+    """A merge run after only some shards finished computes the rest (a resumed run), not NaN."""
+    results_dir, out = tmp_path / "units", tmp_path / "out"
+    assert main(["patch", "--out", str(out), "--quiet", "--shard", "1/2", "--results-dir", str(results_dir)]) == 0
+    assert len(count_units) == 2
+    assert main(["patch", "--out", str(out), "--quiet", "--results-dir", str(results_dir)]) == 0
+    assert len(count_units) == 2 + 3
+    _assert_same_results(_summary(out), plain)
+
+
+def test_shard_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("hooklens.cli.load_model", no_model)
+    out = tmp_path / "out"
+    assert main(["patch", "--out", str(out), "--quiet", "--shard", "0/2"]) == 2
+    err = capsys.readouterr().err
+    assert "--shard 0/2 needs --results-dir DIR" in err, err
+    for bad, says in [("2/2", "index must be in 0..count-1"), ("1of2", "INDEX/COUNT"), ("0/0", "count at least 1")]:
+        assert main(["patch", "--out", str(out), "--quiet", "--shard", bad, "--results-dir", str(tmp_path)]) == 2
+        assert says in capsys.readouterr().err, bad
+    assert not out.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("with_results_dir", [False, True])
+def test_torchrun_two_processes_write_one_output_equal_to_one_process(plain, tmp_path, with_results_dir):
+    runs, results_dir = tmp_path / "runs", tmp_path / "units"
+    out = runs / "torchrun"
+    extra = ["--results-dir", str(results_dir)] if with_results_dir else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "hooklens", "patch", "--out", str(out), "--quiet", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    # The workers log what each rank ran (hooklens.sharding's INFO line), through a sitecustomize on their path.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import logging\nlogging.basicConfig(level=logging.WARNING)\n"
+        "logging.getLogger('hooklens.sharding').setLevel(logging.INFO)\n")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "site"), env.get("PYTHONPATH")]))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("strongest head") == 1, "one summary table (rank 0's), not one per rank"
+    assert sorted(p.name for p in runs.iterdir()) == ["torchrun"], "one output directory, no other rank's staging"
+    _assert_same_results(_summary(out), plain)
+    # Each rank computed its own units (round robin over resid_pre's 4 and head_out's 1), none twice.
+    for rank, resid_units, head_units in [(0, 2, 1), (1, 2, 0)]:
+        for key, n, total in [("resid_pre-layer_pos", resid_units, 4), ("z-layer_head", head_units, 1)]:
+            line = f"{key}: shard {rank}/2 (torch.distributed): {n} units of {total}, 0 found in results_dir, " \
+                   f"{n} computed."
+            assert line in result.stderr, (line, result.stderr)
+    if with_results_dir:  # both ranks' units are kept: a later single-process run only merges them
+        assert len(_units(results_dir)) == 5
+        values, done = sharding.merge(results_dir, "resid_pre-layer_pos")
+        assert done.all() and values.tolist() == torch.tensor(plain["resid_pre_patching"]).reshape(-1).tolist()
