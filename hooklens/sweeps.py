@@ -22,8 +22,8 @@ TransformerLens runs one full forward pass (and one host sync) per patch. Here a
 
 Each step is exact: `tests/test_patching.py` and `tests/test_sweep_engine.py` check them against the
 one-forward-per-patch loop. Some sweeps run on the hook-based path instead (`packed=False` forces it): chunks of
-one layer, starting at the chunk's earliest position, patched by a hook with `hooklens::masked_patch` (PyTorch
-reference in `hooklens.ops.patching`). That path serves hook points the packed forward does not patch (LayerNorm
+one layer, starting at the chunk's earliest position, patched by a hook with `hooklens.ops.patching.masked_patch`
+(a `torch.where`). That path serves hook points the packed forward does not patch (LayerNorm
 internals, split q/k/v inputs, ...) and models it does not cover (`sweep_engine.packed_kind`), and runs each
 variant from position 0 in two cases, because their Python code must see what it sees in TransformerLens: a
 user-written patch setter (called per variant on its `[batch, pos, ...]` slice) and hooks already attached to the
