@@ -23,11 +23,11 @@ rerun without a shard (or `merge`) assembles them.
 
 With `results_dir`, each finished unit is written atomically (a temporary file renamed into place) as
 `<results_dir>/<sweep key>/unit-XXXXX.pt` (plain tensors and strings, read back with `weights_only=True`), and
-`sweep.json` beside it records what the units belong to: the model's fingerprint (its config and per-parameter
-sums) and the sweep's (activation, indices, prompts, the clean activations patched in, metric, metric positions,
-precision, unit size). A run whose model or sweep differs is refused before any forward, naming what differs. A
-rerun skips the finished units (logged), so a run preempted or killed after some units computes only the rest, and
-a run whose units are all present only loads them.
+`sweep.json` beside it records what the units belong to: the model's fingerprint (its config and a hash of its
+weights' bytes) and the sweep's (activation, indices, prompts, the clean activations patched in, metric, metric
+positions, precision, unit size, the files' format). A run whose model or sweep differs is refused before any
+forward, naming what differs. A rerun skips the finished units (logged), so a run preempted or killed after some
+units computes only the rest, and a run whose units are all present only loads them.
 
 The device: hooklens runs the sweep where the model is. Under torchrun with GPUs, put each process's model on its
 own GPU first: `model.to(f"cuda:{os.environ['LOCAL_RANK']}")` (`local_device()` returns that device).
@@ -54,7 +54,7 @@ from hooklens.utils import get_act_name
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bumped when the unit files' layout changes: older units are then refused, not misread
+FORMAT = 2  # bumped when the unit files' layout or fingerprints change: older units are then refused, not misread
 # Units per sweep the default size aims at: enough for 64 workers and frequent checkpoints, few enough that the
 # per-unit cost (one corrupted forward and the metric check) stays small beside the variants' forwards.
 TARGET_UNITS = 64
@@ -156,15 +156,21 @@ def _tensor_sums(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def model_fingerprint(model) -> Dict[str, str]:
-    """What identifies a model's results: a hash of its config and one of per-parameter sums (each parameter's
-    sum, sum of squares and position-weighted sum: a cheap digest of the weights, one pass over them)."""
+    """What identifies a model's results: a hash of its config and a SHA-256 of its parameters' names, dtypes,
+    shapes and bytes (a GPU model's copied to the host one parameter at a time). Exact and the same on every
+    device: hooklens processes checkpoint weights on the CPU before moving them, so a model loaded on a GPU holds
+    the bytes of the same model loaded on the CPU. (SHA-256 reads ~1 GB/s: 0.6 s for GPT-2 small's 163M float32
+    parameters, where float64 sums took 5.8 s.)"""
     config = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else vars(model.cfg)
     config = {k: v for k, v in config.items() if k not in ("device", "n_devices")}  # the same model anywhere
-    names, params = zip(*model.named_parameters())
-    # float32-rounded sums: the same weights give the same digest on any device and in any summation order.
-    sums = _tensor_sums(params).float()
+    weights = hashlib.sha256()
+    for name, param in model.named_parameters():
+        data = param.detach().contiguous().cpu().reshape(-1)  # no copy for a contiguous CPU parameter
+        weights.update(f"{name}:{data.dtype}:{tuple(param.shape)}".encode())
+        # the bytes through a uint8 view: bfloat16 has no numpy dtype
+        weights.update(data.view(torch.uint8).numpy() if data.numel() else b"")
     return {"model_name": str(config.get("model_name")), "config": _digest(config),
-            "weights": _digest(list(names), sums)}
+            "weights": weights.hexdigest()[:16]}
 
 
 def _callable_name(fn) -> str:
@@ -190,6 +196,7 @@ def sweep_fingerprint(sweep: PatchSweep, corrupted_tokens: Tensor, clean_cache, 
         "n_variants": str(len(sweep.indices)),
         "unit_size": str(unit_size),
         "extra": json.dumps(extra or {}, sort_keys=True, default=str),
+        "format": str(FORMAT),
     }
 
 
