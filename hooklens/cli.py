@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from hooklens import HookedTransformer, head_scores, patching, plotting
+from hooklens import HookedTransformer, head_scores, patching, plotting, report
 from hooklens.embedded import load_embedded
 from hooklens.evals import repeated_random_tokens
 from hooklens.loading import CheckpointError
@@ -44,9 +44,10 @@ IOI_CORRUPTED = "When John and Mary went to the shops, Mary gave the bag to"
 # What each command writes into --out (summary.json last: its presence marks a complete run).
 OUTPUT_FILES = {
     "induction": ("induction_scores.png", "prev_token_scores.png", "loss_by_position.png",
-                  "top_induction_head_pattern.png", "mlp_patching.png", "ov_copying_scores.png", "summary.json"),
-    "patch": ("resid_pre_patching.png", "head_out_patching.png", "summary.json"),
-    "circuit": ("faithfulness.png", "circuit.png", "importances.json", "summary.json"),
+                  "top_induction_head_pattern.png", "mlp_patching.png", "ov_copying_scores.png", "report.html",
+                  "summary.json"),
+    "patch": ("resid_pre_patching.png", "head_out_patching.png", "report.html", "summary.json"),
+    "circuit": ("faithfulness.png", "circuit.png", "importances.json", "report.html", "summary.json"),
 }
 # Keys that identify a command's summary.json written before summaries named their command.
 SUMMARY_KEYS = {"induction": {"induction_scores", "kcomp_top1"}, "patch": {"resid_pre_patching", "head_out_patching"},
@@ -124,14 +125,18 @@ def run_induction(args: argparse.Namespace) -> Dict[str, Any]:
         model = load_model(args.model, args.device, args.dtype)
         seq_len = _induction_seq_len(args.seq_len, model)
         tokens = induction_prompt(model, seq_len, args.batch, args.seed)  # [b, 1 + 2 * seq_len]
+        _say(args, f"head scores: induction and previous-token scores of every head on {tuple(tokens.shape)} tokens")
         heads = _induction_head_scores(model, tokens, seq_len, stage, progress=not args.quiet)
         losses = _repeated_token_losses(model, tokens, seq_len, heads["top_induction_head"], stage)
         mlp_patching = _second_half_mlp_patching(model, tokens, seq_len, args, stage)
+        _say(args, "K-composition of the top heads and OV copying scores of every head")
         circuits = _circuit_scores(model, heads["top_induction_head"], heads["top_prev_token_head"], args, stage)
         summary = {"command": "hooklens induction", "model": model.cfg.model_name, "seq_len": seq_len,
                    "batch": args.batch, **losses, **heads, **mlp_patching, **circuits,
                    "seconds": time.perf_counter() - start}
         save_summary(stage / "summary.json", summary)
+        _say(args, "writing report.html")
+        report.induction_report(stage, model, tokens, summary, _report_rows(summary, _induction_table(summary)))
     _print_summary(Path(args.out), "hooklens induction", summary, _induction_table(summary))
     return summary
 
@@ -215,7 +220,7 @@ def _token_labels(model, tokens: Tensor) -> List[str]:
 
 def _say(args: argparse.Namespace, what: str) -> None:
     """Name a long step on stderr (not with --quiet), so a user watching the run knows what it is doing."""
-    if not args.quiet:
+    if getattr(args, "say", not args.quiet):
         print(f"hooklens {args.command}: {what}", file=sys.stderr, flush=True)
 
 
@@ -394,12 +399,20 @@ def run_patch(args: argparse.Namespace) -> Dict[str, Any]:
                 "seconds": time.perf_counter() - start,
             }
             save_summary(stage / "summary.json", summary)
-    _print_summary(Path(args.out), "hooklens patch", summary, [
-        ("model", summary["model"]),
-        ("clean / corrupted logit diff", f"{float(clean_diff):.3f} / {float(corrupted_diff):.3f}"),
-        ("strongest head (output patching)", f"L{top_layer}H{top_head}  {float(heads[top_layer, top_head]):+.3f}"),
-    ])
+            report.patch_report(stage, model, corrupted, summary, _report_rows(summary, _patch_table(summary)))
+    _print_summary(Path(args.out), "hooklens patch", summary, _patch_table(summary))
     return summary
+
+
+def _patch_table(summary: Dict[str, Any]) -> List[tuple]:
+    """The rows `hooklens patch` prints."""
+    top_layer, top_head = summary["top_head"]
+    return [
+        ("model", summary["model"]),
+        ("clean / corrupted logit diff", f"{summary['clean_logit_diff']:.3f} / {summary['corrupted_logit_diff']:.3f}"),
+        ("strongest head (output patching)",
+         f"L{top_layer}H{top_head}  {summary['head_out_patching'][top_layer][top_head]:+.3f}"),
+    ]
 
 
 def _patch_results(args: argparse.Namespace, shard: Optional[Tuple[int, int]]):
@@ -599,6 +612,7 @@ def run_circuit(args: argparse.Namespace) -> Dict[str, Any]:
             "seconds": time.perf_counter() - start,
         }
         save_summary(stage / "summary.json", summary)
+        report.circuit_report(stage, summary, _report_rows(summary, _circuit_table(args, summary, scores, method)))
     _print_summary(Path(args.out), "hooklens circuit", summary, _circuit_table(args, summary, scores, method))
     return summary
 
@@ -649,6 +663,11 @@ def _finite_or_none(value: Any, where: str, non_finite: List[str]) -> Any:
 def _print_summary(out: Path, title: str, summary: dict, rows: Sequence[tuple]) -> None:
     """Print the result table (rows + where the files are + time)."""
     _print_table(title, [*rows, ("figures + summary.json", str(out)), ("seconds", f"{summary['seconds']:.1f}")])
+
+
+def _report_rows(summary: dict, rows: Sequence[tuple]) -> List[tuple]:
+    """The table of report.html: the printed rows and the run's time (the page sits beside the files)."""
+    return [*rows, ("seconds", f"{summary['seconds']:.1f}")]
 
 
 def _print_table(title: str, rows: Sequence[tuple]) -> None:
@@ -733,6 +752,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Exit codes: 0 done, 2 bad input (argparse's usage errors exit 2 too), 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, recorded in summaries
+    args.say = not args.quiet  # step messages: off with --quiet only
+    # TQDM_DISABLE turns the progress bars off as for any tqdm bar: tqdm reads it only for bars made without an
+    # explicit `disable=`, and the library's bars pass one (progress=...), so the command applies it here. Any
+    # non-empty value counts, as in tqdm.
+    args.quiet = args.quiet or bool(os.environ.get("TQDM_DISABLE", ""))
     torch.manual_seed(args.seed)
     commands = {"induction": run_induction, "patch": run_patch, "circuit": run_circuit}
     try:

@@ -36,11 +36,17 @@ def test_induction_summary_structure(induction_summary):
     assert summary["mlp_patching_positions"] == list(range(1 + seq_len, 1 + 2 * seq_len))
     assert "mlp_patching" not in summary  # the old key held the patched metric itself, not an effect
     assert summary["model"] == "gpt2-embedded" and summary["seq_len"] == 50 and summary["batch"] == 4
+    page = (out / "report.html").read_text()
     for figure in ("loss_by_position", "induction_scores", "prev_token_scores", "top_induction_head_pattern",
                    "mlp_patching", "ov_copying_scores"):
         assert (out / f"{figure}.png").stat().st_size > 1000, figure
         image = plt_image.imread(out / f"{figure}.png")  # [height, width, RGBA]: a real, drawn figure
         assert image.ndim == 3 and min(image.shape[:2]) > 200 and image[..., :3].std() > 0.05, figure
+        assert f'alt="{figure}.png" src="data:image/png;base64,' in page, figure  # every PNG is in report.html
+    # the interactive figures: loss, 2 score maps, 2 attention views, MLP patching, OV copying (tests/
+    # test_report_browser.py opens the page in a browser)
+    assert page.count('class="plotly-graph-div"') == 7
+    assert "<td>MLP patching: loss change</td>" in page  # the printed table
 
 
 def test_induction_summary_equals_the_library(induction_summary):
@@ -102,6 +108,8 @@ def test_induction_finds_the_circuit_on_the_embedded_model(induction_summary):
 def _patch_summary(tmp_path, *extra):
     out = tmp_path / "patch"
     assert main(["patch", "--out", str(out), "--quiet", *extra]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count('class="plotly-graph-div"') == 2 and page.count('<img class="png"') == 2
     return json.loads((out / "summary.json").read_text())
 
 
@@ -183,3 +191,22 @@ def test_top_1_accuracy_matches_the_dense_chunk_loop():
     sampled = torch.randperm(1500, generator=torch.Generator().manual_seed(3))[:200].sort().values
     assert top_1_accuracy(circuit, 200, seed=3) == pytest.approx(
         (dense[sampled].argmax(-1) == sampled).float().mean().item(), abs=1e-6)
+
+
+QUICK = ["--seq-len", "6", "--batch", "1", "--kcomp-rows", "20", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("how", ["bars", "TQDM_DISABLE", "--quiet"])
+def test_progress_bars_honour_tqdm_disable_and_quiet(tmp_path, capsys, monkeypatch, how):
+    """Progress bars show by default and not with TQDM_DISABLE=1 (tqdm ignores it for bars given an explicit
+    `disable=`) or --quiet; the long steps are named on stderr unless --quiet."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    if how == "TQDM_DISABLE":
+        monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert main(["induction", "--out", str(tmp_path / "out"), *QUICK, *(["--quiet"] if how == "--quiet" else [])]) == 0
+    err = capsys.readouterr().err
+    bars = ("head_scores" in err and "it/s" in err, "patching mlp_out" in err)
+    assert bars == ((True, True) if how == "bars" else (False, False)), err
+    steps = [line for line in err.splitlines() if line.startswith("hooklens induction: ")]
+    want = [] if how == "--quiet" else ["head scores", "MLP patching", "K-composition", "writing report.html"]
+    assert len(steps) == len(want) and all(w in step for w, step in zip(want, steps)), steps

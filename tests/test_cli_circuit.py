@@ -17,7 +17,7 @@ from hooklens.embedded import load_embedded
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FILES = ("faithfulness.png", "circuit.png", "importances.json", "summary.json")
+FILES = ("faithfulness.png", "circuit.png", "importances.json", "report.html", "summary.json")
 ARGS = ["--quiet", "--n-prompts", "6", "--batch", "3", "--seed", "3"]
 
 
