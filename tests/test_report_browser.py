@@ -22,8 +22,12 @@ pytest.importorskip("plotly", reason="plotly is in the test extra: pip install -
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 # Interactive figures per page: induction = loss, induction and previous-token scores, the attention patterns of the
-# top induction and previous-token heads' layers, MLP patching, OV copying; patch = residual stream, head outputs.
-PLOTLY_FIGURES = {"induction": 7, "patch": 2}
+# top induction and previous-token heads' layers, MLP patching, OV copying; patch = residual stream, head outputs;
+# circuit = the faithfulness curves.
+PLOTLY_FIGURES = {"induction": 7, "patch": 2, "circuit": 1}
+# Small runs: the page, not the analysis, is under test here.
+QUICK = {"induction": ["--seq-len", "20", "--batch", "2", "--kcomp-rows", "50"], "patch": [],
+         "circuit": ["--method", "EAP", "--n-prompts", "6", "--batch", "3", "--seed", "3"]}
 WIDTH = 1280
 
 # Injected first into a copy of the page: records console.error / console.warn calls and uncaught errors, and after
@@ -87,8 +91,7 @@ def rendered(request, tmp_path_factory):
     browser = _chromium()
     command = request.param
     out = tmp_path_factory.mktemp(command) / "run"
-    quick = ["--seq-len", "20", "--batch", "2", "--kcomp-rows", "50"] if command == "induction" else []
-    assert cli.main([command, "--out", str(out), "--quiet", "--device", "cpu", *quick]) == 0
+    assert cli.main([command, "--out", str(out), "--quiet", "--device", "cpu", *QUICK[command]]) == 0
     page = (out / "report.html").read_text(encoding="utf-8")
     probed = out / "probed.html"  # beside the report: the same relative links
     probed.write_text(page.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "</body>", 1),
