@@ -9,15 +9,17 @@ the indirect object over the subject at the last position). Each sweep runs
 * in N processes joined by a gloo process group (as under torchrun), each returning the whole result -> tN, the
   slowest rank's time from a common barrier to its gathered result.
 
-Reported: `speedup = t1 / tN` and `scaling_efficiency = t1 / (N * tN)` (1.0: perfect), times as medians of
+Reported: `speedup = t1 / tN` and `scaling_efficiency = t1 / (N * tN)` (1.0: perfect; `units_scaling_efficiency`
+uses t1_units instead, the split's own efficiency apart from the units' overhead), times as medians of
 `--repeats`; the N-process result is checked against the 1-process one. Every process is a fresh spawned one with
 `torch.set_num_threads(1)`, so N processes need N free cores: the 1-minute load average before and after is in the
 row (on a shared machine the efficiency is a lower bound).
 
-The prompt batch sets the regime. With 1 prompt (15 tokens) a forward is bound by reading the weights, so the
-packed engine runs a chunk of 8 variants in about the time of 180, and each work unit also repeats the corrupted
-forward: sharding into units of 8 loses (units_overhead ~3-4x). With a few prompts the variants' matmuls dominate and
-the units' overhead is one corrupted forward per unit.
+The prompt batch sets the regime. Each work unit (8 variants for these sweeps) is one `run_sweep` call: it repeats
+the corrupted forward and runs its variants as one packed chunk. With few prompts a forward is bound by reading the
+weights, so a chunk of 8 variants costs nearly what the unsharded sweep's chunk of 144 does, and the units lose what
+the processes gain. Measured (2 processes, shared 2-core CPU): 4 prompts, units_overhead 1.5-1.9x, speedup
+0.87-1.19x; 16 prompts, units_overhead 1.22x, speedup 1.51x (efficiency 0.76; 0.92 against the units in 1 process).
 
     python benchmarks/sharding_scaling.py [--processes 2] [--prompts 4] [--sweeps resid_pre,attn_head_out_all_pos]
                                           [--repeats 3] [--log benchmarks/results.jsonl]
@@ -142,6 +144,8 @@ def _row(name: str, single: dict, ranks: List[dict], processes: int, n_prompts: 
         "hooklens_s": tn, "reference_s": t1, "ratio": t1 / tn, **scaling(t1, tn, processes),
         "processes": processes, "threads_per_process": 1, "backend": "gloo",
         "t1_units_s": t1_units, "units_overhead": t1_units / t1,
+        # the machinery's own scaling: N processes against 1 process running the same units
+        "units_scaling_efficiency": scaling(t1_units, tn, processes)["scaling_efficiency"],
         "shape": f"GPT-2-small shape (12 layers x 12 heads, d_model 768), {n_prompts} IOI prompts x "
                  f"{single['prompt']['tokens']} tokens, "
                  f"result {list(expected.shape)} ({n_variants} variants)",
