@@ -98,7 +98,7 @@ def heatmap(values: Union[Tensor, Sequence[Sequence[float]]], title: str = "",
 def _layout(fig, title: str, x_title: str, y_title: str, rows: int, cols: int) -> None:
     """Category axes (token labels that look like numbers stay labels), first row on top, a size that fits the
     cells."""
-    fig.update_layout(title=dict(text=title), height=int(min(max(260, 120 + 22 * rows), 900)),
+    fig.update_layout(title=dict(text=title), height=int(min(max(320, 120 + 22 * rows), 900)),
                       margin=dict(l=70, r=30, t=60, b=60))
     fig.update_xaxes(title_text=x_title, type="category", tickangle=-90 if cols > 12 else 0)
     fig.update_yaxes(title_text=y_title, type="category", autorange="reversed")

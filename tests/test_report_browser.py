@@ -45,7 +45,22 @@ window.addEventListener("error", e => window.__problems.push("uncaught: " + e.me
 window.addEventListener("unhandledrejection", e => window.__problems.push("unhandled rejection: " + e.reason));
 </script>"""
 PROBE_BODY = """<script>
-window.addEventListener("load", () => setTimeout(() => {
+window.addEventListener("load", () => setTimeout(async () => {
+  // every entry of every head selector, applied as a click would (Plotly.update with the entry's args), then the
+  // selector's opening entry again: which traces show, and the title, after each
+  const selectors = [];
+  for (const div of document.querySelectorAll(".plotly-graph-div")) {
+    for (const menu of div.layout.updatemenus || []) {
+      const shown = [], titles = [];
+      for (const button of menu.buttons) {
+        await Plotly.update(div, ...button.args);
+        shown.push(div.data.flatMap((trace, i) => trace.visible === false ? [] : [i]));
+        titles.push(div.layout.title.text);
+      }
+      await Plotly.update(div, ...menu.buttons[menu.active].args);
+      selectors.push({labels: menu.buttons.map(b => b.label), shown, titles});
+    }
+  }
   const box = el => {
     const r = el.getBoundingClientRect();
     return [r.left, r.top + window.scrollY, r.width, r.height];
@@ -53,6 +68,7 @@ window.addEventListener("load", () => setTimeout(() => {
   const probe = {
     height: document.documentElement.scrollHeight,
     problems: window.__problems,
+    selectors,
     plots: [...document.querySelectorAll(".plotly-graph-div")].map(el => ({
       box: box(el), svgs: el.querySelectorAll(".main-svg").length,
       cells: el.querySelectorAll(".hm image, .heatmaplayer image, .scatterlayer path").length })),
@@ -127,6 +143,17 @@ def test_every_figure_is_drawn(rendered):
     assert all(plot["svgs"] >= 1 and plot["cells"] >= 1 for plot in plots), plots
     want_pngs = [name for name in cli.OUTPUT_FILES[command] if name.endswith(".png")]
     assert len(pngs) == len(want_pngs) and all(png["loaded"] for png in pngs), pngs
+
+
+def test_head_selectors_show_one_head_each(rendered):
+    """In the browser, each entry of an attention view's selector shows exactly its head and names it."""
+    command, probe, _, _ = rendered
+    assert len(probe["selectors"]) == (2 if command == "induction" else 0)  # top induction / previous-token layers
+    for selector in probe["selectors"]:
+        n_heads = len(selector["labels"])
+        assert n_heads == 4  # the embedded model's heads per layer
+        assert selector["shown"] == [[h] for h in range(n_heads)]
+        assert [title.split(": ")[-1] for title in selector["titles"]] == selector["labels"]
 
 
 def test_screenshot_figure_areas_are_not_blank(rendered):
