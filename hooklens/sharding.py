@@ -130,18 +130,32 @@ def local_device() -> torch.device:
 
 
 # -- fingerprints ---------------------------------------------------------------------------------------------------
-def _digest(*parts) -> str:
+def digest(*parts) -> str:
+    """A short SHA-256 of `parts`: tensors by dtype, shape and bytes (wherever they are), lists / tuples / dicts
+    (sorted keys) item by item, anything else as JSON (`str` for what JSON cannot write)."""
     h = hashlib.sha256()
     for part in parts:
-        if isinstance(part, Tensor):
-            part = part.detach().cpu().contiguous()
-            h.update(str((part.dtype, tuple(part.shape))).encode())
-            # bytes of an integer/float view: bfloat16 has no numpy dtype
-            h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
+        _update(h, part)
     return h.hexdigest()[:16]
+
+
+def _update(h, part) -> None:
+    if isinstance(part, Tensor):
+        part = part.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor:{part.dtype}:{part.numel()}:".encode())
+        h.update(part.view(torch.uint8).numpy() if part.numel() else b"")  # a uint8 view: bfloat16 has no numpy dtype
+    elif isinstance(part, (list, tuple)):
+        h.update(f"list:{len(part)}:".encode())
+        for item in part:
+            _update(h, item)
+    elif isinstance(part, dict):
+        h.update(f"dict:{len(part)}:".encode())
+        for name in sorted(part, key=str):
+            _update(h, str(name))
+            _update(h, part[name])
+    else:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    h.update(b"\x00")
 
 
 def _tensor_sums(tensors: Sequence[Tensor]) -> Tensor:
@@ -169,11 +183,11 @@ def model_fingerprint(model) -> Dict[str, str]:
         weights.update(f"{name}:{data.dtype}:{tuple(param.shape)}".encode())
         # the bytes through a uint8 view: bfloat16 has no numpy dtype
         weights.update(data.view(torch.uint8).numpy() if data.numel() else b"")
-    return {"model_name": str(config.get("model_name")), "config": _digest(config),
+    return {"model_name": str(config.get("model_name")), "config": digest(config),
             "weights": weights.hexdigest()[:16]}
 
 
-def _callable_name(fn) -> str:
+def callable_name(fn) -> str:
     fn = getattr(fn, "func", fn)  # functools.partial
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
@@ -187,11 +201,11 @@ def sweep_fingerprint(sweep: PatchSweep, corrupted_tokens: Tensor, clean_cache, 
     positions = metric_positions.tolist() if isinstance(metric_positions, Tensor) else metric_positions
     return {
         "activation": sweep.activation_name,
-        "patches": _digest(sweep.indices, sweep.start_positions, list(sweep.axes or ()),
-                           _callable_name(sweep.patch_setter) if sweep.patch_setter is not None else None),
-        "tokens": _digest(corrupted_tokens.long()),
-        "clean_activations": _digest(_tensor_sums(clean).float()),
-        "metric": _callable_name(metric),
+        "patches": digest(sweep.indices, sweep.start_positions, list(sweep.axes or ()),
+                          callable_name(sweep.patch_setter) if sweep.patch_setter is not None else None),
+        "tokens": digest(corrupted_tokens.long()),
+        "clean_activations": digest(_tensor_sums(clean).float()),
+        "metric": callable_name(metric),
         "metric_positions": json.dumps(positions, default=str),
         "n_variants": str(len(sweep.indices)),
         "unit_size": str(unit_size),
@@ -298,12 +312,38 @@ def run_sharded(model, corrupted_tokens: Tensor, clean_cache, metric: Callable[[
                 metric_positions=None, memory_budget: Optional[int] = None, progress: bool = True, *,
                 shard: Optional[Tuple[int, int]] = None, results_dir=None, key: Optional[str] = None,
                 unit_size: Optional[int] = None, extra: Optional[dict] = None) -> Tensor:
-    """`run_sweep`'s result ([n] float32), computed by work units: this process's shard of them (see the module
-    docstring), skipping those already in `results_dir/key` and saving the rest there. With a process group (and no
-    explicit `shard`) every rank returns the whole result; otherwise the other shards' units are NaN unless they
-    are in `results_dir`. An exception carries `partial_result` / `done` over the whole sweep."""
+    """`run_sweep`'s result ([n] float32), computed by work units (`run_units`): one `run_sweep` call per unit, on
+    the unit's variants."""
     n = len(sweep.indices)
     unit_size = int(unit_size) if unit_size is not None else default_unit_size(n)
+
+    def compute(start: int, stop: int) -> Tensor:
+        part = dataclasses.replace(sweep, indices=sweep.indices[start:stop],
+                                   start_positions=sweep.start_positions[start:stop])
+        return run_sweep(model, corrupted_tokens, clean_cache, metric, part, metric_positions, memory_budget, False)
+
+    def fingerprint() -> Dict[str, Dict[str, str]]:
+        return {"model": model_fingerprint(model),
+                "sweep": sweep_fingerprint(sweep, corrupted_tokens, clean_cache, metric, metric_positions, unit_size,
+                                           extra)}
+
+    values, _ = run_units(compute, n, fingerprint, model.W_E.device, unit_size=unit_size, shard=shard,
+                          results_dir=results_dir, key=key, progress=progress,
+                          desc=f"{sweep.activation_name} units", stacklevel=4)
+    return values
+
+
+def run_units(compute: Callable[[int, int], Tensor], n: int, fingerprint: Callable[[], Dict[str, Dict[str, str]]],
+              device, *, unit_size: int, shard: Optional[Tuple[int, int]] = None, results_dir=None,
+              key: Optional[str] = None, progress: bool = True, desc: str = "units",
+              stacklevel: int = 3) -> Tuple[Tensor, Tensor]:
+    """`(values [n] float32, done [n] bool)` of a sweep of `n` items cut into units of `unit_size` consecutive
+    items: this process's shard of the units (see the module docstring), each loaded from `results_dir/key` or
+    computed with `compute(start, stop)` (-> [stop - start] values) and saved there. `fingerprint()` (called only
+    with a results directory or a process group) returns `{"model": ..., "sweep": ...}` string fields; the sweep's
+    must hold `n_variants` and `unit_size` (for `merge`). With a process group (and no explicit `shard`) every rank
+    returns the whole result; otherwise the other shards' units are NaN (done False) unless they are in
+    `results_dir`, with a warning `stacklevel` frames up. An exception carries `partial_result` / `done`."""
     if unit_size < 1:
         raise InvalidInputError(f"unit_size must be at least 1, got {unit_size}.")
     if results_dir is None and shard is None and _process_group() is None:
@@ -312,57 +352,48 @@ def run_sharded(model, corrupted_tokens: Tensor, clean_cache, metric: Callable[[
     group = _process_group() if source == "torch.distributed" else None
     if results_dir is not None and not key:
         raise InvalidInputError("results_dir needs a key naming the sweep's subdirectory.")
-    fingerprint = None
-    if results_dir is not None or group is not None:
-        fingerprint = {"model": model_fingerprint(model),
-                       "sweep": sweep_fingerprint(sweep, corrupted_tokens, clean_cache, metric, metric_positions,
-                                                  unit_size, extra)}
+    meta = fingerprint() if results_dir is not None or group is not None else None
     if group is not None:
-        _check_same_sweep(fingerprint, key)
-    store = _Store(Path(results_dir) / key, fingerprint) if results_dir is not None else None
+        _check_same_sweep(meta, key)
+    store = _Store(Path(results_dir) / key, meta) if results_dir is not None else None
     if store is not None:
         store.open()
-    starts = list(range(0, n, unit_size))  # unit u: variants [u * unit_size, (u + 1) * unit_size)
-    mine = [u for u in range(len(starts)) if u % count == index]
-    device = model.W_E.device
+    n_units = math.ceil(n / unit_size)  # unit u: items [u * unit_size, (u + 1) * unit_size)
+    mine = [u for u in range(n_units) if u % count == index]
     values = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    computed = _run_units(model, corrupted_tokens, clean_cache, metric, sweep, metric_positions, memory_budget,
-                          progress, store, mine, unit_size, values, done)
+    computed = _run_units(compute, store, mine, unit_size, values, done, progress, desc)
     logger.info("%s: shard %d/%d (%s): %d units of %d, %d found in results_dir, %d computed.", key or "sweep",
-                index, count, source, len(mine), len(starts), len(mine) - computed, computed)
+                index, count, source, len(mine), n_units, len(mine) - computed, computed)
     if group is not None:
-        return _gather(values, unit_size, count)
+        return _gather(values, unit_size, count), torch.ones_like(done)
     if count > 1:
         where = f"; the others are in {store.directory} once their shards finish, and a rerun without a shard " \
                 "(same arguments, same results_dir) returns the whole result" if store is not None else ""
-        warnings.warn(f"Shard {index}/{count}: only this shard's {len(mine)} of {len(starts)} work units are filled, "
-                      f"the rest of the result is NaN{where}.", stacklevel=3)
-    return values
+        warnings.warn(f"Shard {index}/{count}: only this shard's {len(mine)} of {n_units} work units are filled, "
+                      f"the rest of the result is NaN{where}.", stacklevel=stacklevel)
+    return values, done
 
 
-def _run_units(model, corrupted_tokens, clean_cache, metric, sweep: PatchSweep, metric_positions, memory_budget,
-               progress: bool, store: Optional[_Store], units: List[int], unit_size: int, values: Tensor,
-               done: Tensor) -> int:
-    """Fill `values` / `done` at `units` (loaded from `store`, else computed with `run_sweep` and saved); returns
-    how many were computed. An exception carries the whole sweep's finished work."""
+def _run_units(compute: Callable[[int, int], Tensor], store: Optional[_Store], units: List[int], unit_size: int,
+               values: Tensor, done: Tensor, progress: bool, desc: str) -> int:
+    """Fill `values` / `done` at `units` (loaded from `store`, else computed and saved); returns how many were
+    computed. An exception carries the whole sweep's finished work (a unit's own partial result included, when
+    `compute` attached one)."""
     from tqdm.auto import tqdm
 
     n, computed = len(values), 0
-    bar = tqdm(total=len(units), desc=f"{sweep.activation_name} units", disable=not progress)
+    bar = tqdm(total=len(units), desc=desc, disable=not progress)
     try:
         for unit in units:
             start, stop = unit * unit_size, min(n, (unit + 1) * unit_size)
             loaded = store.load(unit, stop - start) if store is not None else None
             if loaded is None:
-                part = dataclasses.replace(sweep, indices=sweep.indices[start:stop],
-                                           start_positions=sweep.start_positions[start:stop])
                 try:
-                    loaded = run_sweep(model, corrupted_tokens, clean_cache, metric, part, metric_positions,
-                                       memory_budget, False)
+                    loaded = compute(start, stop)
                 except BaseException as exc:
                     unit_partial, unit_done = getattr(exc, "partial_result", None), getattr(exc, "done", None)
-                    if unit_partial is not None and unit_done is not None:
+                    if unit_partial is not None and unit_done is not None and unit_done.shape == (stop - start,):
                         values[start:stop], done[start:stop] = unit_partial.to(values.device), unit_done.to(
                             done.device)
                     raise

@@ -17,13 +17,14 @@ graph missing that node's edges. Here every edge is scored against the full grap
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooklens import sharding
 from hooklens.attention import sdpa_attention
 from hooklens.circuits import interventions as iv
 from hooklens.circuits.evaluate import (
@@ -409,7 +410,8 @@ def _edges_per_chunk(model, batch: _Batch, memory_budget: int) -> int:
 def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patching",
           intervention_dataloader: Optional[Iterable] = None, quiet: bool = False,
           metric_positions: Optional[str] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-          metric_columns=None) -> Tensor:
+          metric_columns=None, *, shard: Optional[Tuple[int, int]] = None, results_dir=None,
+          unit_size: Optional[int] = None) -> Tensor:
     """EAP-IG's `get_scores_exact`: fills `graph.scores` with each real edge's exact patching score (see the module
     docstring), sets every real edge in the graph (as EAP-IG leaves it) and returns `graph.scores`.
 
@@ -417,7 +419,14 @@ def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patch
     probes which vocabulary columns it reads (e.g. logit_diff: the label columns), 'all' turns that off, a list of
     token ids says so (see `evaluate.columns_plan`). `memory_budget` bounds a chunk's activations in bytes (the
     cached clean run comes on top: `memory_plan` estimates both). On an exception (including KeyboardInterrupt)
-    the finished scores are attached to it (`exc.partial_result`, `exc.done`)."""
+    the finished scores are attached to it (`exc.partial_result`, `exc.done`).
+
+    `shard=(i, n)` / `results_dir=` / an initialized `torch.distributed` process group: the edges, in receiver
+    order, are cut into work units of `unit_size` edges (default `sharding.default_unit_size`) and run as
+    `hooklens.sharding` describes: this process's share, finished units kept in `results_dir/circuits-exact-
+    <intervention>` (resumable, refused for another model, graph, data, intervention or metric), every rank
+    scored in full under a process group. A shard without a process group leaves the other shards' scores as they
+    were in `graph.scores` (a merge run, same call without `shard`, fills them)."""
     iv.check_supported(model)
     iv.check_intervention(intervention, intervention_dataloader)
     if getattr(graph, "neurons_in_graph", None) is not None:
@@ -437,31 +446,92 @@ def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patch
     scores = torch.full(graph.scores.shape, float("nan"), dtype=graph.scores.dtype, device=device)
     done = torch.zeros(graph.scores.shape, dtype=torch.bool, device=device)
     baseline = baseline.to(device)
+    order = None  # with units: [E, 2] the edges in receiver order, unit u = order[u * unit_size:(u + 1) * unit_size]
     try:
         with torch.inference_mode():
             batches = [_Batch(model, c, x, y, intervention, means, metric, metric_positions, metric_columns)
                        for c, x, y in dataloader]
             groups = _receiver_groups(edges.to(model.cfg.device), model.cfg)
-            weights = _Weights(model)
             chunk = min(_edges_per_chunk(model, batch, memory_budget) for batch in batches)
-            state: dict = {}
+            run = _EdgeRunner(model, batches, metric, chunk, baseline, scores.dtype)
             with tqdm(total=len(edges), disable=quiet, desc="exact") as bar:
-                for layer, kind, group in groups:
-                    for start in range(0, len(group), chunk):
-                        part = group[start:start + chunk]  # [C, 2]
-                        total, count = 0.0, 0
-                        for batch in batches:
-                            logits = _chunk_logits(model, weights, batch, layer, kind, part)
-                            values = apply_metric(metric, logits, None, batch.metric_lengths, batch.labels,
-                                                  state)  # [C, k]
-                            total = total + values.sum(1)
-                            count += values.shape[1]
-                        scores[part[:, 0], part[:, 1]] = (total / count).to(scores.dtype) - baseline
-                        done[part[:, 0], part[:, 1]] = True
-                        bar.update(len(part))
+                if sharding.wants_units(shard, results_dir):
+                    order = torch.cat([group for *_, group in groups])
+                    unit_size = int(unit_size) if unit_size is not None else sharding.default_unit_size(len(order))
+                    _run_units(run, model, order, dataloader, means, metric, intervention, metric_positions,
+                               metric_columns, unit_size, shard, results_dir, bar, scores, done)
+                else:
+                    for layer, kind, group in groups:
+                        for start in range(0, len(group), chunk):
+                            part = group[start:start + chunk]  # [C, 2]
+                            scores[part[:, 0], part[:, 1]] = run.chunk(layer, kind, part)
+                            done[part[:, 0], part[:, 1]] = True
+                            bar.update(len(part))
     except BaseException as exc:
+        flat, flat_done = getattr(exc, "partial_result", None), getattr(exc, "done", None)
+        if order is not None and flat is not None and flat_done is not None and flat.shape == (len(order),):
+            # the units' finished scores (run_units attached them in receiver order)
+            flat_done = flat_done.to(device)
+            finished = order[flat_done]
+            scores[finished[:, 0], finished[:, 1]] = flat.to(device, scores.dtype)[flat_done]
+            done[finished[:, 0], finished[:, 1]] = True
         attach_partial(exc, scores.cpu(), done.cpu())
         raise
     scores, done = scores.cpu(), done.cpu()
     graph.scores[done] = scores[done]
     return graph.scores
+
+
+class _EdgeRunner:
+    """Scores of edge chunks: the metric of each edge's patched run (mean over the batches' prompts) minus the
+    baseline."""
+
+    def __init__(self, model, batches: List[_Batch], metric, chunk: int, baseline: Tensor, dtype: torch.dtype):
+        self.model, self.batches, self.metric, self.chunk_size = model, batches, metric, chunk
+        self.baseline, self.dtype = baseline, dtype
+        self.weights = _Weights(model)
+        self.state: dict = {}
+
+    def chunk(self, layer: Optional[int], kind: str, part: Tensor) -> Tensor:
+        """[C] scores of the edges `part` [C, 2], all into one receiver kind of one layer."""
+        total, count = 0.0, 0
+        for batch in self.batches:
+            logits = _chunk_logits(self.model, self.weights, batch, layer, kind, part)
+            values = apply_metric(self.metric, logits, None, batch.metric_lengths, batch.labels, self.state)  # [C, k]
+            total = total + values.sum(1)
+            count += values.shape[1]
+        return (total / count).to(self.dtype) - self.baseline
+
+    def edges(self, part: Tensor) -> Tensor:
+        """[E'] scores of any edges `part` [E', 2] sorted by receiver (a work unit), in `part`'s order: its receiver
+        groups (consecutive in `part`) in chunks of at most `chunk_size`."""
+        out = []
+        for layer, kind, group in _receiver_groups(part, self.model.cfg):
+            out.extend(self.chunk(layer, kind, group[start:start + self.chunk_size])
+                       for start in range(0, len(group), self.chunk_size))
+        return torch.cat(out)
+
+
+def _run_units(run: _EdgeRunner, model, order: Tensor, dataloader, means, metric, intervention: str,
+               metric_positions, metric_columns, unit_size: int, shard, results_dir, bar, scores: Tensor,
+               done: Tensor) -> None:
+    """exact by `hooklens.sharding` work units of `order` (edges in receiver order): fills `scores` / `done` at the
+    units this process ran, loaded or, under a process group, gathered."""
+    def compute(start: int, stop: int) -> Tensor:
+        values = run.edges(order[start:stop])
+        bar.update(stop - start)
+        return values
+
+    def fingerprint():
+        return {"model": sharding.model_fingerprint(model), "sweep": {
+            "method": "circuits.exact", "edges": sharding.digest(order), "data": sharding.digest(dataloader),
+            "intervention": intervention, "means": sharding.digest(means), "metric": sharding.callable_name(metric),
+            "metric_positions": str(metric_positions), "metric_columns": sharding.digest(metric_columns),
+            "n_variants": str(len(order)), "unit_size": str(unit_size), "format": str(sharding.FORMAT)}}
+
+    values, unit_done = sharding.run_units(compute, len(order), fingerprint, scores.device, unit_size=unit_size,
+                                           shard=shard, results_dir=results_dir, key=f"circuits-exact-{intervention}",
+                                           progress=False, stacklevel=4)
+    finished = order[unit_done.to(order.device)]
+    scores[finished[:, 0], finished[:, 1]] = values.to(scores.device, scores.dtype)[unit_done.to(scores.device)]
+    done[finished[:, 0], finished[:, 1]] = True
