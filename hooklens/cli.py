@@ -546,16 +546,29 @@ def _ioi_data(model: HookedTransformer, args: argparse.Namespace):
 def run_circuit(args: argparse.Namespace) -> Dict[str, Any]:
     """`hooklens circuit`: edge attribution (EAP-IG's methods) on IOI prompts, then MIB's faithfulness curves (CPR
     from the signed-score ranking, CMD from the absolute one); the curve, the top circuit, EAP-IG's importances.json
-    and summary.json."""
+    and summary.json.
+
+    `--method exact --shard i/n --results-dir D` scores that shard's work units of edges into D and writes no --out
+    (a run without --shard and the same --results-dir then only merges); under torchrun every rank scores its
+    units, rank 0 writes --out."""
+    start = time.perf_counter()
+    _check_circuit_flags(args)
+    shard = _check_circuit_shard_flags(args)
+    with _process_group_from_launcher(args) as rank:
+        if shard is not None or rank != 0:
+            _circuit_units_only(args, shard)
+            return {}
+        return _run_circuit(args, start)
+
+
+def _run_circuit(args: argparse.Namespace, start: float) -> Dict[str, Any]:
+    """`hooklens circuit` in one process (or rank 0 of a launcher's group): attribution, faithfulness, --out."""
     # imported here: `hooklens --help` and the other commands need none of the circuits package
     from hooklens.circuits import interventions
-    from hooklens.circuits.attribute import attribute
     from hooklens.circuits.faithfulness import MIB_KS, mib_scores
     from hooklens.circuits.graph import Graph
     from hooklens.circuits.ioi import logit_diff_loss, logit_diff_per_prompt
 
-    start = time.perf_counter()
-    _check_circuit_flags(args)
     timings: Dict[str, float] = {}
     with staged_output(args.out, "circuit") as stage:
         model = load_model(args.model, args.device, args.dtype)
@@ -577,8 +590,7 @@ def run_circuit(args: argparse.Namespace) -> Dict[str, Any]:
 
         tick = time.perf_counter()
         # MIB's attribution metric: the mean logit difference as a loss (an edge's score is its effect on it)
-        attribute(model, graph, dataloader, logit_diff_loss, method=args.method, intervention=args.intervention,
-                  ig_steps=args.ig_steps, intervention_dataloader=intervention_data, quiet=args.quiet)
+        _circuit_attribute(model, graph, dataloader, logit_diff_loss, args, intervention_data, None)
         timings["attribute"] = time.perf_counter() - tick
         graph.to_json(stage / "importances.json")
 
@@ -615,6 +627,57 @@ def run_circuit(args: argparse.Namespace) -> Dict[str, Any]:
         report.circuit_report(stage, summary, _report_rows(summary, _circuit_table(args, summary, scores, method)))
     _print_summary(Path(args.out), "hooklens circuit", summary, _circuit_table(args, summary, scores, method))
     return summary
+
+
+def _check_circuit_shard_flags(args: argparse.Namespace) -> Optional[Tuple[int, int]]:
+    """--shard / --results-dir of `hooklens circuit`, before anything is loaded: only --method exact (one patched
+    run per edge) runs by work units; the gradient methods are a few passes over the data."""
+    if (args.shard is not None or args.results_dir is not None) and args.method != "exact":
+        raise CLIError(f"--shard / --results-dir: --method {args.method} is a few passes over the data and does not "
+                       "run by work units; use --method exact, or drop --shard / --results-dir.")
+    return _check_shard_flags(args)
+
+
+def _circuit_attribute(model, graph, dataloader, metric, args: argparse.Namespace, intervention_data,
+                       shard: Optional[Tuple[int, int]]) -> None:
+    """The edge scores into `graph`: `exact` by work units (this shard's, the process group's share, kept in
+    --results-dir) when --method exact runs sharded, else `attribute`."""
+    from hooklens.circuits.attribute import attribute
+    from hooklens.sharding import wants_units
+
+    if args.method == "exact" and wants_units(shard, args.results_dir):
+        from hooklens.circuits.exact import exact
+        with warnings.catch_warnings():
+            # A shard's scores are partial by design; the command says where its units went instead.
+            warnings.filterwarnings("ignore", message="Shard .* work units are filled")
+            exact(model, graph, dataloader, metric, intervention=args.intervention,
+                  intervention_dataloader=intervention_data, quiet=args.quiet, shard=shard,
+                  results_dir=args.results_dir)
+        return
+    attribute(model, graph, dataloader, metric, method=args.method, intervention=args.intervention,
+              ig_steps=args.ig_steps, intervention_dataloader=intervention_data, quiet=args.quiet)
+
+
+def _circuit_units_only(args: argparse.Namespace, shard: Optional[Tuple[int, int]]) -> None:
+    """A --shard run, or a torchrun rank other than 0: score this process's units of edges (--method exact; the
+    other methods have none, rank 0 runs them alone) and write no --out."""
+    from hooklens.circuits import interventions
+    from hooklens.circuits.graph import Graph
+    from hooklens.circuits.ioi import logit_diff_loss
+
+    if args.method != "exact":
+        return
+    model = load_model(args.model, args.device, args.dtype)
+    try:
+        interventions.check_supported(model)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    dataloader = _ioi_data(model, args).to_dataloader(args.batch)
+    intervention_data = dataloader if "mean" in args.intervention else None  # as _run_circuit passes them
+    _circuit_attribute(model, Graph.from_model(model), dataloader, logit_diff_loss, args, intervention_data, shard)
+    if shard is not None:
+        print(f"hooklens circuit: shard {shard[0]}/{shard[1]} done; its units are in --results-dir "
+              f"{args.results_dir}. Run without --shard (same flags) to write {args.out}.")
 
 
 def _circuit_table(args: argparse.Namespace, summary: Dict[str, Any], scores, method: str) -> List[tuple]:
@@ -743,6 +806,12 @@ def build_parser() -> argparse.ArgumentParser:
     circuit.add_argument("--batch", type=int_at_least(1), default=20, help="prompts per batch (default: 20)")
     circuit.add_argument("--counterfactual", default="abc", choices=["abc", "s2"],
                          help="corrupted prompts: 'abc' (three new names) or 's2' (a new repeated subject)")
+    circuit.add_argument("--shard", default=None, metavar="I/N",
+                         help="--method exact: score only shard I of N of the edges' work units into --results-dir "
+                         "(no --out); a run without --shard then merges them")
+    circuit.add_argument("--results-dir", default=None, metavar="DIR",
+                         help="--method exact: keep finished work units here: a rerun skips them (resumable), shards "
+                         "meet here")
     circuit.add_argument("--top-n", type=int_at_least(1), default=None,
                          help="edges of the drawn circuit, by |score| (default: 1%% of the edges, 10 to 200)")
     return parser

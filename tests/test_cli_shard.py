@@ -111,6 +111,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_env(tmp_path) -> dict:
+    """The environment of a torchrun child: no launcher variables of ours, and a sitecustomize on the workers' path
+    that shows hooklens.sharding's INFO line (what each rank ran)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import logging\nlogging.basicConfig(level=logging.WARNING)\n"
+        "logging.getLogger('hooklens.sharding').setLevel(logging.INFO)\n")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "site"), env.get("PYTHONPATH")]))
+    return env
+
+
 @pytest.mark.parametrize("with_results_dir", [False, True])
 def test_torchrun_two_processes_write_one_output_equal_to_one_process(plain, tmp_path, with_results_dir):
     runs, results_dir = tmp_path / "runs", tmp_path / "units"
@@ -118,14 +130,7 @@ def test_torchrun_two_processes_write_one_output_equal_to_one_process(plain, tmp
     extra = ["--results-dir", str(results_dir)] if with_results_dir else []
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "hooklens", "patch", "--out", str(out), "--quiet", *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    # The workers log what each rank ran (hooklens.sharding's INFO line), through a sitecustomize on their path.
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(
-        "import logging\nlogging.basicConfig(level=logging.WARNING)\n"
-        "logging.getLogger('hooklens.sharding').setLevel(logging.INFO)\n")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "site"), env.get("PYTHONPATH")]))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_torchrun_env(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("strongest head") == 1, "one summary table (rank 0's), not one per rank"
     assert sorted(p.name for p in runs.iterdir()) == ["torchrun"], "one output directory, no other rank's staging"
@@ -140,3 +145,96 @@ def test_torchrun_two_processes_write_one_output_equal_to_one_process(plain, tmp
         assert len(_units(results_dir)) == 5
         values, done = sharding.merge(results_dir, "resid_pre-layer_pos")
         assert done.all() and values.tolist() == torch.tensor(plain["resid_pre_patching"]).reshape(-1).tolist()
+
+
+# -- hooklens circuit --method exact ----------------------------------------------------------------------------------
+CIRCUIT_ARGS = ["circuit", "--method", "exact", "--quiet", "--n-prompts", "6", "--batch", "3", "--seed", "3"]
+RUN_KEYS = {"timings", "seconds", "command_line"}  # wall times and the recorded command line differ between runs
+
+
+def _assert_same_circuit(out, expected_out):
+    summary, expected = _summary(out), _summary(expected_out)
+    assert summary.keys() == expected.keys()
+    for key in expected.keys() - RUN_KEYS:
+        assert summary[key] == expected[key], key
+    assert (out / "importances.json").read_text() == (expected_out / "importances.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def circuit_by_units(tmp_path_factory):
+    """`hooklens circuit --method exact` in one process with a fresh --results-dir (every unit computed), and the
+    same without --results-dir (the unsharded exact)."""
+    base = tmp_path_factory.mktemp("circuit")
+    assert main([*CIRCUIT_ARGS, "--out", str(base / "units"), "--results-dir", str(base / "units-dir")]) == 0
+    assert main([*CIRCUIT_ARGS, "--out", str(base / "plain")]) == 0
+    return base / "units", base / "plain"
+
+
+@pytest.fixture
+def count_edge_units(monkeypatch):
+    """The units of edges this process scores (exact runs `_EdgeRunner.edges` once per unit)."""
+    import importlib
+
+    runner = importlib.import_module("hooklens.circuits.exact")._EdgeRunner
+    calls = []
+    real = runner.edges
+
+    def counting(self, part):
+        calls.append(len(part))
+        return real(self, part)
+
+    monkeypatch.setattr(runner, "edges", counting)
+    return calls
+
+
+def test_circuit_shards_then_a_merge_run_equal_one_process(circuit_by_units, tmp_path, count_edge_units, capsys):
+    units_out, plain_out = circuit_by_units
+    results_dir, out = tmp_path / "units", tmp_path / "out"
+    per_shard = []
+    for i in range(2):
+        assert main([*CIRCUIT_ARGS, "--out", str(out), "--shard", f"{i}/2", "--results-dir", str(results_dir)]) == 0
+        assert f"shard {i}/2 done" in capsys.readouterr().out and not out.exists()
+        per_shard.append(len(count_edge_units))
+        count_edge_units.clear()
+    # the embedded model's 110 edges: 14 units of 8 (sharding.default_unit_size), 7 per shard
+    assert per_shard == [7, 7] and len(list((results_dir / "circuits-exact-patching").glob("unit-*.pt"))) == 14
+    assert main([*CIRCUIT_ARGS, "--out", str(out), "--results-dir", str(results_dir)]) == 0
+    assert count_edge_units == [], "the merge run scored edges the shards had written"
+    _assert_same_circuit(out, units_out)
+    # Units chunk the edges differently from the unsharded exact: the same scores up to float32 reordering.
+    merged, plain = _summary(out), _summary(plain_out)
+    assert merged["cpr"] == pytest.approx(plain["cpr"], abs=1e-4)
+    assert merged["cmd"] == pytest.approx(plain["cmd"], abs=1e-4)
+
+
+def test_circuit_shard_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("hooklens.cli.load_model", no_model)
+    out = tmp_path / "out"
+    assert main([*CIRCUIT_ARGS, "--out", str(out), "--shard", "0/2"]) == 2
+    assert "--shard 0/2 needs --results-dir DIR" in capsys.readouterr().err
+    eap = ["circuit", "--method", "EAP", "--quiet", "--out", str(out)]
+    assert main([*eap, "--shard", "0/2", "--results-dir", str(tmp_path)]) == 2
+    assert "--method EAP is a few passes over the data" in capsys.readouterr().err
+    assert main([*eap, "--results-dir", str(tmp_path)]) == 2
+    assert "use --method exact" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_circuit_under_torchrun_writes_one_output_equal_to_one_process(circuit_by_units, tmp_path):
+    units_out, _ = circuit_by_units
+    runs = tmp_path / "runs"
+    out = runs / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "hooklens", *CIRCUIT_ARGS, "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_torchrun_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("CPR (signed ranking") == 1, "one summary table (rank 0's), not one per rank"
+    for rank in range(2):  # each rank scored its 7 of the 14 units of edges
+        line = f"circuits-exact-patching: shard {rank}/2 (torch.distributed): 7 units of 14, 0 found in " \
+               "results_dir, 7 computed."
+        assert line in result.stderr, (line, result.stderr)
+    assert sorted(p.name for p in runs.iterdir()) == ["torchrun"]
+    _assert_same_circuit(out, units_out)  # the two ranks' units, gathered: the one-process units' scores exactly
