@@ -35,7 +35,7 @@ from hooklens.embedded import load_embedded
 from hooklens.evals import repeated_random_tokens
 from hooklens.loading import CheckpointError
 from hooklens.mlp_patching import repeated_token_mlp_patching
-from hooklens.sharding import local_device, parse_shard
+from hooklens.sharding import local_device, parse_shard, resolve_shard
 from hooklens.utils import get_act_name
 
 IOI_CLEAN = "When John and Mary went to the shops, John gave the bag to"
@@ -635,7 +635,16 @@ def _check_circuit_shard_flags(args: argparse.Namespace) -> Optional[Tuple[int, 
     if (args.shard is not None or args.results_dir is not None) and args.method != "exact":
         raise CLIError(f"--shard / --results-dir: --method {args.method} is a few passes over the data and does not "
                        "run by work units; use --method exact, or drop --shard / --results-dir.")
-    return _check_shard_flags(args)
+    shard = _check_shard_flags(args)
+    if shard is None and args.results_dir is not None and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        # A SLURM array task without --shard: its task id / count pick the shard (the library's env fallback), so
+        # it writes its units, not an --out with only its share of the scores.
+        try:
+            index, count, _ = resolve_shard()
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+        shard = (index, count) if count > 1 else None
+    return shard
 
 
 def _circuit_attribute(model, graph, dataloader, metric, args: argparse.Namespace, intervention_data,

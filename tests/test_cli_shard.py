@@ -238,3 +238,21 @@ def test_circuit_under_torchrun_writes_one_output_equal_to_one_process(circuit_b
         assert line in result.stderr, (line, result.stderr)
     assert sorted(p.name for p in runs.iterdir()) == ["torchrun"]
     _assert_same_circuit(out, units_out)  # the two ranks' units, gathered: the one-process units' scores exactly
+
+
+def test_circuit_in_a_slurm_array_task_runs_its_shard(circuit_by_units, tmp_path, monkeypatch, capsys):
+    """Without --shard, SLURM_ARRAY_TASK_ID / _COUNT pick the shard (the env fallback): the task writes its units,
+    not an --out holding its share of the scores only; the merge run outside the array writes --out."""
+    units_out, _ = circuit_by_units
+    results_dir, out = tmp_path / "units", tmp_path / "out"
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    for task in range(2):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        assert main([*CIRCUIT_ARGS, "--out", str(out), "--results-dir", str(results_dir)]) == 0
+        assert f"shard {task}/2 done" in capsys.readouterr().out and not out.exists()
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    assert main([*CIRCUIT_ARGS, "--out", str(out), "--results-dir", str(results_dir)]) == 0
+    _assert_same_circuit(out, units_out)
