@@ -312,8 +312,8 @@ def run_sharded(model, corrupted_tokens: Tensor, clean_cache, metric: Callable[[
                 metric_positions=None, memory_budget: Optional[int] = None, progress: bool = True, *,
                 shard: Optional[Tuple[int, int]] = None, results_dir=None, key: Optional[str] = None,
                 unit_size: Optional[int] = None, extra: Optional[dict] = None) -> Tensor:
-    """`run_sweep`'s result ([n] float32), computed by work units (`run_units`): one `run_sweep` call per unit, on
-    the unit's variants."""
+    """`run_sweep`'s result ([n] float32), computed by work units (`plan_units`, `run_units`): one `run_sweep` call
+    per unit, on the unit's variants."""
     n = len(sweep.indices)
     unit_size = int(unit_size) if unit_size is not None else default_unit_size(n)
 
@@ -327,23 +327,42 @@ def run_sharded(model, corrupted_tokens: Tensor, clean_cache, metric: Callable[[
                 "sweep": sweep_fingerprint(sweep, corrupted_tokens, clean_cache, metric, metric_positions, unit_size,
                                            extra)}
 
-    values, _ = run_units(compute, n, fingerprint, model.W_E.device, unit_size=unit_size, shard=shard,
-                          results_dir=results_dir, key=key, progress=progress,
-                          desc=f"{sweep.activation_name} units", stacklevel=4)
+    plan = plan_units(n, fingerprint, unit_size=unit_size, shard=shard, results_dir=results_dir, key=key)
+    values, _ = run_units(compute, plan, model.W_E.device, progress=progress, desc=f"{sweep.activation_name} units",
+                          stacklevel=4)
     return values
 
 
-def run_units(compute: Callable[[int, int], Tensor], n: int, fingerprint: Callable[[], Dict[str, Dict[str, str]]],
-              device, *, unit_size: int, shard: Optional[Tuple[int, int]] = None, results_dir=None,
-              key: Optional[str] = None, progress: bool = True, desc: str = "units",
-              stacklevel: int = 3) -> Tuple[Tensor, Tensor]:
-    """`(values [n] float32, done [n] bool)` of a sweep of `n` items cut into units of `unit_size` consecutive
-    items: this process's shard of the units (see the module docstring), each loaded from `results_dir/key` or
-    computed with `compute(start, stop)` (-> [stop - start] values) and saved there. `fingerprint()` (called only
-    with a results directory or a process group) returns `{"model": ..., "sweep": ...}` string fields; the sweep's
-    must hold `n_variants` and `unit_size` (for `merge`). With a process group (and no explicit `shard`) every rank
-    returns the whole result; otherwise the other shards' units are NaN (done False) unless they are in
-    `results_dir`, with a warning `stacklevel` frames up. An exception carries `partial_result` / `done`."""
+@dataclasses.dataclass
+class UnitPlan:
+    """Which work units of a sweep of `n` items this process runs, and where finished ones are kept (`plan_units`).
+    Unit u is items [u * unit_size, (u + 1) * unit_size)."""
+
+    n: int
+    unit_size: int
+    index: int  # this process's shard ...
+    count: int  # ... of this many
+    source: str  # where the shard came from (`resolve_shard`)
+    group: Optional[object]  # the process group whose ranks split the units, or None
+    store: Optional[_Store]
+    key: Optional[str]
+
+    @property
+    def n_units(self) -> int:
+        return math.ceil(self.n / self.unit_size)
+
+    @property
+    def mine(self) -> List[int]:
+        return [u for u in range(self.n_units) if u % self.count == self.index]
+
+
+def plan_units(n: int, fingerprint: Callable[[], Dict[str, Dict[str, str]]], *, unit_size: int,
+               shard: Optional[Tuple[int, int]] = None, results_dir=None, key: Optional[str] = None) -> UnitPlan:
+    """The checks a unit run makes before any work: the shard (see the module docstring), under a process group
+    that every rank runs the same sweep, and with `results_dir` that `results_dir/key` holds this sweep's units
+    (else `ResultsMismatchError`). `fingerprint()` (called only with a results directory or a process group)
+    returns `{"model": ..., "sweep": ...}` string fields; the sweep's must hold `n_variants` and `unit_size` (for
+    `merge`)."""
     if unit_size < 1:
         raise InvalidInputError(f"unit_size must be at least 1, got {unit_size}.")
     if results_dir is None and shard is None and _process_group() is None:
@@ -358,20 +377,29 @@ def run_units(compute: Callable[[int, int], Tensor], n: int, fingerprint: Callab
     store = _Store(Path(results_dir) / key, meta) if results_dir is not None else None
     if store is not None:
         store.open()
-    n_units = math.ceil(n / unit_size)  # unit u: items [u * unit_size, (u + 1) * unit_size)
-    mine = [u for u in range(n_units) if u % count == index]
-    values = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    computed = _run_units(compute, store, mine, unit_size, values, done, progress, desc)
-    logger.info("%s: shard %d/%d (%s): %d units of %d, %d found in results_dir, %d computed.", key or "sweep",
-                index, count, source, len(mine), n_units, len(mine) - computed, computed)
-    if group is not None:
-        return _gather(values, unit_size, count), torch.ones_like(done)
-    if count > 1:
-        where = f"; the others are in {store.directory} once their shards finish, and a rerun without a shard " \
-                "(same arguments, same results_dir) returns the whole result" if store is not None else ""
-        warnings.warn(f"Shard {index}/{count}: only this shard's {len(mine)} of {n_units} work units are filled, "
-                      f"the rest of the result is NaN{where}.", stacklevel=stacklevel)
+    return UnitPlan(n, unit_size, index, count, source, group, store, key)
+
+
+def run_units(compute: Callable[[int, int], Tensor], plan: UnitPlan, device, *, progress: bool = True,
+              desc: str = "units", stacklevel: int = 3) -> Tuple[Tensor, Tensor]:
+    """`(values [n] float32, done [n] bool)`: `plan`'s units for this process, each loaded from the results
+    directory or computed with `compute(start, stop)` (-> [stop - start] values) and saved there. With a process
+    group every rank returns the whole result; otherwise the other shards' units are NaN (done False) unless they
+    are in the results directory, with a warning `stacklevel` frames up. An exception carries `partial_result` /
+    `done`."""
+    mine = plan.mine
+    values = torch.full((plan.n,), float("nan"), dtype=torch.float32, device=device)
+    done = torch.zeros(plan.n, dtype=torch.bool, device=device)
+    computed = _run_units(compute, plan.store, mine, plan.unit_size, values, done, progress, desc)
+    logger.info("%s: shard %d/%d (%s): %d units of %d, %d found in results_dir, %d computed.", plan.key or "sweep",
+                plan.index, plan.count, plan.source, len(mine), plan.n_units, len(mine) - computed, computed)
+    if plan.group is not None:
+        return _gather(values, plan.unit_size, plan.count), torch.ones_like(done)
+    if plan.count > 1:
+        where = f"; the others are in {plan.store.directory} once their shards finish, and a rerun without a " \
+                "shard (same arguments, same results_dir) returns the whole result" if plan.store is not None else ""
+        warnings.warn(f"Shard {plan.index}/{plan.count}: only this shard's {len(mine)} of {plan.n_units} work units "
+                      f"are filled, the rest of the result is NaN{where}.", stacklevel=stacklevel)
     return values, done
 
 

@@ -114,9 +114,14 @@ def test_an_interrupted_run_resumes_with_only_the_missing_units(setup, tmp_path,
     torch.testing.assert_close(resumed.scores, by_units.scores, rtol=1e-5, atol=1e-5)
 
 
-def test_units_of_another_model_or_data_are_refused(setup, tmp_path):
+def test_units_of_another_model_or_data_are_refused(setup, tmp_path, monkeypatch):
     model, _, _ = setup
     _scores(model, results_dir=tmp_path)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward ran before the results directory was checked")
+
+    monkeypatch.setattr(exact_module, "evaluate_baseline", no_forward)  # the first forward exact runs
     other = make_model(**SHAPES["2l4h"])  # same config, one weight changed
     with torch.no_grad():
         other.blocks[1].mlp.W_out[3, 7] += 1e-3

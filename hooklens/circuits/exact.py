@@ -437,29 +437,32 @@ def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patch
         raise ValueError("The dataloader is empty; give at least one (clean, corrupted, labels) batch.")
     graph.in_graph |= graph.real_edge_mask
     edges = graph.real_edge_mask.nonzero()  # [E, 2] (forward, backward) index of every real edge
+    device = model.cfg.device
+    groups = _receiver_groups(edges.to(device), model.cfg)
+    order, plan = None, None  # with units: [E, 2] the edges in receiver order, and which units this process runs
+    if sharding.wants_units(shard, results_dir):
+        if "mean" in intervention:  # digested for the fingerprint, then averaged
+            intervention_dataloader = list(intervention_dataloader)
+        order = torch.cat([group for *_, group in groups])
+        plan = _plan_units(model, order, dataloader, intervention_dataloader, metric, intervention, metric_positions,
+                           metric_columns, unit_size, shard, results_dir)  # a mismatching results_dir: before work
     baseline = evaluate_baseline(model, dataloader, metric, quiet=True).mean()
     means = None
     if "mean" in intervention:
         means = iv.compute_means(model, intervention_dataloader, per_position=intervention == "mean-positional")
-    device = model.cfg.device
     # kept on the model's device (one transfer at the end, or on an exception), filled chunk by chunk
     scores = torch.full(graph.scores.shape, float("nan"), dtype=graph.scores.dtype, device=device)
     done = torch.zeros(graph.scores.shape, dtype=torch.bool, device=device)
     baseline = baseline.to(device)
-    order = None  # with units: [E, 2] the edges in receiver order, unit u = order[u * unit_size:(u + 1) * unit_size]
     try:
         with torch.inference_mode():
             batches = [_Batch(model, c, x, y, intervention, means, metric, metric_positions, metric_columns)
                        for c, x, y in dataloader]
-            groups = _receiver_groups(edges.to(model.cfg.device), model.cfg)
             chunk = min(_edges_per_chunk(model, batch, memory_budget) for batch in batches)
             run = _EdgeRunner(model, batches, metric, chunk, baseline, scores.dtype)
             with tqdm(total=len(edges), disable=quiet, desc="exact") as bar:
-                if sharding.wants_units(shard, results_dir):
-                    order = torch.cat([group for *_, group in groups])
-                    unit_size = int(unit_size) if unit_size is not None else sharding.default_unit_size(len(order))
-                    _run_units(run, model, order, dataloader, means, metric, intervention, metric_positions,
-                               metric_columns, unit_size, shard, results_dir, bar, scores, done)
+                if plan is not None:
+                    _run_units(run, order, plan, bar, scores, done)
                 else:
                     for layer, kind, group in groups:
                         for start in range(0, len(group), chunk):
@@ -512,26 +515,33 @@ class _EdgeRunner:
         return torch.cat(out)
 
 
-def _run_units(run: _EdgeRunner, model, order: Tensor, dataloader, means, metric, intervention: str,
-               metric_positions, metric_columns, unit_size: int, shard, results_dir, bar, scores: Tensor,
-               done: Tensor) -> None:
-    """exact by `hooklens.sharding` work units of `order` (edges in receiver order): fills `scores` / `done` at the
-    units this process ran, loaded or, under a process group, gathered."""
+def _plan_units(model, order: Tensor, dataloader, intervention_dataloader, metric, intervention: str,
+                metric_positions, metric_columns, unit_size: Optional[int], shard, results_dir) -> "sharding.UnitPlan":
+    """The `hooklens.sharding` units of `order` (edges in receiver order) this process runs, checked against the
+    results directory and the process group before any forward."""
+    unit_size = int(unit_size) if unit_size is not None else sharding.default_unit_size(len(order))
+
+    def fingerprint():
+        return {"model": sharding.model_fingerprint(model), "sweep": {
+            "method": "circuits.exact", "edges": sharding.digest(order), "data": sharding.digest(dataloader),
+            "intervention": intervention, "intervention_data": sharding.digest(intervention_dataloader),
+            "metric": sharding.callable_name(metric), "metric_positions": str(metric_positions),
+            "metric_columns": sharding.digest(metric_columns), "n_variants": str(len(order)),
+            "unit_size": str(unit_size), "format": str(sharding.FORMAT)}}
+
+    return sharding.plan_units(len(order), fingerprint, unit_size=unit_size, shard=shard, results_dir=results_dir,
+                               key=f"circuits-exact-{intervention}")
+
+
+def _run_units(run: _EdgeRunner, order: Tensor, plan, bar, scores: Tensor, done: Tensor) -> None:
+    """exact by the work units of `plan`: fills `scores` / `done` at the units this process ran, loaded or, under
+    a process group, gathered."""
     def compute(start: int, stop: int) -> Tensor:
         values = run.edges(order[start:stop])
         bar.update(stop - start)
         return values
 
-    def fingerprint():
-        return {"model": sharding.model_fingerprint(model), "sweep": {
-            "method": "circuits.exact", "edges": sharding.digest(order), "data": sharding.digest(dataloader),
-            "intervention": intervention, "means": sharding.digest(means), "metric": sharding.callable_name(metric),
-            "metric_positions": str(metric_positions), "metric_columns": sharding.digest(metric_columns),
-            "n_variants": str(len(order)), "unit_size": str(unit_size), "format": str(sharding.FORMAT)}}
-
-    values, unit_done = sharding.run_units(compute, len(order), fingerprint, scores.device, unit_size=unit_size,
-                                           shard=shard, results_dir=results_dir, key=f"circuits-exact-{intervention}",
-                                           progress=False, stacklevel=4)
+    values, unit_done = sharding.run_units(compute, plan, scores.device, progress=False, stacklevel=4)
     finished = order[unit_done.to(order.device)]
     scores[finished[:, 0], finished[:, 1]] = values.to(scores.device, scores.dtype)[unit_done.to(scores.device)]
     done[finished[:, 0], finished[:, 1]] = True
