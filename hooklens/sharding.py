@@ -159,14 +159,45 @@ def _update(h, part) -> None:
 
 
 def _tensor_sums(tensors: Sequence[Tensor]) -> Tensor:
-    """[len(tensors), 3] float64: each tensor's sum, sum of squares and position-weighted sum (a permutation of its
-    entries changes the last), computed where the tensors are and copied to the host once."""
+    """[len(tensors), 4] float64: each tensor's sum, sum of squares, position-weighted sum (a permutation of its
+    entries changes it) and element count, computed where the tensors are and copied to the host once."""
     rows = []
     for t in tensors:
         flat = t.detach().reshape(-1).double()
         weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) / max(flat.numel(), 1)
-        rows.append(torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()]))
+        count = torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device)
+        rows.append(torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum(), count]))
     return torch.stack(rows).cpu()
+
+
+# Fields compared with a tolerance, not for equality: computed activations, whose last bits differ between devices
+# and kernels (a sweep sharded over GPUs and merged on a CPU node patches in the same clean run). Relative to each
+# statistic's largest possible size (sqrt(count * sum of squares) for the sums): GPU and CPU runs of one prompt
+# agree to ~1e-6, while another prompt, even one token apart, moves them by ~1e-2.
+APPROX_FIELDS = {"clean_activations": 1e-4}
+
+
+def _same(field: str, ours: Optional[str], theirs: Optional[str]) -> bool:
+    """Whether two fingerprint values are the same (within APPROX_FIELDS' tolerance for those fields)."""
+    if field not in APPROX_FIELDS or ours is None or theirs is None or ours == theirs:
+        return ours == theirs
+    try:
+        a, b = torch.tensor(json.loads(ours), dtype=torch.float64), torch.tensor(json.loads(theirs),
+                                                                                   dtype=torch.float64)
+    except (ValueError, TypeError):
+        return False
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 4 or not torch.equal(a[:, 3], b[:, 3]):
+        return False
+    scale = (a[:, 3] * a[:, 1].abs()).sqrt().clamp(min=1e-30)[:, None]  # [tensors, 1]: bound of |sum|, |w. sum|
+    sums_close = ((a[:, [0, 2]] - b[:, [0, 2]]).abs() <= APPROX_FIELDS[field] * scale).all()
+    squares_close = ((a[:, 1] - b[:, 1]).abs() <= APPROX_FIELDS[field] * a[:, 1].abs().clamp(min=1e-30)).all()
+    return bool(sums_close and squares_close)
+
+
+def _differing(ours: Dict[str, Dict[str, str]], theirs: Dict[str, Dict[str, str]]) -> List[Tuple[str, str]]:
+    """(part, field) of every fingerprint field of `ours` that `theirs` lacks or holds another value of."""
+    return [(part, field) for part in ("model", "sweep") for field, value in ours[part].items()
+            if not _same(field, value, theirs.get(part, {}).get(field))]
 
 
 def model_fingerprint(model) -> Dict[str, str]:
@@ -204,7 +235,7 @@ def sweep_fingerprint(sweep: PatchSweep, corrupted_tokens: Tensor, clean_cache, 
         "patches": digest(sweep.indices, sweep.start_positions, list(sweep.axes or ()),
                           callable_name(sweep.patch_setter) if sweep.patch_setter is not None else None),
         "tokens": digest(corrupted_tokens.long()),
-        "clean_activations": digest(_tensor_sums(clean).float()),
+        "clean_activations": json.dumps(_tensor_sums(clean).tolist()),  # compared with a tolerance
         "metric": callable_name(metric),
         "metric_positions": json.dumps(positions, default=str),
         "n_variants": str(len(sweep.indices)),
@@ -228,14 +259,12 @@ class _Store:
     def check(self, found: Dict[str, Dict[str, str]], where: Path) -> None:
         """Refuse `found` (a manifest's or unit's metadata) unless it is this run's, naming the first field that
         differs."""
-        for part in ("model", "sweep"):
-            for field, ours in self.meta[part].items():
-                theirs = found.get(part, {}).get(field)
-                if theirs != ours:
-                    raise ResultsMismatchError(
-                        f"{where} holds results of another {part}: its {field} is {theirs!r}, this run's is "
-                        f"{ours!r}. Use another results_dir for this run (or delete {self.directory} to recompute "
-                        "it there).")
+        for part, field in _differing(self.meta, found)[:1]:
+            ours, theirs = self.meta[part][field], found.get(part, {}).get(field)
+            raise ResultsMismatchError(
+                f"{where} holds results of another {part}: its {field} is {_short(theirs)!r}, this run's is "
+                f"{_short(ours)!r}. Use another results_dir for this run (or delete {self.directory} to recompute "
+                "it there).")
 
     def open(self) -> None:
         """Create the directory, or check the manifest a previous run left (before any forward)."""
@@ -262,6 +291,11 @@ class _Store:
         payload = {"values": values.detach().float().cpu(), "unit": unit, "format": FORMAT,
                    "meta": json.dumps(self.meta)}
         _atomic_write(self.unit_path(unit), lambda f: torch.save(payload, f))
+
+
+def _short(value: Optional[str]) -> Optional[str]:
+    """A fingerprint value for a message: long ones (the clean activations' statistics) cut."""
+    return value if value is None or len(value) <= 80 else value[:77] + "..."
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
@@ -445,10 +479,11 @@ def _check_same_sweep(fingerprint: dict, key: Optional[str]) -> None:
     _barrier("before the sweep")
     everyone: List[Optional[dict]] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, fingerprint)
-    differ = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
+    differing = {rank: _differing(everyone[0], theirs) + _differing(theirs, everyone[0])
+                 for rank, theirs in enumerate(everyone)}
+    differ = [rank for rank, fields in differing.items() if fields]
     if differ:
-        fields = sorted({f"{part}.{field}" for rank in differ for part in ("model", "sweep")
-                         for field, value in everyone[rank][part].items() if everyone[0][part].get(field) != value})
+        fields = sorted({f"{part}.{field}" for rank in differ for part, field in differing[rank]})
         raise InvalidInputError(
             f"{key or 'sweep'}: ranks {differ} run another sweep than rank 0 (differing: {', '.join(fields)}). With "
             "a process group the ranks split one sweep between them; to run a different sweep in each process, "

@@ -187,3 +187,27 @@ def test_a_missing_rank_is_named_after_the_timeout(tmp_path):
     mp.spawn(_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path), True), nprocs=2, join=True)
     error = torch.load(tmp_path / "0.pt")["error"]
     assert "not every rank arrived" in error and "1" in error
+
+
+def test_clean_activations_are_compared_with_a_tolerance(setup, tmp_path, count_units):
+    """A merge run whose clean cache differs in the last bits (another device's kernels) takes the units; a clean
+    cache of another prompt is refused."""
+    model, corrupted, cache, _, by_units = setup
+    SWEEP(model, corrupted, cache, metric, progress=False, results_dir=tmp_path)
+    g = torch.Generator().manual_seed(1)
+    last_bits = {name: act * (1 + 1e-6 * torch.randn(act.shape, generator=g)) for name, act in cache.items()}
+    before = len(count_units)
+    assert torch.equal(SWEEP(model, corrupted, last_bits, metric, progress=False, results_dir=tmp_path), by_units)
+    assert len(count_units) == before, "units were recomputed"
+    other_prompt = torch.randint(1, model.cfg.d_vocab, (2, 8), generator=g)
+    _, other_cache = model.run_with_cache(other_prompt)
+    with pytest.raises(sharding.ResultsMismatchError, match="another sweep: its clean_activations"):
+        SWEEP(model, corrupted, other_cache, metric, progress=False, results_dir=tmp_path)
+    clean = _inputs(model)[1]
+    # the setup's clean prompt (the generator's first draw) with its last token changed: still refused
+    tokens = torch.randint(1, model.cfg.d_vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    tokens[:, -1] = (tokens[:, -1] + 1) % model.cfg.d_vocab
+    _, one_token = model.run_with_cache(tokens)
+    assert not torch.equal(one_token["blocks.0.hook_resid_pre"], clean["blocks.0.hook_resid_pre"])
+    with pytest.raises(sharding.ResultsMismatchError, match="clean_activations"):
+        SWEEP(model, corrupted, one_token, metric, progress=False, results_dir=tmp_path)
