@@ -4,6 +4,8 @@ A sweep's variants (the rows of `PatchSweep.indices`) are cut into **work units*
 variants. The cut depends only on the number of variants (`default_unit_size`), never on how many workers run it,
 so a results directory written by 4 workers can be finished by 1, or by 8. Unit `u` belongs to shard `u % count`
 (round robin: every shard gets units from every layer, so the shards' work is balanced).
+`run_sharded` runs the patching sweeps this way (one `run_sweep` call per unit); `plan_units` + `run_units` run
+any sweep of n items (`hooklens.circuits.exact`: its edges in receiver order, one process-wide clean run).
 
 Which shard a process runs, first match wins:
 
