@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from hooklens.errors import InvalidInputError
 from hooklens.kv_cache import HookedTransformerKeyValueCache
+from hooklens.progress import bar_disabled
 from hooklens.utils import sample_logits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,7 +190,7 @@ def decode(
     if attention_mask is None and kv_cache is not None and prompt.dim() == 2:
         attention_mask = torch.ones_like(prompt)
     sequence, generated = prompt, []
-    for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+    for _ in tqdm(range(max_new_tokens), disable=bar_disabled(verbose), desc="generate"):
         final_logits = forward_step(model, sequence, attention_mask, kv_cache)[:, -1, :]  # [b, v]
         if step_logits is not None:
             step_logits.append(final_logits.clone())

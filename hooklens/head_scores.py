@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooklens.attention import line_length, pattern_stats
+from hooklens.progress import bar_disabled
 
 if TYPE_CHECKING:  # pragma: no cover
     from hooklens.model import HookedTransformer
@@ -100,7 +101,7 @@ def head_scores(
     sums = torch.zeros(cfg.n_layers, len(specs), cfg.n_heads, dtype=torch.float64, device=device)
     chunks = range(0, n_rows, batch_size)
     with torch.no_grad():
-        for start in tqdm(chunks, desc="head_scores", disable=not progress, total=len(chunks)):
+        for start in tqdm(chunks, desc="head_scores", disable=bar_disabled(progress), total=len(chunks)):
             with pattern_stats(specs) as stats:
                 model(tokens[start : start + batch_size].to(device), return_type=None)
             for layer, layer_sums in stats.sums.items():

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from hooklens.errors import InvalidInputError
+from hooklens.progress import bar_disabled
 from hooklens.sweeps import PatchSweep, attach_partial, run_sweep
 from hooklens.utils import get_act_name
 
@@ -447,7 +448,7 @@ def _run_units(compute: Callable[[int, int], Tensor], store: Optional[_Store], u
     from tqdm.auto import tqdm
 
     n, computed = len(values), 0
-    bar = tqdm(total=len(units), desc=desc, disable=not progress)
+    bar = tqdm(total=len(units), desc=desc, disable=bar_disabled(progress))
     try:
         for unit in units:
             start, stop = unit * unit_size, min(n, (unit + 1) * unit_size)

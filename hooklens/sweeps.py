@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from hooklens.activation_layout import find_layout, layout_of
 from hooklens.errors import InvalidInputError
 from hooklens.kv_cache import HookedTransformerKeyValueCacheEntry
+from hooklens.progress import bar_disabled
 from hooklens.sweep_engine import packed_forward, packed_kind, plan_chunk
 from hooklens.sweep_graphs import run_packed
 from hooklens.utils import get_act_name
@@ -408,7 +409,7 @@ def _run_chunks(chunks: List[Tensor], run_chunk: Callable[[Tensor], Tensor], res
     pending = deque(chunks)
     limit = max((len(c) for c in chunks), default=1)
     warned = False
-    with tqdm(total=int(sum(len(c) for c in chunks)), disable=not progress, desc=description) as bar:
+    with tqdm(total=int(sum(len(c) for c in chunks)), disable=bar_disabled(progress), desc=description) as bar:
         while pending:
             chunk = pending.popleft()
             if len(chunk) > limit:  # split lazily, keeping the chunk's order (the packed forward sorts by layer)

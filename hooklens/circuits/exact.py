@@ -38,6 +38,7 @@ from hooklens.circuits.evaluate import (
     width_plan,
 )
 from hooklens.components import LayerNormPre
+from hooklens.progress import bar_disabled
 
 
 def attach_partial(exc: BaseException, scores: Tensor, done: Tensor) -> None:
@@ -460,7 +461,7 @@ def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patch
                        for c, x, y in dataloader]
             chunk = min(_edges_per_chunk(model, batch, memory_budget) for batch in batches)
             run = _EdgeRunner(model, batches, metric, chunk, baseline, scores.dtype)
-            with tqdm(total=len(edges), disable=quiet, desc="exact") as bar:
+            with tqdm(total=len(edges), disable=bar_disabled(not quiet), desc="exact") as bar:
                 if plan is not None:
                     _run_units(run, order, plan, bar, scores, done)
                 else:
