@@ -446,9 +446,17 @@ def _patch_results(args: argparse.Namespace, shard: Optional[Tuple[int, int]]):
 
 
 def _check_shard_flags(args: argparse.Namespace) -> Optional[Tuple[int, int]]:
-    """--shard as (i, n), checked before anything is loaded: a shard keeps its work only in --results-dir."""
+    """--shard as (i, n), checked before anything is loaded: a shard keeps its work only in --results-dir. Without
+    --shard, a SLURM array task with --results-dir (and no torchrun) takes its shard from the environment (the
+    library's fallback), so it writes its units, not an --out with only its share of the results."""
     if args.shard is None:
-        return None
+        if args.results_dir is None or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return None
+        try:
+            index, count, _ = resolve_shard()
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+        return (index, count) if count > 1 else None
     if args.results_dir is None:
         raise CLIError(f"--shard {args.shard} needs --results-dir DIR: a shard computes only its part of the sweep, "
                        "and the other shards' parts and the final merge run meet there.")
@@ -635,16 +643,7 @@ def _check_circuit_shard_flags(args: argparse.Namespace) -> Optional[Tuple[int, 
     if (args.shard is not None or args.results_dir is not None) and args.method != "exact":
         raise CLIError(f"--shard / --results-dir: --method {args.method} is a few passes over the data and does not "
                        "run by work units; use --method exact, or drop --shard / --results-dir.")
-    shard = _check_shard_flags(args)
-    if shard is None and args.results_dir is not None and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        # A SLURM array task without --shard: its task id / count pick the shard (the library's env fallback), so
-        # it writes its units, not an --out with only its share of the scores.
-        try:
-            index, count, _ = resolve_shard()
-        except ValueError as err:
-            raise CLIError(str(err)) from err
-        shard = (index, count) if count > 1 else None
-    return shard
+    return _check_shard_flags(args)
 
 
 def _circuit_attribute(model, graph, dataloader, metric, args: argparse.Namespace, intervention_data,

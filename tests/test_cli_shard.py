@@ -256,3 +256,21 @@ def test_circuit_in_a_slurm_array_task_runs_its_shard(circuit_by_units, tmp_path
     monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
     assert main([*CIRCUIT_ARGS, "--out", str(out), "--results-dir", str(results_dir)]) == 0
     _assert_same_circuit(out, units_out)
+
+
+def test_patch_in_a_slurm_array_task_runs_its_shard(plain, tmp_path, monkeypatch, capsys):
+    """Without --shard, SLURM_ARRAY_TASK_ID / _COUNT pick the shard (the env fallback): each task writes its units
+    and no --out (which would hold NaN for the other task's share); the merge run outside the array writes --out,
+    equal to a plain run."""
+    results_dir, out = tmp_path / "units", tmp_path / "out"
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    for task in range(2):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        assert main(["patch", "--out", str(out), "--quiet", "--results-dir", str(results_dir)]) == 0
+        assert f"shard {task}/2 done" in capsys.readouterr().out and not out.exists()
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    assert main(["patch", "--out", str(out), "--quiet", "--results-dir", str(results_dir)]) == 0
+    _assert_same_results(_summary(out), plain)
