@@ -16,11 +16,12 @@ Ablation values (`kind`), for head `h` of layer `l` with `z = blocks.{l}.attn.ho
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from hooklens import sharding
 from hooklens.activation_layout import layout_of
 from hooklens.sweep_precision import SweepPrecision
 from hooklens.sweeps import attach_partial, check_tokens, index_sweep, logit_positions, run_sweep
@@ -71,6 +72,8 @@ def head_ablation(
     *,
     dtype: Optional[torch.dtype] = None,
     allow_tf32: bool = False,
+    shard: Optional[Tuple[int, int]] = None,
+    results_dir=None,
 ) -> Tensor:
     """Metric after ablating each head's `z` at every position: `[n_layers, n_heads]`.
 
@@ -82,6 +85,10 @@ def head_ablation(
     `dtype` / `allow_tf32`: the precision of the ablated forwards, as in `hooklens.patching` (default: the model's,
     exact; `torch.bfloat16` runs them under autocast, see `hooklens.sweep_precision`). The ablation values themselves
     (the unablated run's `z`) are computed in the model's precision, as a clean cache is in patching.
+
+    `shard=(i, n)` / `results_dir=`: split the heads over processes / job-array tasks and keep finished work units
+    in `results_dir/head_ablation-<kind>` (resumable), as in `hooklens.patching`; under an initialized
+    `torch.distributed` process group every rank returns the whole result (`hooklens.sharding`).
     """
     tokens = check_tokens(tokens)
     precision = SweepPrecision(model, dtype, allow_tf32)  # a refused dtype raises before any forward
@@ -93,7 +100,14 @@ def head_ablation(
     sweep = index_sweep(model, "z", indices, axes=(head_axis,))  # one head, every position
     try:
         with precision:
-            values = run_sweep(model, tokens, replacement, metric, sweep, metric_positions, memory_budget, progress)
+            if sharding.wants_units(shard, results_dir):
+                values = sharding.run_sharded(
+                    model, tokens, replacement, metric, sweep, metric_positions, memory_budget, progress,
+                    shard=shard, results_dir=results_dir, key=f"head_ablation-{kind}",
+                    extra={"dtype": str(dtype), "allow_tf32": allow_tf32})
+            else:
+                values = run_sweep(model, tokens, replacement, metric, sweep, metric_positions, memory_budget,
+                                   progress)
     except BaseException as exc:
         if getattr(exc, "partial_result", None) is not None:
             attach_partial(exc, exc.partial_result.view(n_layers, n_heads), exc.done.view(n_layers, n_heads))
