@@ -4,8 +4,9 @@ A sweep's variants (the rows of `PatchSweep.indices`) are cut into **work units*
 variants. The cut depends only on the number of variants (`default_unit_size`), never on how many workers run it,
 so a results directory written by 4 workers can be finished by 1, or by 8. Unit `u` belongs to shard `u % count`
 (round robin: every shard gets units from every layer, so the shards' work is balanced).
-`run_sharded` runs the patching sweeps this way (one `run_sweep` call per unit); `plan_units` + `run_units` run
-any sweep of n items (`hooklens.circuits.exact`: its edges in receiver order, one process-wide clean run).
+`run_sharded` runs the patching sweeps this way (one `run_sweep` call per unit, all on one `prepare_sweep`: one
+corrupted forward per process); `plan_units` + `run_units` run any sweep of n items (`hooklens.circuits.exact`: its
+edges in receiver order, one process-wide clean run).
 
 Which shard a process runs, first match wins:
 
@@ -52,14 +53,14 @@ from torch import Tensor
 
 from hooklens.errors import InvalidInputError
 from hooklens.progress import bar_disabled
-from hooklens.sweeps import PatchSweep, attach_partial, run_sweep
+from hooklens.sweeps import PatchSweep, PreparedSweep, attach_partial, prepare_sweep, run_sweep
 from hooklens.utils import get_act_name
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 2  # bumped when the unit files' layout or fingerprints change: older units are then refused, not misread
 # Units per sweep the default size aims at: enough for 64 workers and frequent checkpoints, few enough that the
-# per-unit cost (one corrupted forward and the metric check) stays small beside the variants' forwards.
+# per-unit cost (the chunks' fixed overhead: the corrupted run is prepared once per process) stays small.
 TARGET_UNITS = 64
 MIN_UNIT_SIZE = 8
 
@@ -350,14 +351,20 @@ def run_sharded(model, corrupted_tokens: Tensor, clean_cache, metric: Callable[[
                 shard: Optional[Tuple[int, int]] = None, results_dir=None, key: Optional[str] = None,
                 unit_size: Optional[int] = None, extra: Optional[dict] = None) -> Tensor:
     """`run_sweep`'s result ([n] float32), computed by work units (`plan_units`, `run_units`): one `run_sweep` call
-    per unit, on the unit's variants."""
+    per unit, on the unit's variants, all against one `prepare_sweep` per process (made before the first unit this
+    process computes, never when every unit is loaded): the corrupted forward and the metric check run once, not
+    once per unit. Each unit still chunks only its own variants, so its values do not depend on the shard."""
     n = len(sweep.indices)
     unit_size = int(unit_size) if unit_size is not None else default_unit_size(n)
+    prepared: List[PreparedSweep] = []  # filled by the first unit computed
 
     def compute(start: int, stop: int) -> Tensor:
+        if not prepared:
+            prepared.append(prepare_sweep(model, corrupted_tokens, metric, sweep, metric_positions, memory_budget))
         part = dataclasses.replace(sweep, indices=sweep.indices[start:stop],
                                    start_positions=sweep.start_positions[start:stop])
-        return run_sweep(model, corrupted_tokens, clean_cache, metric, part, metric_positions, memory_budget, False)
+        return run_sweep(model, corrupted_tokens, clean_cache, metric, part, metric_positions, memory_budget, False,
+                         prepared=prepared[0])
 
     def fingerprint() -> Dict[str, Dict[str, str]]:
         return {"model": model_fingerprint(model),

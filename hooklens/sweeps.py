@@ -318,6 +318,77 @@ def _variant_bytes(model: "HookedTransformer", batch: int, seq_len: int, n_logit
     return batch * (seq_len * per_token + logits + act_numel) * element + act_numel
 
 
+@dataclass
+class PreparedSweep:
+    """What `run_sweep` computes once before its chunks, for any of a sweep's variants (`prepare_sweep`): the checked
+    tokens and metric positions, the corrupted run (`state`), the chunk size and the packed forward's inputs.
+    A sharded sweep prepares once per process and runs each work unit against it (`run_sweep(..., prepared=)`),
+    instead of repeating the corrupted forward and the metric check per unit."""
+
+    model: "HookedTransformer"
+    tokens: Tensor  # [b, p] on the model's device
+    metric: Callable[[Tensor], Tensor]
+    activation_name: str
+    host_positions: Tensor  # [k] the metric's positions, on the CPU
+    memory_budget: Optional[int]  # as given (None: the device's default, resolved once here)
+    hooked: bool  # hooks were attached to the model: one variant per forward, from position 0
+    chunk_size: int  # variants per chunk: a function of the prompts, metric positions and budget, not of the variants
+    state: _SweepState
+    inputs: List[Tensor]  # per layer: the corrupted run's block input [b, p, d] ...
+    keys: List[Tensor]  # ... keys [b, p, h, dh] ...
+    values: List[Tensor]  # ... and values, which the packed forward reads before each variant's start
+
+
+@torch.no_grad()
+def prepare_sweep(model: "HookedTransformer", corrupted_tokens: Tensor, metric: Callable[[Tensor], Tensor],
+                  sweep: PatchSweep, metric_positions: Optional[Sequence[int]] = None,
+                  memory_budget: Optional[int] = None) -> PreparedSweep:
+    """The checks and the corrupted run of `run_sweep`, done once: pass the result as `run_sweep(..., prepared=)`
+    to run any subset of `sweep`'s variants (same activation, prompts, metric) without repeating them. Each call
+    then chunks its own variants exactly as `run_sweep` without `prepared` does, so its values are the same bits."""
+    device = model.W_E.device
+    corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens").to(device)
+    batch, seq_len = corrupted_tokens.shape
+    positions = logit_positions(metric_positions, seq_len)
+    hooked = _warn_if_hooked(model)
+    first_name = get_act_name(sweep.activation_name, int(sweep.indices[0, 0]))
+    run = _run_corrupted(model, corrupted_tokens, first_name)
+    check_metric(metric, run.logits, positions if metric_positions is not None else None)
+    act_shape = tuple(run.activations[first_name].shape[1:])
+    budget = memory_budget if memory_budget is not None else default_memory_budget(device)
+    per_variant = _variant_bytes(model, batch, seq_len, len(positions), math.prod(act_shape))
+    chunk_size = 1 if hooked else max(1, budget // max(per_variant, 1))
+    state = _SweepState(run, positions.to(device), layout_of(first_name, model.cfg).axis("pos", batch_dim=False),
+                        act_shape)
+    n_layers = model.cfg.n_layers
+    return PreparedSweep(
+        model, corrupted_tokens, metric, sweep.activation_name, positions, memory_budget, hooked, chunk_size, state,
+        inputs=[_block_input(run.activations, j) for j in range(n_layers)],
+        keys=[run.activations[get_act_name("k", j)] for j in range(n_layers)],
+        values=[run.activations[get_act_name("v", j)] for j in range(n_layers)])
+
+
+def _check_prepared(prepared: PreparedSweep, model, corrupted_tokens: Tensor, metric: Callable, sweep: PatchSweep,
+                    metric_positions, memory_budget: Optional[int]) -> None:
+    """`prepared` was made for this call's model, prompts, metric, activation, positions and budget, else
+    InvalidInputError naming the first that differs (its state would silently give another sweep's values)."""
+    tokens = check_tokens(corrupted_tokens, "corrupted_tokens")
+    differs = [
+        ("model", prepared.model is not model),
+        ("metric", prepared.metric is not metric),
+        ("activation", prepared.activation_name != sweep.activation_name),
+        ("corrupted_tokens", tokens.shape != prepared.tokens.shape
+         or not torch.equal(tokens.to(prepared.tokens.device), prepared.tokens)),
+        ("metric_positions", not torch.equal(logit_positions(metric_positions, tokens.shape[1]),
+                                             prepared.host_positions)),
+        ("memory_budget", memory_budget is not None and memory_budget != prepared.memory_budget),
+    ]
+    for what, different in differs:
+        if different:
+            raise InvalidInputError(f"run_sweep(prepared=...) was prepared with another {what} than this call's; "
+                                    "prepare_sweep with this call's arguments (or pass prepared=None).")
+
+
 @torch.no_grad()
 def run_sweep(
     model: "HookedTransformer",
@@ -331,6 +402,7 @@ def run_sweep(
     *,
     packed: bool = True,
     capture: Optional[bool] = None,
+    prepared: Optional[PreparedSweep] = None,
 ) -> Tensor:
     """Metric value of every patch in `sweep`: a float32 [n] tensor in the order of `sweep.indices` (TL stores each
     value with `.item()` into a float32 tensor, whatever the model's dtype).
@@ -340,51 +412,43 @@ def run_sweep(
     `exc.partial_result` ([n], NaN where not done) and `exc.done` ([n] bool); no hooks are left on the model.
     A chunk that runs out of GPU memory is retried as halves (logged once); finished chunks are kept.
 
+    `prepared` (from `prepare_sweep` with the same model, prompts, metric, activation and metric positions): skip
+    the checks and the corrupted run, which it holds; `sweep` may be any subset of the prepared sweep's variants.
     `packed=False` runs the hook-based path even where the packed forward could (for tests and benchmarks).
     `capture` (default: on CUDA): replay the packed forward of a chunk structure seen before as a CUDA graph
     (`hooklens.sweep_graphs`); False runs the same static-buffer code eagerly."""
-    device = model.W_E.device
-    corrupted_tokens = check_tokens(corrupted_tokens, "corrupted_tokens").to(device)
-    batch, seq_len = corrupted_tokens.shape
-    positions = logit_positions(metric_positions, seq_len)
-    hooked = _warn_if_hooked(model)
+    if prepared is None:
+        prepared = prepare_sweep(model, corrupted_tokens, metric, sweep, metric_positions, memory_budget)
+    else:
+        _check_prepared(prepared, model, corrupted_tokens, metric, sweep, metric_positions, memory_budget)
+    state, device = prepared.state, prepared.tokens.device
+    seq_len = prepared.tokens.shape[1]
     first_layer = int(sweep.indices[0, 0])
-    first_name = get_act_name(sweep.activation_name, first_layer)
     kind = None
-    if packed and not hooked and sweep.build_masks is not None:
+    if packed and not prepared.hooked and sweep.build_masks is not None:
         kind = packed_kind(model, sweep.activation_name, first_layer)
-    run = _run_corrupted(model, corrupted_tokens, first_name)
-    check_metric(metric, run.logits, positions if metric_positions is not None else None)
-    host_positions, positions = positions, positions.to(device)
-    act_shape = tuple(run.activations[first_name].shape[1:])
     # A user's setter and hooks already on the model see [batch, pos, ...] from position 0, as in TransformerLens.
-    from_start = hooked or sweep.patch_setter is not None
+    from_start = prepared.hooked or sweep.patch_setter is not None
     if sweep.patch_setter is not None:
         logger.info("A custom patch_setter is Python called per variant: patching %s on the hook-based path.",
                     sweep.activation_name)
     start_positions = torch.zeros_like(sweep.start_positions) if from_start else sweep.start_positions.cpu()
-    budget = memory_budget if memory_budget is not None else default_memory_budget(device)
-    per_variant = _variant_bytes(model, batch, seq_len, len(positions), math.prod(act_shape))
-    chunk_size = 1 if hooked else max(1, budget // max(per_variant, 1))
+    chunk_size = prepared.chunk_size
 
     n = len(sweep.indices)
     results = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
-    state = _SweepState(run, positions, layout_of(first_name, model.cfg).axis("pos", batch_dim=False), act_shape)
     if kind is not None:
         host_indices = sweep.indices.cpu()  # once per sweep: chunks are planned on the host
         layers = host_indices[:, 0]
         # Sorted by layer (the packed forward's prefix order), then by start (similar suffixes share a chunk).
         order = torch.argsort(layers * (seq_len + 1) + start_positions.clamp(max=seq_len), stable=True)
         chunks = list(order.split(chunk_size))
-        inputs = [_block_input(run.activations, j) for j in range(model.cfg.n_layers)]
-        keys = [run.activations[get_act_name("k", j)] for j in range(model.cfg.n_layers)]
-        values = [run.activations[get_act_name("v", j)] for j in range(model.cfg.n_layers)]
-
         capture = device.type == "cuda" if capture is None else bool(capture)
 
         def run_chunk(chunk: Tensor) -> Tensor:
             return _run_packed_chunk(model, clean_cache, metric, sweep, kind, chunk, host_indices[chunk],
-                                     start_positions, host_positions, state, inputs, keys, values, capture)
+                                     start_positions, prepared.host_positions, state, prepared.inputs,
+                                     prepared.keys, prepared.values, capture)
     else:
         chunks = _chunks(sweep.indices[:, 0], start_positions, chunk_size)
 
