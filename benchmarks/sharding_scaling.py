@@ -15,11 +15,14 @@ uses t1_units instead, the split's own efficiency apart from the units' overhead
 `torch.set_num_threads(1)`, so N processes need N free cores: the 1-minute load average before and after is in the
 row (on a shared machine the efficiency is a lower bound).
 
-The prompt batch sets the regime. Each work unit (8 variants for these sweeps) is one `run_sweep` call: it repeats
-the corrupted forward and runs its variants as one packed chunk. With few prompts a forward is bound by reading the
-weights, so a chunk of 8 variants costs nearly what the unsharded sweep's chunk of 144 does, and the units lose what
-the processes gain. Measured (2 processes, shared 2-core CPU): 4 prompts, units_overhead 1.5-1.9x, speedup
-0.87-1.19x; 16 prompts, units_overhead 1.22x, speedup 1.51x (efficiency 0.76; 0.92 against the units in 1 process).
+The prompt batch sets the regime. Each work unit (8 variants for these sweeps) is one `run_sweep` call against the
+process's one `prepare_sweep` (the corrupted forward and the metric check), running its variants as one packed
+chunk. With few prompts a forward is bound by reading the weights, so small chunks cost more per variant than the
+unsharded sweep's large ones. Measured (2 processes, shared 2-core CPU), 4 prompts: resid_pre units_overhead 1.09x,
+speedup 1.40x (efficiency 0.70); attn_head_out_all_pos 0.97x, 1.66x (0.83); 16 prompts, attn_head_out_all_pos
+0.74x, 2.27x (1.14: the units' small chunks run faster here than the unsharded sweep's large ones). Before
+prepare_sweep each unit repeated the corrupted forward: 4 prompts, units_overhead 1.5-1.9x, speedup 0.87-1.19x;
+16 prompts, 1.22x and 1.51x.
 
     python benchmarks/sharding_scaling.py [--processes 2] [--prompts 4] [--sweeps resid_pre,attn_head_out_all_pos]
                                           [--repeats 3] [--log benchmarks/results.jsonl]

@@ -35,7 +35,9 @@ Checks, once per sweep and before the chunks run: the tokens are `[batch, pos]` 
 the unpatched run does not depend on the logits at other positions, which a sweep leaves NaN (`check_metric`).
 An exception raised while the chunks run (a metric's error, Ctrl-C, out of memory) keeps the finished work: it
 carries `partial_result` (the sweep's result, NaN where not done) and `done` (bool, True where done), and is
-re-raised with its own type (`attach_partial`).
+re-raised with its own type (`attach_partial`). `prepare_sweep` does the checks and the corrupted run alone, once,
+for `run_sweep(..., prepared=)` to run any subsets of a sweep's variants against (a sharded sweep's work units:
+`hooklens.sharding`).
 
 Public helpers for sweeps built on the engine (`hooklens.patching`, `hooklens.ablation`, `hooklens.attribution`,
 `hooklens.path_patching`): `index_mask` builds the per-variant masks and `index_sweep` a whole mask sweep;
