@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from hooklens import sharding
 from hooklens.activation_layout import layout_of
 from hooklens.sweeps import apply_metric, check_tokens
 from hooklens.utils import get_act_name
@@ -116,21 +117,46 @@ def path_patch_senders(
     receiver_hooks: Sequence[Receiver],
     metric: Callable[[Tensor], Tensor],
     senders: Optional[Sequence[Tuple[int, int]]] = None,
+    *,
+    shard: Optional[Tuple[int, int]] = None,
+    results_dir=None,
+    unit_size: Optional[int] = None,
 ) -> Tensor:
     """`path_patch` with each head alone as the sender, batched: `[n_layers, n_heads]` (heads not in `senders`,
     when given, are NaN). Equal to looping `path_patch(..., [(l, h)], receiver_hooks, metric)` over heads; all
-    variants share one batch (memory grows with `n_layers * n_heads * batch`)."""
+    variants share one batch (memory grows with `n_layers * n_heads * batch`).
+
+    `shard=(i, n)` / `results_dir=` / `unit_size=`: run by work units of `unit_size` senders (one batch each, so
+    this also bounds the memory), split over processes / job-array tasks and kept in
+    `results_dir/path_patch_senders` (resumable); under an initialized `torch.distributed` process group every rank
+    returns the whole result (`hooklens.sharding`)."""
     clean_tokens, corrupted_tokens = _check_inputs(model, clean_tokens, corrupted_tokens, receiver_hooks)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if senders is None:
         senders = [(l, h) for l in range(n_layers) for h in range(n_heads)]
     senders = _check_senders(model, senders)
-    n, batch = len(senders), clean_tokens.shape[0]
     clean_z, corrupted_z = _z_caches(model, clean_tokens, corrupted_tokens)
+    if sharding.wants_units(shard, results_dir) or unit_size is not None:
+        values = _sender_values_by_units(model, clean_z, corrupted_z, corrupted_tokens, clean_tokens, receiver_hooks,
+                                         metric, senders, shard, results_dir, unit_size)
+    else:
+        values = _sender_values(model, clean_z, corrupted_z, corrupted_tokens, receiver_hooks, metric, senders)
+    out = torch.full((n_layers, n_heads), float("nan"), dtype=values.dtype, device=values.device)
+    where = torch.tensor(senders, dtype=torch.long, device=values.device).view(-1, 2)  # [n, 2] (layer, head)
+    out[where[:, 0], where[:, 1]] = values
+    return out
+
+
+def _sender_values(model, clean_z, corrupted_z, corrupted_tokens: Tensor, receiver_hooks: Sequence[Receiver],
+                   metric: Callable[[Tensor], Tensor], senders: List[Tuple[int, int]]) -> Tensor:
+    """[len(senders)]: the metric with each sender alone, all senders in one batch."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n, batch = len(senders), corrupted_tokens.shape[0]
+    device = corrupted_tokens.device
     # mask[v, l, h]: variant v takes head (l, h) from the clean run
-    mask = torch.zeros(n, n_layers, n_heads, dtype=torch.bool, device=clean_tokens.device)
-    for v, (l, h) in enumerate(senders):
-        mask[v, l, h] = True
+    where = torch.tensor(senders, dtype=torch.long, device=device).view(-1, 2)  # [n, 2] (layer, head)
+    mask = torch.zeros(n, n_layers, n_heads, dtype=torch.bool, device=device)
+    mask[torch.arange(n, device=device), where[:, 0], where[:, 1]] = True
     tokens = corrupted_tokens.repeat(n, 1)  # variant v owns rows v*b .. (v+1)*b - 1
 
     def freeze(z: Tensor, hook) -> Tensor:
@@ -141,11 +167,32 @@ def path_patch_senders(
 
     logits = _frozen_then_patched_logits(model, tokens, freeze, receiver_hooks)
     logits = logits.view((n, batch) + logits.shape[1:])
-    values = apply_metric(metric, logits)
-    out = torch.full((n_layers, n_heads), float("nan"), dtype=values.dtype, device=values.device)
-    for v, (l, h) in enumerate(senders):
-        out[l, h] = values[v]
-    return out
+    return apply_metric(metric, logits)
+
+
+def _sender_values_by_units(model, clean_z, corrupted_z, corrupted_tokens: Tensor, clean_tokens: Tensor,
+                            receiver_hooks: Sequence[Receiver], metric, senders: List[Tuple[int, int]], shard,
+                            results_dir, unit_size: Optional[int]) -> Tensor:
+    """`_sender_values` by `hooklens.sharding` work units of `unit_size` senders."""
+    unit_size = int(unit_size) if unit_size is not None else sharding.default_unit_size(len(senders))
+
+    def fingerprint():
+        return {"model": sharding.model_fingerprint(model), "sweep": {
+            "method": "path_patch_senders", "senders": sharding.digest([list(s) for s in senders]),
+            "tokens": sharding.digest(clean_tokens.long(), corrupted_tokens.long()),
+            "receivers": sharding.digest([[name, head] for name, head in receiver_hooks]),
+            "metric": sharding.callable_name(metric), "n_variants": str(len(senders)),
+            "unit_size": str(unit_size), "format": str(sharding.FORMAT)}}
+
+    plan = sharding.plan_units(len(senders), fingerprint, unit_size=unit_size, shard=shard, results_dir=results_dir,
+                               key="path_patch_senders")
+
+    def compute(start: int, stop: int) -> Tensor:
+        return _sender_values(model, clean_z, corrupted_z, corrupted_tokens, receiver_hooks, metric,
+                              senders[start:stop])
+
+    values, _ = sharding.run_units(compute, plan, corrupted_tokens.device, progress=False, stacklevel=5)
+    return values
 
 
 def _frozen_then_patched_logits(model, tokens: Tensor, freeze: Callable,
