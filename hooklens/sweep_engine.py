@@ -325,9 +325,10 @@ def _patch_rows(act: Tensor, patch: Tuple[Tensor, Tensor], new_rows: int, batch:
     coordinates (`index_patch_`, in place: `act` is this forward's own tensor)."""
     where, clean = patch  # [m, 1, h, q, k] bool or [m, len(axes)] int64; [b, h, q, k]
     if axes is not None:
-        from hooklens.ops.patching import index_patch_  # lazy: hooklens.ops loads the extension on first use
+        from hooklens.ops.patching import index_patch_  # lazy: keeps hooklens.ops off `import hooklens`
 
-        index_patch_(act[act.shape[0] - new_rows:], clean.to(act.dtype), where, axes)
+        # Bounds were checked where the coordinates were built (`_row_index_axes`): no host sync per chunk here.
+        index_patch_(act[act.shape[0] - new_rows:], clean.to(act.dtype), where, axes, check_bounds=False)
         return act
     old = act[: act.shape[0] - new_rows]
     new = act[act.shape[0] - new_rows:].view((where.shape[0], batch) + tuple(act.shape[1:]))

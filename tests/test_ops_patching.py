@@ -1,7 +1,6 @@
-"""hooklens.ops.patching: `index_patch_` (C++ CPU operator, Triton CUDA kernel, PyTorch reference) against an
-unbatched per-(variant, prompt) loop and against `masked_patch` with `hooklens.sweeps.index_mask`'s mask, on every
-layout the patching setters use; `masked_patch` (torch.where) against the loop. CUDA twins are skipped without
-CUDA; the Triton kernel runs on CPU tensors in Triton's interpreter (conftest switches the interpreter on there)."""
+"""hooklens.ops.patching: `index_patch_` (gather + index_put_) against an unbatched per-(variant, prompt) loop and
+against `masked_patch` with `hooklens.sweeps.index_mask`'s mask, on every layout the patching setters use;
+`masked_patch` (torch.where) against the loop. CUDA twins are skipped without CUDA."""
 from __future__ import annotations
 
 import pytest
@@ -9,34 +8,10 @@ import torch
 from conftest import DEVICES, requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hooklens.ops import lowrank
-from hooklens.ops.patching import (
-    check_index_patch,
-    index_patch_,
-    index_patch_reference_,
-    masked_patch,
-    masked_patch_reference,
-    use_reference,
-)
+from hooklens.ops.patching import check_index_patch, index_patch_, masked_patch
 from hooklens.sweeps import index_mask
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _extension():
-    # Fails (not skips) every test of this file when hooklens._C is missing or broken.
-    lowrank.load_extension(required=True)
-
-
-def _triton_launcher():
-    """hooklens.kernels.patch.index_patch_triton where it can run on CPU tensors (interpreter), else None."""
-    try:
-        import hooklens.kernels as K
-        from hooklens.kernels.patch import index_patch_triton
-    except ImportError:
-        return None
-    return index_patch_triton if K.kernels_runnable_on("cpu") else None
 
 
 # Every (activation shape without batch, axes) hooklens.patching's setters use, by name; T is the suffix length.
@@ -96,26 +71,10 @@ def test_index_patch_is_the_loop_and_the_mask_patch(b, n, T, layout, device):
         act, clean, index, axes = _case(T, b, n, layout, dtype, device, seed=T + n)
         want = _loop(act, clean, index, axes)
         assert torch.equal(_by_mask(act, clean, index, axes), want)
-        assert torch.equal(index_patch_reference_(act.clone(), clean, index, axes), want)
-        for backend in ("cpp", "torch"):
+        for check_bounds in (True, False):
             got = act.clone()
-            assert index_patch_(got, clean, index, axes, backend=backend) is got
-            assert torch.equal(got, want), (backend, dtype)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("T,b,n", [(1, 1, 1), (7, 3, 17), (113, 1, 5)])
-def test_triton_kernel_is_the_reference(T, b, n, layout):
-    # The CUDA kernel's launcher on CPU tensors in Triton's interpreter (on CUDA machines the operator's CUDA twin
-    # of the test above runs it on the GPU).
-    launch = _triton_launcher()
-    if launch is None:
-        pytest.skip("Triton's interpreter is off and there is no CUDA")
-    for dtype in (F32, F64, BF16):
-        act, clean, index, axes = _case(T, b, n, layout, dtype, "cpu", seed=T * n)
-        got = act.clone()
-        launch(got, clean, index, axes)
-        assert torch.equal(got, _loop(act, clean, index, axes)), dtype
+            assert index_patch_(got, clean, index, axes, check_bounds=check_bounds) is got
+            assert torch.equal(got, want), (dtype, check_bounds)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,28 +93,22 @@ def test_index_patch_strided_clean_and_act(device):
     }
     for name, clean in cleans.items():
         for axes in ((0, 1), (1,)):
-            idx = index[:, :1] if axes == (0,) else (index if axes == (0, 1) else index[:, 1:])
+            idx = index if axes == (0, 1) else index[:, 1:]
             buffer = torch.randn(n * b, T, h, dh, generator=g).to(device)
             act = buffer.narrow(1, 2, T - 2)  # non-contiguous view
             want_view = _loop(act, clean, idx, axes)
             want_buffer = buffer.clone()
             want_buffer[:, 2:] = want_view
-            for backend in ("cpp", "torch"):
-                got = buffer.clone()
-                index_patch_(got.narrow(1, 2, T - 2), clean, idx, axes, backend=backend)
-                assert torch.equal(got, want_buffer), (name, axes, backend)
+            got = buffer.clone()
+            index_patch_(got.narrow(1, 2, T - 2), clean, idx, axes)
+            assert torch.equal(got, want_buffer), (name, axes)
             permuted = buffer.clone().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # [n*b, T, h, dh] view
-            index_patch_(permuted[:, 2:], clean, idx, axes, backend="cpp")
+            index_patch_(permuted[:, 2:], clean, idx, axes)
             assert torch.equal(permuted, want_buffer), (name, axes, "permuted act")
-            launch = _triton_launcher() if device == "cpu" else None
-            if launch is not None:
-                got = buffer.clone()
-                launch(got.narrow(1, 2, T - 2), clean, idx, axes)
-                assert torch.equal(got, want_buffer), (name, axes, "triton")
 
 
 def test_index_patch_every_dtype_copies_bits():
-    # The kernels copy bits: NaN payloads, -0.0, integers and bool come through unchanged.
+    # A copy, no arithmetic: NaN payloads, -0.0, integers and bool come through unchanged.
     g = torch.Generator().manual_seed(4)
     index = torch.tensor([[2], [0], [4]])
     for dtype in (torch.float16, BF16, F32, F64, torch.int8, torch.int64, torch.bool, torch.complex64):
@@ -164,7 +117,7 @@ def test_index_patch_every_dtype_copies_bits():
         if dtype.is_floating_point:
             clean[0, 2, 0], clean[1, 4, 1] = float("nan"), -0.0
         want = _loop(act, clean, index, (0,))
-        got = index_patch_(act.clone(), clean, index, (0,), backend="cpp")
+        got = index_patch_(act.clone(), clean, index, (0,))
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), dtype
 
 
@@ -174,84 +127,52 @@ def test_index_patch_empty_shapes():
         (torch.zeros(0, 4), torch.zeros(0, 4), torch.tensor([[1], [2]])),  # no prompts: indices still checked
         (torch.zeros(6, 4, 0), torch.zeros(2, 4, 0), torch.tensor([[1], [2], [3]])),  # nothing per position
     ]:
-        for backend in ("cpp", "torch"):
-            assert index_patch_(act, clean, index, (0,), backend=backend) is act
+        assert index_patch_(act, clean, index, (0,)) is act
+    with pytest.raises(IndexError, match="axis 0 of S, size 4"):
+        index_patch_(torch.zeros(0, 4), torch.zeros(0, 4), torch.tensor([[1], [4]]), (0,))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_index_patch_errors_name_the_problem(device):
     act, clean = torch.zeros(6, 5, 4, device=device), torch.zeros(2, 5, 4, device=device)
     index = torch.tensor([[1], [0], [4]], device=device)
-    for backend in ("cpp", "torch"):
-        if device == "cpu":  # on CUDA a bounds check would sync: the kernel skips such variants instead (below)
-            for bad, column, axis, size in ((5, 0, 0, 5), (-1, 0, 0, 5)):
-                with pytest.raises(IndexError, match=rf"axis {axis} of S.*size {size}"):
-                    index_patch_(act, clean, torch.tensor([[1], [bad], [0]]), (0,), backend=backend)
-            with pytest.raises(IndexError, match=r"index\[:, 1\] \(axis 1 of S, size 4\)|index\[0, 1\] = 4 .*axis 1"):
-                index_patch_(act, clean, torch.tensor([[0, 4], [0, 0], [0, 0]]), (0, 1), backend=backend)
-        with pytest.raises(TypeError, match="one dtype.*clean.to"):
-            index_patch_(act, clean.double(), index, (0,), backend=backend)
-        with pytest.raises(TypeError, match="index must be int64.*index.long"):
-            index_patch_(act, clean, index.int(), (0,), backend=backend)
-        with pytest.raises(ValueError, match=r"act has 6 rows, expected n\*b = 2\*2 = 4"):
-            index_patch_(act, clean, index[:2], (0,), backend=backend)
-        with pytest.raises(ValueError, match="must agree on S"):
-            index_patch_(act, clean[:, :4], index, (0,), backend=backend)
-        with pytest.raises(ValueError, match="axes must be distinct dims of S"):
-            index_patch_(act, clean, index, (2,), backend=backend)
-        with pytest.raises(ValueError, match="axes must be distinct dims of S"):
-            index_patch_(act, clean, torch.zeros(3, 2, dtype=torch.int64, device=device), (0, 0), backend=backend)
-        with pytest.raises(ValueError, match=r"index must be \[n, len\(axes\)\] = \[n, 2\]"):
-            index_patch_(act, clean, index, (0, 1), backend=backend)
-        with pytest.raises(ValueError, match="one device.*clean on meta"):
-            index_patch_(act, clean.to("meta"), index, (0,), backend=backend)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        index_patch_(act, clean, index, (0,), backend="fast")
+    for bad, axis, size in ((5, 0, 5), (-1, 0, 5)):
+        with pytest.raises(IndexError, match=rf"axis {axis} of S.*size {size}.*must be in 0 .. {size - 1}"):
+            index_patch_(act, clean, torch.tensor([[1], [bad], [0]], device=device), (0,))
+    with pytest.raises(IndexError, match=r"index\[:, 1\] \(axis 1 of S, size 4\)"):
+        index_patch_(act, clean, torch.tensor([[0, 4], [0, 0], [0, 0]], device=device), (0, 1))
+    with pytest.raises(TypeError, match="one dtype.*clean.to"):
+        index_patch_(act, clean.double(), index, (0,))
+    with pytest.raises(TypeError, match="index must be int64.*index.long"):
+        index_patch_(act, clean, index.int(), (0,))
+    with pytest.raises(TypeError, match="act must be a tensor"):
+        index_patch_(act.tolist(), clean, index, (0,))
+    with pytest.raises(TypeError, match="axes must be a sequence of ints"):
+        index_patch_(act, clean, index, 0)
+    with pytest.raises(ValueError, match=r"act has 6 rows, expected n\*b = 2\*2 = 4"):
+        index_patch_(act, clean, index[:2], (0,))
+    with pytest.raises(ValueError, match="must agree on S"):
+        index_patch_(act, clean[:, :4], index, (0,))
+    with pytest.raises(ValueError, match="axes must be distinct dims of S"):
+        index_patch_(act, clean, index, (2,))
+    with pytest.raises(ValueError, match="axes must be distinct dims of S"):
+        index_patch_(act, clean, torch.zeros(3, 2, dtype=torch.int64, device=device), (0, 0))
+    with pytest.raises(ValueError, match=r"index must be \[n, len\(axes\)\] = \[n, 2\]"):
+        index_patch_(act, clean, index, (0, 1))
+    with pytest.raises(ValueError, match="one device.*clean on meta"):
+        index_patch_(act, clean.to("meta"), index, (0,))
 
 
-def test_operator_errors_real_and_fake_kernels():
-    # The operator itself (no Python wrapper): the C++ kernel and the fake kernel refuse the same calls.
-    index_patch_(torch.zeros(2, 1), torch.zeros(1, 1), torch.zeros(2, 1, dtype=torch.int64), (0,))  # registers
-    op = torch.ops.hooklens.index_patch_
-    act, clean, index = torch.zeros(6, 5), torch.zeros(2, 5), torch.tensor([[1], [0], [4]])
-    for device in ("cpu", "meta"):
-        a, c, i = act.to(device), clean.to(device), index.to(device)
-        with pytest.raises(TypeError, match="one dtype"):
-            op(a, c.double(), i, [0])
-        with pytest.raises(TypeError, match="index must be int64"):
-            op(a, c, i.int(), [0])
-        with pytest.raises(ValueError, match=r"expected n\*b"):
-            op(a, c, i[:2], [0])
-        with pytest.raises(ValueError, match="axes must be distinct"):
-            op(a, c, i, [1])
-        with pytest.raises(ValueError, match="must agree on S"):
-            op(a, c[:, :4], i, [0])
-    for which in ("act", "clean", "index"):  # a CPU tensor mixed with a meta one reaches the fake kernel
-        args = {"act": act, "clean": clean, "index": index}
-        args[which] = args[which].to("meta")
-        with pytest.raises(RuntimeError, match=rf"one device, got act on {args['act'].device}, clean on "
-                                               rf"{args['clean'].device} and index on {args['index'].device}"):
-            op(args["act"], args["clean"], args["index"], [0])
-    op(act.to("meta"), clean.to("meta"), index.to("meta"), [0])  # valid meta call: no error, nothing to do
-    with pytest.raises(RuntimeError, match="overlapping elements"):
-        op(torch.zeros(1, 5).expand(6, 5), clean, index, [0])
-    with pytest.raises(RuntimeError, match="share memory"):
-        buffer = torch.zeros(8, 5)
-        op(buffer[:6], buffer[4:6], index, [0])  # clean is two of act's rows
-
-
-def test_grad_runs_the_differentiable_reference():
+def test_index_patch_is_differentiable():
     act = torch.randn(6, 5, 4, dtype=F64, requires_grad=True)
     clean = torch.randn(2, 5, 4, dtype=F64, requires_grad=True)
     index = torch.tensor([[1], [0], [4]])
-    out = index_patch_(act.clone(), clean, index, (0,))  # auto: the operator has no autograd, the reference does
+    out = index_patch_(act.clone(), clean, index, (0,))
     want = _by_mask(act, clean, index, (0,))
     assert torch.equal(out, want)
     g = torch.randn_like(out)
     assert all(torch.equal(x, y) for x, y in zip(torch.autograd.grad(out, (act, clean), g),
                                                  torch.autograd.grad(want, (act, clean), g)))
-    with pytest.raises(ValueError, match="no autograd.*no_grad"):
-        index_patch_(act.clone(), clean, index, (0,), backend="cpp")
 
 
 class _OpNames(TorchDispatchMode):
@@ -264,19 +185,19 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_use_reference_switches_the_implementation():
-    act, clean, index = torch.zeros(6, 5), torch.ones(2, 5), torch.tensor([[1], [0], [4]])
-    runs = {}
-    for reference in (False, True):
-        with _OpNames() as mode, use_reference(reference):
-            out = index_patch_(act.clone(), clean, index, (0,))
-        runs[reference] = (mode.names, out)
-    assert runs[False][0] == ["hooklens.index_patch_"] or runs[False][0][-1] == "hooklens.index_patch_"
-    assert "hooklens.index_patch_" not in runs[True][0] and "aten.index_put_" in runs[True][0]
-    assert torch.equal(runs[False][1], runs[True][1])
-    with _OpNames() as mode:  # the switch is scoped to its block
-        index_patch_(act.clone(), clean, index, (0,))
-    assert "hooklens.index_patch_" in mode.names
+@pytest.mark.parametrize("axes", [(0,), (1,), (0, 1)])
+def test_index_patch_dispatches_the_same_ops_for_any_number_of_variants(axes):
+    # No loop over variants: one gather and one index_put_ whatever n is; the engine's bounds-free call dispatches
+    # nothing that reads the indices back to the host.
+    runs = []
+    for n in (1, 4, 64):
+        act, clean = torch.zeros(n * 2, 5, 3, 4), torch.ones(2, 5, 3, 4)
+        index = torch.zeros(n, len(axes), dtype=torch.int64)
+        with _OpNames() as mode:
+            index_patch_(act, clean, index, axes, check_bounds=False)
+        runs.append(mode.names)
+    assert runs[0] == runs[1] == runs[2] and runs[0].count("aten.index_put_") == 1
+    assert not {"aten._local_scalar_dense", "aten.any", "aten.min", "aten.max"} & set(runs[0])
 
 
 def test_check_index_patch_returns_the_chunk_shape():
@@ -285,18 +206,14 @@ def test_check_index_patch_returns_the_chunk_shape():
 
 
 @requires_cuda
-def test_cuda_kernel_skips_out_of_range_variants_without_syncing():
-    # Documented CUDA behaviour: no host sync for a bounds check; a variant with an out-of-range coordinate is left
-    # as it was, the others are patched. The call is capturable in a CUDA graph.
-    act, clean = torch.zeros(6, 5, 4, device="cuda"), torch.ones(2, 5, 4, device="cuda")
-    index = torch.tensor([[1], [7], [-1]], device="cuda")
-    index_patch_(act, clean, index, (0,), backend="cpp")
-    assert act[:2, 1].eq(1).all() and act.sum() == 2 * 4
+def test_index_patch_without_bounds_check_is_capturable():
+    # The engine's call (check_bounds=False) has no host sync, so it can sit inside a CUDA graph.
+    clean = torch.ones(2, 5, 4, device="cuda")
     static_act, static_index = torch.zeros(6, 5, 4, device="cuda"), torch.tensor([[1], [0], [4]], device="cuda")
-    index_patch_(static_act, clean, static_index, (0,))  # warm-up (registration, compilation) outside the capture
+    index_patch_(static_act, clean, static_index, (0,), check_bounds=False)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        index_patch_(static_act, clean, static_index, (0,))
+        index_patch_(static_act, clean, static_index, (0,), check_bounds=False)
     static_act.zero_()
     static_index.copy_(torch.tensor([[4], [3], [2]]))
     graph.replay()
@@ -318,7 +235,6 @@ def test_masked_patch_matches_the_loop(shape, dtype, device):
         rows = expected[v * b : (v + 1) * b]
         rows[:, mask[v]] = clean[:, mask[v]]
     assert torch.equal(masked_patch(act, clean, mask), expected)
-    assert masked_patch_reference is masked_patch
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -98,7 +98,7 @@ declare -A GROUP=(
   [core]="forward,run_with_cache_all,run_with_cache_patterns,patching_loop"
   [attention]="pattern_attention_kernel,flash_attention_kernel,run_with_cache_vs_forward,induction_scores,induction_scores_streamed"
   [circuits]="ov_eigenvalues,full_ov_eigenvalues,ov_svd,composition_scores,kcomp_top1"
-  [sweeps]="ioi_resid_pre_sweep,head_out_all_pos_sweep,head_out_by_pos_sweep,mlp_out_sweep,index_patch_resid_pre,index_patch_head_out,sweep_resid_pre_op,sweep_pattern_all_pos_op"
+  [sweeps]="ioi_resid_pre_sweep,head_out_all_pos_sweep,head_out_by_pos_sweep,mlp_out_sweep,index_patch_resid_pre,index_patch_head_out"
   [bf16]="forward,pattern_attention_kernel,flash_attention_kernel,run_with_cache_vs_forward"
 )
 declare -A GROUP_LIMIT=([core]=120 [attention]=120 [bf16]=60 [sweeps]=220 [circuits]=150)

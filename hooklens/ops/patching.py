@@ -7,66 +7,53 @@ batch dim, over the positions the chunk recomputes). ``clean [b, *S]`` is the cl
 - :func:`index_patch_` ``(act, clean, index, axes) -> act``, in place: variant ``v`` takes ``clean`` where its
   coordinates along ``axes`` (dims of ``S``) equal ``index[v]`` (``index`` int64 ``[n, len(axes)]``); every other
   axis is patched whole. E.g. ``axes=(0,)`` on ``[pos, d_model]`` patches one position, ``(1,)`` on
-  ``[pos, head, d_head]`` one head at every position, ``(0, 1)`` one (pos, head). It writes only the patched
-  elements (``n*b*prod(S)/prod(S[axes])`` of them) and reads only their clean values: no ``[n, *S]`` mask, no
-  read or rewrite of the unpatched activation. Equal to :func:`masked_patch` with the mask
-  ``hooklens.sweeps.index_mask`` builds (tests/test_ops_patching.py checks exactly that).
+  ``[pos, head, d_head]`` one head at every position, ``(0, 1)`` one (pos, head). One gather and one
+  ``index_put_``: it writes only the patched elements and reads only their clean values (no ``[n, *S]`` mask, no
+  rewrite of the unpatched activation), without a loop over variants, on any device, differentiable. Equal to
+  :func:`masked_patch` with the mask ``hooklens.sweeps.index_mask`` builds (tests/test_ops_patching.py).
 - :func:`masked_patch` ``(act, clean, mask) -> new tensor``: any per-variant bool mask ``[n, *S]`` (a
-  ``torch.where``; for masks that are not an index pattern). No C++ op: one compiled ``where`` measured no faster
-  than torch's (``benchmarks/ops_patching.py``), so the former ``hooklens::masked_patch`` was removed.
+  ``torch.where``; for masks that are not an index pattern).
 
-Implementations of :func:`index_patch_` (all equal element for element; copies, no arithmetic):
+Both are plain PyTorch on purpose. The patch step is well under 1 % of a sweep's time (the sweeps are GEMM-bound),
+so a compiled patch op, even one twice as fast as ``index_put_`` on the step alone, cannot make a sweep
+measurably faster (the perf log has the measurement).
 
-- the operator ``torch.ops.hooklens.index_patch_`` of the C++ extension ``hooklens._C``: on CPU an OpenMP
-  loop over (row, patched slice) with any strides of ``act`` and ``clean`` (``clean`` may be a narrowed view or
-  expanded from one prompt with stride 0; ``act`` must not overlap itself or ``clean``), every dtype; on CUDA a
-  Triton kernel (``hooklens/kernels/patch.py``) registered for the operator's CUDA key from here on first use.
-  A fake kernel (same checks) makes it traceable by ``torch.compile``. The op has no autograd (the engine
-  patches without grad): with grad enabled and ``act`` or ``clean`` requiring grad, ``backend="auto"`` runs the
-  reference (differentiable ``index_put_``) and ``backend="cpp"`` raises.
-- :func:`index_patch_reference_`: PyTorch advanced indexing (``index_put_``), no loop over variants.
-  :func:`use_reference` switches :func:`index_patch_` to it (benchmarks compare the engine both ways).
-
-Index bounds: every coordinate must satisfy ``0 <= index[v, i] < S[axes[i]]``. The CPU operator and the reference
-raise ``IndexError``/``RuntimeError`` naming the axis and its size. On CUDA a bounds check would be a host sync (and
-break CUDA-graph capture), so the kernel skips (writes nothing for) a variant whose coordinate is out of range; the
-engine checks its indices once per sweep on the host, where they are built.
-
-The extension is loaded on first use, never when this module is imported.
+Index bounds: every coordinate must satisfy ``0 <= index[v, i] < S[axes[i]]``. :func:`index_patch_` checks them
+(an IndexError naming the axis and its size, at the cost of one host sync) unless ``check_bounds=False``, which
+the engine passes because it checks its coordinates once per sweep where it builds them.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import threading
-from typing import Iterator, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from hooklens.ops.lowrank import load_extension
-
-__all__ = ["index_patch_", "index_patch_reference_", "masked_patch", "masked_patch_reference", "use_reference",
-           "check_index_patch"]
-
-BACKENDS = ("auto", "cpp", "torch")
-_use_reference: contextvars.ContextVar[bool] = contextvars.ContextVar("hooklens_index_patch_reference", default=False)
-
-
-@contextlib.contextmanager
-def use_reference(enabled: bool = True) -> Iterator[None]:
-    """Within the block (this thread / async context), ``index_patch_(..., backend="auto")`` runs the PyTorch
-    reference instead of the operator: the switch benchmarks use to time the engine with and without the op."""
-    token = _use_reference.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _use_reference.reset(token)
+__all__ = ["index_patch_", "masked_patch", "check_index_patch"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checks (shared by both implementations and the fake kernel; no host sync)
+# Patching by index
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def index_patch_(act: Tensor, clean: Tensor, index: Tensor, axes: Sequence[int], *,
+                 check_bounds: bool = True) -> Tensor:
+    """Patch every variant of ``act`` in place and return it (see the module docstring)."""
+    n, b, axes = check_index_patch(act, clean, index, axes)
+    shape = tuple(act.shape[1:])
+    if check_bounds:
+        _check_bounds(index, shape, axes)
+    rest = [d for d in range(len(shape)) if d not in axes]
+    stacked = act.view((n, b) + shape)  # [n, b, *S]: splitting dim 0 is always a view, so writes reach act
+    # Variant dim and patched axes first: [n, *S[axes], b, *S[rest]]; clean likewise [*S[axes], b, *S[rest]].
+    act_p = stacked.permute([0] + [a + 2 for a in axes] + [1] + [d + 2 for d in rest])
+    clean_p = clean.permute([a + 1 for a in axes] + [0] + [d + 1 for d in rest])
+    coords = tuple(index[:, column] for column in range(len(axes)))  # k x [n]
+    variants = torch.arange(n, device=act.device)
+    values = clean_p[coords] if coords else clean_p.unsqueeze(0).expand((n,) + tuple(clean_p.shape))  # [n, b, *rest]
+    act_p.index_put_((variants,) + coords, values)
+    return act
 
 
 def check_index_patch(act, clean, index, axes) -> Tuple[int, int, Tuple[int, ...]]:
@@ -108,7 +95,7 @@ def check_index_patch(act, clean, index, axes) -> Tuple[int, int, Tuple[int, ...
 
 
 def _check_bounds(index: Tensor, shape: Sequence[int], axes: Sequence[int]) -> None:
-    """IndexError naming the first axis with an out-of-range coordinate (one host sync: reference / CPU only)."""
+    """IndexError naming the first axis with an out-of-range coordinate (one host sync)."""
     if index.numel() == 0:
         return
     sizes = torch.tensor([shape[a] for a in axes], dtype=torch.int64, device=index.device)
@@ -122,97 +109,6 @@ def _check_bounds(index: Tensor, shape: Sequence[int], axes: Sequence[int]) -> N
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reference
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def index_patch_reference_(act: Tensor, clean: Tensor, index: Tensor, axes: Sequence[int]) -> Tensor:
-    """:func:`index_patch_` with PyTorch advanced indexing (one ``index_put_``, no loop over variants)."""
-    n, b, axes = check_index_patch(act, clean, index, axes)
-    shape = tuple(act.shape[1:])
-    _check_bounds(index, shape, axes)
-    rest = [d for d in range(len(shape)) if d not in axes]
-    stacked = act.view((n, b) + shape)  # [n, b, *S]: splitting dim 0 is always a view, so writes reach act
-    # Variant dim and patched axes first: [n, *S[axes], b, *S[rest]]; clean likewise [*S[axes], b, *S[rest]].
-    act_p = stacked.permute([0] + [a + 2 for a in axes] + [1] + [d + 2 for d in rest])
-    clean_p = clean.permute([a + 1 for a in axes] + [0] + [d + 1 for d in rest])
-    coords = tuple(index[:, column] for column in range(len(axes)))  # k x [n]
-    variants = torch.arange(n, device=act.device)
-    values = clean_p[coords] if coords else clean_p.unsqueeze(0).expand((n,) + tuple(clean_p.shape))  # [n, b, *rest]
-    act_p.index_put_((variants,) + coords, values)
-    return act
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The operator (C++ on CPU, Triton on CUDA)
-# ---------------------------------------------------------------------------------------------------------------
-
-_register_lock = threading.Lock()
-_registered = False
-_library = None  # the torch.library.Library holding the Python registrations (kept alive here)
-
-
-def _ensure_operator(required: bool) -> bool:
-    """Loads ``hooklens._C`` and registers index_patch_'s fake kernel and CUDA (Triton) kernel, once."""
-    global _registered, _library
-    if not load_extension(required=required):
-        return False
-    if not _registered:
-        with _register_lock:
-            if not _registered:
-                if not hasattr(torch.ops.hooklens, "index_patch_"):
-                    # An extension built before the op existed: rebuild (pip install -e .).
-                    if required:
-                        raise RuntimeError("hooklens._C has no index_patch_ operator: it was built from older "
-                                           "sources; rebuild it with `pip install --no-build-isolation -e .`")
-                    return False
-                torch.library.register_fake("hooklens::index_patch_", _index_patch_fake)
-                library = torch.library.Library("hooklens", "IMPL")
-                library.impl("index_patch_", _index_patch_cuda, "CUDA")
-                _library = library
-                _registered = True
-    return True
-
-
-def _index_patch_fake(act, clean, index, axes) -> None:
-    # The C++ kernel's checks with its exception types: RuntimeError for mixed devices (a CPU tensor mixed with a
-    # meta one dispatches here), TypeError / ValueError for the rest. Index values are data: bounds are the real
-    # kernels' business.
-    if act.device != clean.device or index.device != act.device:
-        raise RuntimeError(f"index_patch_: act, clean and index must be on one device, got act on {act.device}, clean "
-                           f"on {clean.device} and index on {index.device}; move them with .to(act.device)")
-    check_index_patch(act, clean, index, axes)
-
-
-def _index_patch_cuda(act, clean, index, axes) -> None:
-    from hooklens.kernels.patch import index_patch_triton  # lazy: imports Triton
-
-    index_patch_triton(act, clean, index, axes)
-
-
-def index_patch_(act: Tensor, clean: Tensor, index: Tensor, axes: Sequence[int], *, backend: str = "auto") -> Tensor:
-    """Patch every variant of ``act`` in place and return it (see the module docstring).
-
-    ``backend``: ``"auto"`` (the operator where ``hooklens._C`` is built and the tensors are on CPU or CUDA, else
-    the reference; the reference inside :func:`use_reference`), ``"cpp"`` (the operator; errors without it) or
-    ``"torch"`` (the reference)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"index_patch_: backend must be one of {BACKENDS}, got {backend!r}")
-    _, _, axes = check_index_patch(act, clean, index, axes)
-    needs_grad = torch.is_grad_enabled() and (act.requires_grad or clean.requires_grad)
-    if backend == "cpp" and needs_grad:
-        raise ValueError("index_patch_: the operator has no autograd (the engine patches without grad); use "
-                         "backend='torch' (index_put_) or masked_patch to differentiate through a patch, or run "
-                         "under torch.no_grad()")
-    use_op = backend == "cpp" or (backend == "auto" and not needs_grad and not _use_reference.get()
-                                  and act.device.type in ("cpu", "cuda"))
-    if use_op and _ensure_operator(required=backend == "cpp"):
-        torch.ops.hooklens.index_patch_(act, clean, index, list(axes))
-        return act
-    return index_patch_reference_(act, clean, index, axes)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Arbitrary masks
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -220,9 +116,8 @@ def index_patch_(act: Tensor, clean: Tensor, index: Tensor, axes: Sequence[int],
 def masked_patch(act: Tensor, clean: Tensor, mask: Tensor) -> Tensor:
     """A new ``[n*b, *S]`` tensor: variant ``v``'s rows of ``act`` with ``clean`` where ``mask[v]`` is true.
 
-    ``mask`` is bool ``[n, *S]`` (any pattern; :func:`index_patch_` is the faster op for index patterns). One
-    ``torch.where`` (dtypes promote as there; differentiable). There is deliberately no C++ version: a compiled
-    ``where`` measured no faster than torch's (``benchmarks/ops_patching.py``)."""
+    ``mask`` is bool ``[n, *S]`` (any pattern; :func:`index_patch_` is faster for index patterns). One
+    ``torch.where`` (dtypes promote as there; differentiable)."""
     for name, t in (("act", act), ("clean", clean), ("mask", mask)):
         if not isinstance(t, Tensor):
             raise TypeError(f"masked_patch: {name} must be a tensor, got {type(t).__name__}")
@@ -242,7 +137,3 @@ def masked_patch(act: Tensor, clean: Tensor, mask: Tensor) -> Tensor:
                          f"{tuple(clean.shape)}, {tuple(mask.shape)}")
     stacked = act.reshape((n, b) + tuple(act.shape[1:]))  # [n, b, *S]
     return torch.where(mask.unsqueeze(1), clean.unsqueeze(0), stacked).reshape(act.shape)
-
-
-# The name the engine's tests and benchmarks use for the mask reference (it is the same function).
-masked_patch_reference = masked_patch
