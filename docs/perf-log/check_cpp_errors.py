@@ -15,7 +15,9 @@ CALLS = [
     "torch.ops.hooklens.lowrank_fro_norm(A.int(), B.int())",
     "torch.ops.hooklens.lowrank_fro_norm(A, torch.randn(3))",
     "torch.ops.hooklens.lowrank_trace(torch.randn(2, 5, 3), torch.randn(3, 3, 5))",
-    "torch.ops.hooklens.masked_patch(torch.randn(4, 3), torch.randn(2, 3), torch.ones(2, 2, dtype=torch.bool))",
+    "torch.ops.hooklens.small_eigvals(torch.randn(2, 3, 4))",
+    "torch.ops.hooklens.small_eigvals(torch.randn(2, 3, 3), 'bogus')",
+    "torch.ops.hooklens.lowrank_max(A, torch.randn(4, 5))",
     "torch.ops.hooklens.lowrank_svd(A, B)",  # valid: must print ok
 ]
 PRELUDE = "import torch, hooklens.ops as o; o.load_extension(True); A, B = torch.randn(5, 3), torch.randn(3, 5)\n"
