@@ -14,6 +14,13 @@ machine's measured GEMM rate (`flop_floor.gemm_peak_flops`), and its fraction of
 
     python benchmarks/circuits_exact.py --threads 1 [--sample 24] [--log benchmarks/results.jsonl]
 
+`--all-edges` scores every edge of a GPT-2-small-shaped random model (32,491 edges; `--layers` fewer for a CPU
+smoke run) on `--prompts` IOI prompts with exact on `--device` (default: CUDA if available; `--budget`: exact's
+memory_budget per chunk), against the loop on `--sample` edges extrapolated, with the fraction of the FLOP floor at
+that device's measured GEMM rate: issue 25's `circuit_exact_all_edges` row (a GPU job; one CPU core needs hours):
+
+    python benchmarks/circuits_exact.py --all-edges --prompts 100 --sample 4 --log benchmarks/results.jsonl
+
 `--gpt2-small` instead builds a GPT-2-small-shaped random model (32,491 edges) and `--prompts` IOI prompts in one
 batch, prints exact's memory plan against the measured peak RSS of preparing the batch and running chunks, and
 times `--sample-edges` edges per receiver layer and kind, extrapolated to every edge (the full run is hours on
@@ -62,12 +69,12 @@ def eap_loop_evaluate(model, in_graph, data, metric):
 
     cfg = model.cfg
     H, L = cfg.n_heads, cfg.n_layers
-    absent = (~in_graph).float()
+    absent = (~in_graph).float().to(cfg.device)
     out = []
     for clean, corrupted, labels in data:
         tokens, mask, lengths, n_pos = tokenize_plus(model, clean)
         corrupted_tokens = tokenize_plus(model, corrupted)[0]
-        diff = torch.zeros(len(clean), n_pos, in_graph.shape[0], cfg.d_model)
+        diff = torch.zeros(len(clean), n_pos, in_graph.shape[0], cfg.d_model, device=tokens.device)
 
         def sender(index, sign):
             def hook(act, hook):
@@ -203,6 +210,81 @@ def gpt2_small_sample(args) -> dict:
             "floor_flops": exact_floor_flops(cfg, b, p, batch.p0, n_columns)}
 
 
+def _synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gpt2_small_all_edges(args) -> dict:
+    """Every edge of a GPT-2-small-shaped random model (12 x 12 heads, d_model 768, unless `--layers`) on
+    `--prompts` IOI prompts, scored by exact on `--device`, against EAP-IG's per-edge loop on `--sample` edges
+    (extrapolated, the sampled scores checked against exact's); the FLOP floor at the device's GEMM rate."""
+    from transformers import GPT2TokenizerFast
+
+    import hooklens.tokenizer as tok
+    from flop_floor import gemm_peak_flops
+    from hooklens import HookedTransformer, HookedTransformerConfig
+    from hooklens.circuits.evaluate import evaluate_baseline
+    from hooklens.circuits.exact import _Batch, exact
+    from hooklens.circuits.graph import Graph
+    from hooklens.circuits.ioi import IOIDataset, logit_diff_per_prompt
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(tok.SHIPPED_TOKENIZER_DIR))
+    cfg = HookedTransformerConfig(n_layers=args.layers, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+                                  d_vocab=50257, act_fn="gelu_new", seed=0, device=device)
+    model = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    ds = IOIDataset(args.prompts, seed=0, counterfactual=args.counterfactual, tokenizer=tokenizer)
+    data = [(list(ds.clean), list(ds.corrupted), ds.labels)]
+    graph = Graph.from_model(model)
+    n_edges = int(graph.real_edge_mask.sum())
+
+    baseline = evaluate_baseline(model, data, logit_diff_per_prompt, quiet=True).mean()  # also warms the device up
+    _synchronize(device)
+    start = time.perf_counter()
+    exact(model, graph, data, logit_diff_per_prompt, quiet=True, memory_budget=args.budget)
+    _synchronize(device)
+    exact_s = time.perf_counter() - start
+
+    model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    edges = graph.real_edge_mask.nonzero()
+    pick = edges[torch.randperm(len(edges), generator=torch.Generator().manual_seed(0))[:args.sample]]
+    full = graph.real_edge_mask.clone()
+    max_diff, scale = 0.0, float(graph.scores[graph.real_edge_mask].abs().max())
+    eap_loop_evaluate(model, full, data, logit_diff_per_prompt)  # warm-up
+    _synchronize(device)
+    start = time.perf_counter()
+    for s, r in pick.tolist():
+        in_graph = full.clone()
+        in_graph[s, r] = False
+        score = eap_loop_evaluate(model, in_graph, data, logit_diff_per_prompt).mean() - baseline
+        max_diff = max(max_diff, abs(float(score) - float(graph.scores[s, r])))
+    _synchronize(device)
+    loop_s = (time.perf_counter() - start) / len(pick) * n_edges
+
+    with torch.inference_mode():  # the plan exact made: changed positions and vocabulary columns
+        plan = _Batch(model, *data[0], "patching", None, logit_diff_per_prompt, None, None)
+    n_pos = plan.mask.shape[1]
+    n_columns = cfg.d_vocab_out if plan.columns is None else len(plan.columns)
+    flops = exact_floor_flops(cfg, args.prompts, n_pos, plan.p0, n_columns)
+    gemm = gemm_peak_flops(device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {args.threads} thread(s)"
+    return {
+        "workload": "circuit_exact_all_edges", "device": device, "device_name": name, "dtype": "float32",
+        "reference": "eap_ig_loop_hooks (one evaluate_graph per edge, hooklens model)",
+        "hooklens_s": exact_s, "reference_s": loop_s, "ratio": loop_s / exact_s, "memory_budget": args.budget,
+        "reference_timing": f"{len(pick)} of {n_edges} edges timed, extrapolated linearly",
+        "shape": f"{args.layers} layers x 12 heads, d_model 768, {n_edges} edges, {args.prompts} IOI prompts x "
+                 f"{n_pos} tokens",
+        # float32 through 12 random layers: the loop and exact sum in different orders
+        "checked": max_diff <= 1e-3 * max(scale, 1.0), "max_abs_diff": max_diff, "max_abs_score": scale,
+        "first_changed_position": plan.p0, "metric_columns": n_columns, "flops": flops, "gemm_flops_per_s": gemm,
+        "floor_s": flops / gemm, "hooklens_floor_fraction": flops / gemm / exact_s,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -212,10 +294,28 @@ def main():
                         help="instead: GPT-2-small shapes, memory plan vs measured peak RSS, chunk times extrapolated")
     parser.add_argument("--prompts", type=int, default=100, help="IOI prompts (--gpt2-small)")
     parser.add_argument("--counterfactual", default="abc", choices=["abc", "s2"], help="IOI data (--gpt2-small)")
-    parser.add_argument("--budget", type=int, default=512 * 2**20, help="exact's memory_budget (--gpt2-small)")
+    parser.add_argument("--budget", type=int, default=512 * 2**20,
+                        help="exact's memory_budget (--gpt2-small, --all-edges)")
     parser.add_argument("--sample-edges", type=int, default=2, help="edges timed per receiver group (--gpt2-small)")
+    parser.add_argument("--all-edges", action="store_true",
+                        help="instead: exact over every edge of GPT-2-small shapes on --device (the GPU row)")
+    parser.add_argument("--device", default=None, help="--all-edges: cpu or cuda (default: cuda if available)")
+    parser.add_argument("--layers", type=int, default=12, help="--all-edges: fewer layers for a CPU smoke run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.all_edges:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        row = {**gpt2_small_all_edges(args), "commit": commit, "threads": args.threads, "torch": torch.__version__,
+               "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
+        print(json.dumps(row))
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"circuit_exact_all_edges on {row['device_name']}: exact {row['hooklens_s']:.1f} s, loop "
+              f"{row['reference_s']:.0f} s (extrapolated), ratio {row['ratio']:.1f}x, floor fraction "
+              f"{row['hooklens_floor_fraction']:.2f}, checked {row['checked']}; {row['shape']}")
+        return
     if args.gpt2_small:
         from flop_floor import gemm_peak_flops
 
