@@ -85,6 +85,23 @@ def test_two_shards_then_a_merge_run_equal_one_process(setup, tmp_path, count_un
     assert torch.equal(merged.scores, by_units.scores)
 
 
+def test_a_merge_run_makes_no_forward(setup, tmp_path, monkeypatch):
+    # Every unit finished: the merge run loads them without the baseline or the clean / corrupted runs.
+    model, _, by_units = setup
+    _scores(model, results_dir=tmp_path)
+    monkeypatch.setattr(exact_module, "evaluate_baseline", _no_forward)
+    monkeypatch.setattr(exact_module, "_Batch", _no_forward)
+    merged = _scores(model, results_dir=tmp_path)
+    assert torch.equal(merged.scores, by_units.scores)
+    (tmp_path / KEY / "unit-00001.pt").unlink()  # one unit missing: the forwards are needed again
+    with pytest.raises(AssertionError, match="a forward"):
+        _scores(model, results_dir=tmp_path)
+
+
+def _no_forward(*args, **kwargs):
+    raise AssertionError("a forward in a run that needed none")
+
+
 def test_an_interrupted_run_resumes_with_only_the_missing_units(setup, tmp_path, count_units):
     model, _, by_units = setup
     n_units, calls = _n_units(by_units), [0]

@@ -17,7 +17,7 @@ graph missing that node's edges. Here every edge is scored against the full grap
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -447,27 +447,27 @@ def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patch
         order = torch.cat([group for *_, group in groups])
         plan = _plan_units(model, order, dataloader, intervention_dataloader, metric, intervention, metric_positions,
                            metric_columns, unit_size, shard, results_dir)  # a mismatching results_dir: before work
-    baseline = evaluate_baseline(model, dataloader, metric, quiet=True).mean()
-    means = None
-    if "mean" in intervention:
-        means = iv.compute_means(model, intervention_dataloader, per_position=intervention == "mean-positional")
     # kept on the model's device (one transfer at the end, or on an exception), filled chunk by chunk
     scores = torch.full(graph.scores.shape, float("nan"), dtype=graph.scores.dtype, device=device)
     done = torch.zeros(graph.scores.shape, dtype=torch.bool, device=device)
-    baseline = baseline.to(device)
+    runner: List[_EdgeRunner] = []
+
+    def get_runner() -> _EdgeRunner:  # the baseline, means and clean / corrupted runs: only once an edge is computed
+        if not runner:
+            runner.append(_make_runner(model, dataloader, intervention_dataloader, metric, intervention,
+                                       metric_positions, metric_columns, memory_budget, scores.dtype))
+        return runner[0]
+
     try:
         with torch.inference_mode():
-            batches = [_Batch(model, c, x, y, intervention, means, metric, metric_positions, metric_columns)
-                       for c, x, y in dataloader]
-            chunk = min(_edges_per_chunk(model, batch, memory_budget) for batch in batches)
-            run = _EdgeRunner(model, batches, metric, chunk, baseline, scores.dtype)
             with tqdm(total=len(edges), disable=bar_disabled(not quiet), desc="exact") as bar:
-                if plan is not None:
-                    _run_units(run, order, plan, bar, scores, done)
+                if plan is not None:  # a run that finds every unit of its share finished makes no forward at all
+                    _run_units(get_runner, order, plan, bar, scores, done)
                 else:
+                    run = get_runner()
                     for layer, kind, group in groups:
-                        for start in range(0, len(group), chunk):
-                            part = group[start:start + chunk]  # [C, 2]
+                        for start in range(0, len(group), run.chunk_size):
+                            part = group[start:start + run.chunk_size]  # [C, 2]
                             scores[part[:, 0], part[:, 1]] = run.chunk(layer, kind, part)
                             done[part[:, 0], part[:, 1]] = True
                             bar.update(len(part))
@@ -484,6 +484,21 @@ def exact(model, graph, dataloader: Iterable, metric, intervention: str = "patch
     scores, done = scores.cpu(), done.cpu()
     graph.scores[done] = scores[done]
     return graph.scores
+
+
+def _make_runner(model, dataloader, intervention_dataloader, metric, intervention: str, metric_positions,
+                 metric_columns, memory_budget: int, dtype: torch.dtype) -> "_EdgeRunner":
+    """The baseline, the intervention's means and every batch's clean / corrupted runs, ready to score chunks."""
+    with torch.inference_mode(False):  # as a plain call: evaluate_baseline and compute_means run their own modes
+        baseline = evaluate_baseline(model, dataloader, metric, quiet=True).mean().to(model.cfg.device)
+        means = None
+        if "mean" in intervention:
+            means = iv.compute_means(model, intervention_dataloader, per_position=intervention == "mean-positional")
+    with torch.inference_mode():
+        batches = [_Batch(model, c, x, y, intervention, means, metric, metric_positions, metric_columns)
+                   for c, x, y in dataloader]
+    chunk = min(_edges_per_chunk(model, batch, memory_budget) for batch in batches)
+    return _EdgeRunner(model, batches, metric, chunk, baseline, dtype)
 
 
 class _EdgeRunner:
@@ -534,11 +549,12 @@ def _plan_units(model, order: Tensor, dataloader, intervention_dataloader, metri
                                key=f"circuits-exact-{intervention}")
 
 
-def _run_units(run: _EdgeRunner, order: Tensor, plan, bar, scores: Tensor, done: Tensor) -> None:
+def _run_units(get_runner: Callable[[], _EdgeRunner], order: Tensor, plan, bar, scores: Tensor,
+               done: Tensor) -> None:
     """exact by the work units of `plan`: fills `scores` / `done` at the units this process ran, loaded or, under
-    a process group, gathered."""
+    a process group, gathered. `get_runner()` is called only for a unit to compute."""
     def compute(start: int, stop: int) -> Tensor:
-        values = run.edges(order[start:stop])
+        values = get_runner().edges(order[start:stop])
         bar.update(stop - start)
         return values
 
